@@ -1,0 +1,78 @@
+"""python -m finetune DATA --backbone NAME --strategy STRATEGY --out runs/NAME [...]"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from finetune.config import MONITORS, STRATEGIES, TrainConfig
+from finetune.errors import FinetuneError
+
+_HELP = {
+    "backbone": "registry name (efficientnet_lite0, resnet18, minilm, ...), HF hub id or local dir",
+    "weights": "'pretrained', 'random' (tests) or a local weights file / HF directory",
+    "strategy": "one of: " + ", ".join(STRATEGIES),
+    "monitor": "early-stopping metric, one of: " + ", ".join(MONITORS),
+    "image_size": "crop size in pixels (default: the backbone's own, mostly 224)",
+    "text_column": "text column name (default: guessed)",
+    "label_column": "label column name (default: guessed)",
+    "backbone_lr": "backbone learning rate for full/gradual (default: lr / 10)",
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune a pre-trained backbone on a labelled data set.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data", help="class folders, a table file, or a folder of train/val tables")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<data folder name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                           help=help_text)
+            continue
+        kind = {int: int, float: float}.get(type(default), str)
+        if f.name in ("image_size",):
+            kind = int
+        if f.name in ("backbone_lr",):
+            kind = float
+        p.add_argument(flag, type=kind, default=default, help=help_text)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from finetune.train import fine_tune
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    out = Path(args.out) if args.out else Path("runs") / Path(args.data).resolve().name
+    try:
+        result = fine_tune(args.data, out, cfg, overwrite=args.overwrite, resume=args.resume)
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: python -m finetune {args.data} --out {out} --resume",
+              file=sys.stderr)
+        return 130
+    print(f"best epoch {result['epoch'] + 1}: val_accuracy {result['val_accuracy']:.4f}  "
+          f"val_macro_f1 {result['val_macro_f1']:.4f}")
+    print(f"checkpoint: {out}/  (report: {out}/report/curves.png, confusion.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,141 @@
+"""The checkpoint contract, `runs/<name>/` (DESIGN.md §1); export reads it through this module.
+
+    model.safetensors   weights only (never a pickled model object)
+    config.json         task, backbone, head, labels, preprocessing, training config, data summary
+    holdout.npz         `inputs` (uint8 NHWC images or strings) and `labels` from validation
+    metrics.json        per-epoch history and the best epoch
+    report/             curves.png, confusion.png
+    tokenizer/          text models only
+    resume/             last-epoch state for --resume; removed when training completes
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import CheckpointError
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+HOLDOUT = "holdout.npz"
+METRICS = "metrics.json"
+TOKENIZER = "tokenizer"
+RESUME = "resume"
+REQUIRED = (WEIGHTS, CONFIG, HOLDOUT, METRICS)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    holdout_inputs: np.ndarray
+    holdout_labels: np.ndarray
+    metrics: dict
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.config["labels"]
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)  # a crash never leaves a half-written file under the real name
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file '{path}' is missing", str(path))
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file '{path}' is not valid JSON: {e}", str(path)) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint file '{path}' must hold a JSON object", str(path))
+    return obj
+
+
+def save_holdout(run: Path, inputs, labels: np.ndarray) -> None:
+    arr = np.asarray(inputs) if not isinstance(inputs, list) else np.array(inputs, dtype=np.str_)
+    np.savez_compressed(run / HOLDOUT, inputs=arr, labels=np.asarray(labels, dtype=np.int64))
+
+
+def save_weights(run: Path, model) -> None:
+    from safetensors.torch import save_model
+
+    tmp = run / (WEIGHTS + ".tmp")
+    save_model(model, str(tmp))
+    tmp.replace(run / WEIGHTS)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate every checkpoint file; errors name the file and the field."""
+    run = Path(path)
+    if not run.is_dir():
+        raise CheckpointError(f"checkpoint folder '{run}' does not exist", str(run))
+    missing = [f for f in REQUIRED if not (run / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{run}' is incomplete: missing {', '.join(missing)}", str(run / missing[0])
+        )
+    config = read_json(run / CONFIG)
+    for key in ("format_version", "task", "labels", "backbone", "head", "preprocessing"):
+        if key not in config:
+            raise CheckpointError(f"'{run / CONFIG}' has no field '{key}'", str(run / CONFIG))
+    if config["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{run / CONFIG}' has format_version {config['format_version']!r}; "
+            f"this tuneserve reads {FORMAT_VERSION}", str(run / CONFIG),
+        )
+    try:
+        with np.load(run / HOLDOUT, allow_pickle=False) as z:
+            inputs, labels = z["inputs"], z["labels"]
+    except Exception as e:  # zipfile, KeyError, ValueError: all mean a corrupt file
+        raise CheckpointError(f"checkpoint file '{run / HOLDOUT}' is corrupt: {e}", str(run / HOLDOUT)) from e
+    if len(inputs) != len(labels):
+        raise CheckpointError(
+            f"'{run / HOLDOUT}': {len(inputs)} inputs but {len(labels)} labels", str(run / HOLDOUT)
+        )
+    return Checkpoint(run, config, inputs, labels, read_json(run / METRICS))
+
+
+def build_model(ckpt: Checkpoint):
+    """Rebuild the Classifier from config.json alone and load model.safetensors (eval mode)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from finetune.backbones import BackboneSpec, Classifier, build_encoder
+    from finetune.data import ImagePrep
+
+    cfg = ckpt.config
+    b = cfg["backbone"]
+    spec = BackboneSpec(b["name"], cfg["task"], b["family"], tuple(b.get("groups", ())), b["source"])
+    pre = cfg["preprocessing"]
+    prep = ImagePrep(pre["resize"], pre["crop_size"], pre["interpolation"]) if "crop_size" in pre else None
+    encoder, dim = build_encoder(spec, "random", prep, hf_config=b.get("hf_config"))
+    model = Classifier(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
+    try:
+        load_model(model, str(ckpt.path / WEIGHTS), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        msg = str(e).splitlines()[0][:300]
+        raise CheckpointError(f"checkpoint file '{ckpt.path / WEIGHTS}' cannot be loaded: {msg}",
+                              str(ckpt.path / WEIGHTS)) from e
+    return model.eval()
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    from finetune.backbones import load_tokenizer as _load
+
+    folder = ckpt.path / TOKENIZER
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder '{folder}' is missing", str(folder))
+    return _load(folder)
