@@ -203,8 +203,13 @@ def _read_table(path: Path, data_format: str):
         raise DataError(f"cannot read '{path}' as {kind}: {reason}") from e
     if df.empty:
         return df
-    first = [str(v).strip().lower() for v in df.iloc[0]]
-    if any(v in TEXT_NAMES or v in LABEL_NAMES for v in first):
+    # A header row either names a known column or holds values that never recur in their
+    # column; a data row's label ("ham") recurs. CSV and TSV files come both ways.
+    first = [str(v) for v in df.iloc[0]]
+    known = any(v.strip().lower() in TEXT_NAMES + LABEL_NAMES for v in first)
+    sample = df.iloc[1:1000]
+    recurs = any(v in set(sample.iloc[:, i]) for i, v in enumerate(first))
+    if known or not recurs:
         df.columns = [str(v).strip() for v in df.iloc[0]]
         df = df.iloc[1:].reset_index(drop=True)
     else:

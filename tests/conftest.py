@@ -1,0 +1,96 @@
+"""Tiny data and tiny random models made here; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from finetune.config import TrainConfig  # noqa: E402
+
+COLORS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+WORDS = {
+    "spam": "win free prize cash claim now urgent offer call txt".split(),
+    "ham": "see you at home later tonight love dinner thanks ok".split(),
+}
+
+
+def make_images(root: Path, per_class: int, seed: int = 0, size=(40, 48)) -> Path:
+    """Solid class colours with noise: learnable, and every file different."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLORS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(-30, 30, size=(size[0], size[1], 3))
+            px = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / name / f"{seed}_{i}.png")
+    return root
+
+
+def make_texts(n_per_class: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, words in WORDS.items():
+        for _ in range(n_per_class):
+            rows.append((" ".join(rng.choice(words, size=int(rng.integers(3, 9)))), label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("images") / "colors", per_class=10)
+
+
+@pytest.fixture(scope="session")
+def text_csv(tmp_path_factory) -> Path:
+    import pandas as pd
+
+    path = tmp_path_factory.mktemp("text") / "msgs.csv"
+    pd.DataFrame(make_texts(20), columns=["message", "category"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT with hidden size 32 and a word-level vocabulary, saved like a hub model."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+        {w for ws in WORDS.values() for w in ws} | {"hello", "world", "the"}
+    )
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def image_cfg() -> TrainConfig:
+    return TrainConfig(backbone="resnet18", weights="random", image_size=32, epochs=2,
+                       batch_size=8, patience=10, holdout_size=1000)
+
+
+@pytest.fixture
+def text_cfg(tiny_bert) -> TrainConfig:
+    return TrainConfig(backbone=str(tiny_bert), max_length=16, epochs=2, batch_size=8,
+                       patience=10, lr=1e-2, holdout_size=1000)
+
+
+def quiet(*_args) -> None:
+    """A `log` for fine_tune that keeps test output short."""

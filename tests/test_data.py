@@ -1,0 +1,137 @@
+"""Data formats, cleaning counts and data errors (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from finetune.config import TrainConfig
+from finetune.data import IMAGE_TASK, TEXT_TASK, ImagePrep, detect_task, load_dataset
+from finetune.errors import DataError
+from tests.conftest import make_images, make_texts
+
+PREP = ImagePrep(resize=36, crop=32, interpolation="bilinear")
+CFG = TrainConfig(val_fraction=0.25)
+
+
+def test_image_class_folders_stratified_split(image_dir):
+    ds = load_dataset(image_dir, CFG, PREP)
+    assert ds.task == IMAGE_TASK and ds.labels == ["blue", "green", "red"]
+    assert ds.train.inputs.shape == (len(ds.train), 32, 32, 3)
+    assert ds.train.inputs.dtype == np.uint8
+    assert len(ds.train) + len(ds.val) == 30
+    per_class = np.bincount(ds.val.labels)  # round(30 * 0.25) = 8, stratified over 3 classes
+    assert per_class.sum() == 8 and set(per_class.tolist()) <= {2, 3}
+    # The crop keeps the class colour: red images are mostly red.
+    red = ds.train.inputs[ds.train.labels == ds.labels.index("red")].mean(axis=(0, 1, 2))
+    assert red[0] > 150 and red[2] < 100
+
+
+def test_split_is_fixed_by_the_seed(image_dir):
+    a, b = load_dataset(image_dir, CFG, PREP), load_dataset(image_dir, CFG, PREP)
+    c = load_dataset(image_dir, TrainConfig(val_fraction=0.25, seed=1), PREP)
+    assert np.array_equal(a.val.inputs, b.val.inputs)
+    assert not np.array_equal(a.val.inputs, c.val.inputs)
+
+
+def test_pre_split_images_cleaning_counts(tmp_path):
+    root = tmp_path / "pets"
+    make_images(root / "train", per_class=4, seed=1)
+    make_images(root / "val", per_class=2, seed=2)
+    (root / "train" / "red" / "copy.png").write_bytes((root / "train" / "red" / "1_0.png").read_bytes())
+    (root / "val" / "blue" / "leak.png").write_bytes((root / "train" / "blue" / "1_0.png").read_bytes())
+    (root / "train" / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    ds = load_dataset(root, CFG, PREP)
+    c = ds.summary["cleaning"]
+    assert (c["duplicates"], c["leaked_from_train"], c["undecodable"]) == (1, 1, 1)
+    assert c["undecodable_files"] == [str(root / "train" / "green" / "broken.jpg")]
+    assert ds.summary["pre_split"] and (len(ds.train), len(ds.val)) == (12, 6)
+
+
+def _write(df: pd.DataFrame, path, fmt):
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True)
+    elif fmt == "parquet":
+        df.to_parquet(path)
+    else:  # headerless, tab-separated, quotes inside texts, like the SMS Spam Collection
+        path.write_text("".join(f"{lab}\t{txt}\n" for txt, lab in df.itertuples(index=False)))
+
+
+@pytest.mark.parametrize("fmt,name", [("csv", "d.csv"), ("jsonl", "d.jsonl"),
+                                      ("parquet", "d.parquet"), ("tsv", "d.tsv"),
+                                      ("tsv", "SMSCollection")])
+def test_text_table_formats(tmp_path, fmt, name):
+    rows = make_texts(10) + [('he said "free" prize, "call"', "spam")]
+    df = pd.DataFrame(rows, columns=["text", "label"])
+    _write(df, tmp_path / name, fmt)
+    assert detect_task(tmp_path / name) == TEXT_TASK
+    ds = load_dataset(tmp_path / name, CFG)
+    assert ds.labels == ["ham", "spam"]
+    texts = list(ds.train.inputs) + list(ds.val.inputs)
+    assert 'he said "free" prize, "call"' in texts  # quotes kept verbatim
+    assert len(texts) + ds.summary["cleaning"]["duplicates"] == len(rows)
+
+
+def test_columns_guessed_without_known_names(tmp_path):
+    rows = make_texts(8)
+    pd.DataFrame({"id": range(len(rows)), "body_text": [t for t, _ in rows],
+                  "kind": [lab for _, lab in rows]}).to_csv(tmp_path / "x.csv", index=False)
+    ds = load_dataset(tmp_path / "x.csv", CFG)
+    assert ds.summary["text_column"] == "body_text" and ds.summary["label_column"] == "kind"
+
+
+def test_text_cleaning_counts(tmp_path):
+    rows = [{"text": "free cash now", "label": "spam"}, {"text": "free cash now", "label": "spam"},
+            {"text": "free cash now", "label": "ham"}, {"text": "   ", "label": "ham"},
+            {"text": "no label here", "label": None}]
+    rows += [{"text": t, "label": lab} for t, lab in make_texts(6, seed=3)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = load_dataset(tmp_path / "d.jsonl", CFG).summary["cleaning"]
+    assert c["empty_text"] == 1 and c["missing_label"] == 1
+    assert c["duplicates"] >= 2 and c["conflicting_labels"] >= 1
+
+
+def test_pre_split_tables_and_leakage(tmp_path):
+    train, dev = make_texts(8, seed=1), make_texts(3, seed=2)
+    dev.append(train[0])
+    pd.DataFrame(train, columns=["sentence", "label"]).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(dev, columns=["sentence", "label"]).to_csv(tmp_path / "dev.csv", index=False)
+    ds = load_dataset(tmp_path, CFG)
+    assert ds.summary["pre_split"] and ds.summary["cleaning"]["leaked_from_train"] >= 1
+    assert train[0][0] not in list(ds.val.inputs)
+
+
+def test_text_class_folders(tmp_path):
+    for i, (text, label) in enumerate(make_texts(5)):
+        (tmp_path / label).mkdir(exist_ok=True)
+        (tmp_path / label / f"{i}.txt").write_text(text + "\n")
+    ds = load_dataset(tmp_path, CFG)
+    assert ds.task == TEXT_TASK and ds.labels == ["ham", "spam"]
+    assert len(ds.train) + len(ds.val) + ds.summary["cleaning"]["duplicates"] == 10
+
+
+def test_bad_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(tmp_path / "nope", CFG)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        load_dataset(tmp_path / "empty", CFG)
+    make_images(tmp_path / "one", per_class=4)
+    for name in ("green", "blue"):
+        for f in (tmp_path / "one" / name).iterdir():
+            f.unlink()
+        (tmp_path / "one" / name).rmdir()
+    with pytest.raises(DataError, match="only one class"):
+        load_dataset(tmp_path / "one", CFG, PREP)
+    pd.DataFrame(make_texts(4), columns=["text", "label"]).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match=r"text column 'msg' not found .* columns: text, label"):
+        load_dataset(tmp_path / "t.csv", TrainConfig(text_column="msg"))
+    pd.DataFrame([("a b", "x"), ("c d", "x"), ("e f", "y")], columns=["text", "label"]).to_csv(
+        tmp_path / "small.csv", index=False)
+    with pytest.raises(DataError, match="'y'.* fewer than 2"):
+        load_dataset(tmp_path / "small.csv", CFG)
