@@ -1,4 +1,4 @@
 """tuneserve fine-tuning stage: adapt a pre-trained backbone to a small labelled data set.
 
-    python -m finetune DATA --backbone NAME --strategy STRATEGY --out runs/NAME
+python -m finetune DATA --backbone NAME --strategy STRATEGY --out runs/NAME
 """

@@ -38,8 +38,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         help_text = _HELP.get(f.name, f.name.replace("_", " "))
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                           help=help_text)
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
         kind = {int: int, float: float}.get(type(default), str)
         if f.name in ("image_size",):
@@ -64,11 +65,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python -m finetune {args.data} --out {out} --resume",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted; continue with: python -m finetune {args.data} --out {out} --resume",
+            file=sys.stderr,
+        )
         return 130
-    print(f"best epoch {result['epoch'] + 1}: val_accuracy {result['val_accuracy']:.4f}  "
-          f"val_macro_f1 {result['val_macro_f1']:.4f}")
+    print(
+        f"best epoch {result['epoch'] + 1}: val_accuracy {result['val_accuracy']:.4f}  "
+        f"val_macro_f1 {result['val_macro_f1']:.4f}"
+    )
     print(f"checkpoint: {out}/  (report: {out}/report/curves.png, confusion.png)")
     return 0
 

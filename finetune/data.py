@@ -157,7 +157,9 @@ def _class_folder_records(root: Path, task: str) -> list[_Record]:
             if task == IMAGE_TASK and ext in IMAGE_EXTS:
                 records.append(_Record(f, label_dir.name))
             elif task == TEXT_TASK and ext == ".txt":
-                records.append(_Record(f.read_text(encoding="utf-8", errors="replace"), label_dir.name))
+                records.append(
+                    _Record(f.read_text(encoding="utf-8", errors="replace"), label_dir.name)
+                )
     return records
 
 
@@ -193,8 +195,14 @@ def _read_table(path: Path, data_format: str):
         quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
         sep = "\t" if kind == "tsv" else ","
         df = pd.read_csv(
-            path, sep=sep, header=None, dtype=str, keep_default_na=False,
-            quoting=quoting, on_bad_lines="error", engine="python",
+            path,
+            sep=sep,
+            header=None,
+            dtype=str,
+            keep_default_na=False,
+            quoting=quoting,
+            on_bad_lines="error",
+            engine="python",
         )
     except DataError:
         raise
@@ -225,7 +233,9 @@ def _pick_columns(df, path: Path, text_column: str | None, label_column: str | N
         if given is not None and given not in cols:
             raise DataError(f"{what} column '{given}' not found in '{path}'; columns: {listed}")
     if len(cols) < 2:
-        raise DataError(f"'{path}' has {len(cols)} column ({listed}); need a text and a label column")
+        raise DataError(
+            f"'{path}' has {len(cols)} column ({listed}); need a text and a label column"
+        )
 
     def by_name(names):
         return next((c for c in cols if c.lower() in names), None)
@@ -406,8 +416,14 @@ def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> 
 
     cleaning = {
         k: int(counts[k])
-        for k in ("duplicates", "conflicting_labels", "empty_text", "missing_label",
-                  "leaked_from_train", "unknown_val_label")
+        for k in (
+            "duplicates",
+            "conflicting_labels",
+            "empty_text",
+            "missing_label",
+            "leaked_from_train",
+            "unknown_val_label",
+        )
     }
     cleaning["undecodable"] = len(undecodable)
     cleaning["undecodable_files"] = undecodable[:MAX_LISTED_FILES]
@@ -419,8 +435,14 @@ def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> 
         **columns,
         "train_size": len(ds.train),
         "val_size": len(ds.val),
-        "train_per_class": {labels[i]: int(n) for i, n in enumerate(np.bincount(ds.train.labels, minlength=len(labels)))},
-        "val_per_class": {labels[i]: int(n) for i, n in enumerate(np.bincount(ds.val.labels, minlength=len(labels)))},
+        "train_per_class": {
+            labels[i]: int(n)
+            for i, n in enumerate(np.bincount(ds.train.labels, minlength=len(labels)))
+        },
+        "val_per_class": {
+            labels[i]: int(n)
+            for i, n in enumerate(np.bincount(ds.val.labels, minlength=len(labels)))
+        },
         "cleaning": cleaning,
     }
     return ds

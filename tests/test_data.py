@@ -41,8 +41,12 @@ def test_pre_split_images_cleaning_counts(tmp_path):
     root = tmp_path / "pets"
     make_images(root / "train", per_class=4, seed=1)
     make_images(root / "val", per_class=2, seed=2)
-    (root / "train" / "red" / "copy.png").write_bytes((root / "train" / "red" / "1_0.png").read_bytes())
-    (root / "val" / "blue" / "leak.png").write_bytes((root / "train" / "blue" / "1_0.png").read_bytes())
+    (root / "train" / "red" / "copy.png").write_bytes(
+        (root / "train" / "red" / "1_0.png").read_bytes()
+    )
+    (root / "val" / "blue" / "leak.png").write_bytes(
+        (root / "train" / "blue" / "1_0.png").read_bytes()
+    )
     (root / "train" / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     ds = load_dataset(root, CFG, PREP)
     c = ds.summary["cleaning"]
@@ -62,9 +66,16 @@ def _write(df: pd.DataFrame, path, fmt):
         path.write_text("".join(f"{lab}\t{txt}\n" for txt, lab in df.itertuples(index=False)))
 
 
-@pytest.mark.parametrize("fmt,name", [("csv", "d.csv"), ("jsonl", "d.jsonl"),
-                                      ("parquet", "d.parquet"), ("tsv", "d.tsv"),
-                                      ("tsv", "SMSCollection")])
+@pytest.mark.parametrize(
+    "fmt,name",
+    [
+        ("csv", "d.csv"),
+        ("jsonl", "d.jsonl"),
+        ("parquet", "d.parquet"),
+        ("tsv", "d.tsv"),
+        ("tsv", "SMSCollection"),
+    ],
+)
 def test_text_table_formats(tmp_path, fmt, name):
     rows = make_texts(10) + [('he said "free" prize, "call"', "spam")]
     df = pd.DataFrame(rows, columns=["text", "label"])
@@ -79,16 +90,25 @@ def test_text_table_formats(tmp_path, fmt, name):
 
 def test_columns_guessed_without_known_names(tmp_path):
     rows = make_texts(8)
-    pd.DataFrame({"id": range(len(rows)), "body_text": [t for t, _ in rows],
-                  "kind": [lab for _, lab in rows]}).to_csv(tmp_path / "x.csv", index=False)
+    pd.DataFrame(
+        {
+            "id": range(len(rows)),
+            "body_text": [t for t, _ in rows],
+            "kind": [lab for _, lab in rows],
+        }
+    ).to_csv(tmp_path / "x.csv", index=False)
     ds = load_dataset(tmp_path / "x.csv", CFG)
     assert ds.summary["text_column"] == "body_text" and ds.summary["label_column"] == "kind"
 
 
 def test_text_cleaning_counts(tmp_path):
-    rows = [{"text": "free cash now", "label": "spam"}, {"text": "free cash now", "label": "spam"},
-            {"text": "free cash now", "label": "ham"}, {"text": "   ", "label": "ham"},
-            {"text": "no label here", "label": None}]
+    rows = [
+        {"text": "free cash now", "label": "spam"},
+        {"text": "free cash now", "label": "spam"},
+        {"text": "free cash now", "label": "ham"},
+        {"text": "   ", "label": "ham"},
+        {"text": "no label here", "label": None},
+    ]
     rows += [{"text": t, "label": lab} for t, lab in make_texts(6, seed=3)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = load_dataset(tmp_path / "d.jsonl", CFG).summary["cleaning"]
@@ -132,6 +152,7 @@ def test_bad_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"text column 'msg' not found .* columns: text, label"):
         load_dataset(tmp_path / "t.csv", TrainConfig(text_column="msg"))
     pd.DataFrame([("a b", "x"), ("c d", "x"), ("e f", "y")], columns=["text", "label"]).to_csv(
-        tmp_path / "small.csv", index=False)
+        tmp_path / "small.csv", index=False
+    )
     with pytest.raises(DataError, match="'y'.* fewer than 2"):
         load_dataset(tmp_path / "small.csv", CFG)

@@ -1,0 +1,93 @@
+"""`python -m finetune` as a user runs it: bad input gets one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import make_images, make_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--weights", "random", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty").mkdir()
+    make_images(root / "one_class", per_class=3)
+    for name in ("green", "blue"):
+        shutil.rmtree(root / "one_class" / name)
+    pd.DataFrame(make_texts(5), columns=["text", "label"]).to_csv(root / "t.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize(
+    "case,args,needles",
+    [
+        ("missing path", ["{root}/nope"], ["does not exist", "nope"]),
+        ("empty folder", ["{root}/empty"], ["is empty"]),
+        ("one class", ["{root}/one_class", "--backbone", "resnet18"], ["only one class", "red"]),
+        (
+            "unknown backbone",
+            ["{root}/t.csv", "--backbone", "resnet19"],
+            ["unknown backbone 'resnet19'", "resnet18", "efficientnet_lite0", "minilm"],
+        ),
+        (
+            "unknown column",
+            ["{root}/t.csv", "--backbone", "minilm", "--text-column", "msg"],
+            ["text column 'msg' not found", "t.csv", "columns: text, label"],
+        ),
+        (
+            "bad strategy",
+            ["{root}/t.csv", "--strategy", "lora"],
+            ["strategy 'lora' is unknown", "gradual"],
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(bad_inputs, tmp_path, case, args, needles):
+    args = [a.format(root=bad_inputs) for a in args]
+    proc = run(*args, "--out", str(tmp_path / "out"), *TINY)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "out").exists()  # nothing is created for a run that cannot start
+
+
+def test_corrupt_image_is_skipped_and_existing_out_refused(tmp_path):
+    data = make_images(tmp_path / "imgs", per_class=6)
+    (data / "red" / "corrupt.jpg").write_bytes(b"GIF89a broken")
+    out = tmp_path / "run"
+    proc = run(str(data), "--backbone", "resnet18", "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "undecodable 1" in proc.stdout and "corrupt.jpg" in proc.stdout
+    assert "val_accuracy" in proc.stdout and (out / "model.safetensors").is_file()
+    before = (out / "model.safetensors").read_bytes()
+    again = run(str(data), "--backbone", "resnet18", "--out", str(out), *TINY)
+    assert_one_line_error(again, "already exists", "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == before  # nothing overwritten
