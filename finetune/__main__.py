@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 130
     print(
-        f"best epoch {result['epoch'] + 1}: val_accuracy {result['val_accuracy']:.4f}  "
+        f"best epoch {result['epoch']}: val_accuracy {result['val_accuracy']:.4f}  "
         f"val_macro_f1 {result['val_macro_f1']:.4f}"
     )
     print(f"checkpoint: {out}/  (report: {out}/report/curves.png, confusion.png)")

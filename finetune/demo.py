@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"validation accuracy {result['val_accuracy']:.4f} "
-        f"(macro-F1 {result['val_macro_f1']:.4f}, epoch {result['epoch'] + 1})"
+        f"(macro-F1 {result['val_macro_f1']:.4f}, epoch {result['epoch']})"
     )
     print(f"checkpoint: {RUN}/  report: {RUN}/report/curves.png, {RUN}/report/confusion.png")
     return 0

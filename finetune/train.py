@@ -473,7 +473,7 @@ def _train(
             bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         val = evaluate(trained, val_loader, step_inputs, ds.labels)
         record = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # 1-based in files, logs and plots
             "train_loss": total / count,
             **{k: val[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")},
             "trainable_groups": n_groups,
@@ -482,7 +482,7 @@ def _train(
         history.append(record)
         improved = _better(val[cfg.monitor], best, cfg)
         if improved:
-            best, best_epoch, bad = val[cfg.monitor], epoch, 0
+            best, best_epoch, bad = val[cfg.monitor], epoch + 1, 0
             best_val = val
             checkpoint.save_weights(out, model)
         else:

@@ -91,3 +91,11 @@ def test_corrupt_image_is_skipped_and_existing_out_refused(tmp_path):
     again = run(str(data), "--backbone", "resnet18", "--out", str(out), *TINY)
     assert_one_line_error(again, "already exists", "--overwrite")
     assert (out / "model.safetensors").read_bytes() == before  # nothing overwritten
+
+
+def test_error_and_config_modules_import_without_torch():
+    """Later stages (the service) may import these without pulling in torch."""
+    code = ("import sys, finetune.errors, finetune.config, finetune.checkpoint; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
