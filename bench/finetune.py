@@ -50,8 +50,12 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     data = Path(args.data) if args.data else FLOWERS if FLOWERS.is_dir() else None
     data = data or generated_images(tmp / "generated")
-    base = TrainConfig(backbone="efficientnet_lite0", strategy="feature-extraction",
-                       epochs=args.epochs, patience=args.epochs + 1)
+    base = TrainConfig(
+        backbone="efficientnet_lite0",
+        strategy="feature-extraction",
+        epochs=args.epochs,
+        patience=args.epochs + 1,
+    )
     rows = {}
     for cached in (True, False):
         cfg = TrainConfig(**{**base.to_dict(), "cache_features": cached})
@@ -61,20 +65,30 @@ def main() -> int:
         total = time.perf_counter() - t0
         metrics = json.loads((out / "metrics.json").read_text())
         epochs = [e["seconds"] for e in metrics["epochs"]]
-        rows[cached] = {"epoch_s": sum(epochs) / len(epochs), "cache_s":
-                        metrics["feature_cache_seconds"] or 0.0, "total_s": total,
-                        "val_accuracy": result["val_accuracy"]}
+        rows[cached] = {
+            "epoch_s": sum(epochs) / len(epochs),
+            "cache_s": metrics["feature_cache_seconds"] or 0.0,
+            "total_s": total,
+            "val_accuracy": result["val_accuracy"],
+        }
     c, u = rows[True], rows[False]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
-        f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else (f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
+    )
     print(f"data: {data}  backbone: efficientnet_lite0  epochs: {args.epochs}  device: {device}")
     print(f"{'variant':<10} {'epoch s':>9} {'cache s':>9} {'run s':>8} {'val acc':>8}")
     for name, r in (("cached", c), ("uncached", u)):
-        print(f"{name:<10} {r['epoch_s']:>9.3f} {r['cache_s']:>9.1f} {r['total_s']:>8.1f} "
-              f"{r['val_accuracy']:>8.4f}")
+        print(
+            f"{name:<10} {r['epoch_s']:>9.3f} {r['cache_s']:>9.1f} {r['total_s']:>8.1f} "
+            f"{r['val_accuracy']:>8.4f}"
+        )
     print(f"epoch time ratio uncached/cached: {u['epoch_s'] / c['epoch_s']:.0f}x")
-    print(f"whole-run ratio uncached/cached ({args.epochs} epochs, cache included): "
-          f"{u['total_s'] / c['total_s']:.1f}x")
+    print(
+        f"whole-run ratio uncached/cached ({args.epochs} epochs, cache included): "
+        f"{u['total_s'] / c['total_s']:.1f}x"
+    )
     return 0
 
 

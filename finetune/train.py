@@ -25,94 +25,12 @@ from finetune import backbones, checkpoint
 from finetune.config import TrainConfig
 from finetune.data import IMAGE_TASK, Dataset, describe, detect_task, load_dataset
 from finetune.errors import CheckpointError, DataError, FinetuneError, OutputExists
+from finetune.inputs import ImageSet, Inputs, TextSet
 from finetune.metrics import classification_metrics
 from finetune.report import plot_confusion, plot_curves
 
 STATE = "state.pt"
 LAST = "last.safetensors"
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-class _ImageSet(torch.utils.data.Dataset):
-    """uint8 NHWC images held in memory → uint8 CHW tensors (augmented when asked)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
-        self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
-        self.transform = None
-        if augment:
-            from torchvision.transforms import v2
-
-            size = images.shape[1]
-            self.transform = v2.Compose(
-                [
-                    v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-                    v2.RandomHorizontalFlip(),
-                ]
-            )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        x = self.images[i].permute(2, 0, 1)
-        return (self.transform(x) if self.transform else x), self.labels[i]
-
-
-class _TextSet(torch.utils.data.Dataset):
-    def __init__(self, texts: list[str], labels: np.ndarray):
-        self.texts, self.labels = texts, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.texts[i], int(self.labels[i])
-
-
-class Inputs:
-    """Turns a loader batch into model inputs on the device (normalise or tokenize)."""
-
-    def __init__(
-        self,
-        task: str,
-        device: torch.device,
-        mean=None,
-        std=None,
-        tokenizer=None,
-        max_length: int = 128,
-    ):
-        self.task, self.device, self.tokenizer, self.max_length = (
-            task,
-            device,
-            tokenizer,
-            max_length,
-        )
-        if task == IMAGE_TASK:
-            self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-            self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-    def collate(self, batch):
-        if self.task == IMAGE_TASK:
-            return torch.utils.data.default_collate(batch)
-        texts, labels = zip(*batch, strict=True)
-        enc = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return dict(enc), torch.tensor(labels, dtype=torch.long)
-
-    def __call__(self, model: nn.Module, x):
-        if isinstance(x, dict):
-            return model(**{k: v.to(self.device, non_blocking=True) for k, v in x.items()})
-        x = x.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = (x.float() / 255.0 - self.mean) / self.std
-        return model(x)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -385,12 +303,12 @@ def _train(
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed)
     if ds.task == IMAGE_TASK:
-        train_set = _ImageSet(ds.train.inputs, ds.train.labels, cfg.augment)
-        val_set = _ImageSet(ds.val.inputs, ds.val.labels, False)
+        train_set = ImageSet(ds.train.inputs, ds.train.labels, cfg.augment)
+        val_set = ImageSet(ds.val.inputs, ds.val.labels, False)
     else:
         train_set, val_set = (
-            _TextSet(ds.train.inputs, ds.train.labels),
-            _TextSet(ds.val.inputs, ds.val.labels),
+            TextSet(ds.train.inputs, ds.train.labels),
+            TextSet(ds.val.inputs, ds.val.labels),
         )
     loader_kw = {
         "batch_size": cfg.batch_size,
@@ -406,7 +324,7 @@ def _train(
     if cached:
         t0 = time.perf_counter()
         plain = DataLoader(
-            _ImageSet(ds.train.inputs, ds.train.labels, False)
+            ImageSet(ds.train.inputs, ds.train.labels, False)
             if ds.task == IMAGE_TASK
             else train_set,
             shuffle=False,

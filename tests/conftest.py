@@ -85,7 +85,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def image_cfg() -> TrainConfig:
     return TrainConfig(
         backbone="resnet18",

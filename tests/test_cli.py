@@ -95,7 +95,9 @@ def test_corrupt_image_is_skipped_and_existing_out_refused(tmp_path):
 
 def test_error_and_config_modules_import_without_torch():
     """Later stages (the service) may import these without pulling in torch."""
-    code = ("import sys, finetune.errors, finetune.config, finetune.checkpoint; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, finetune.errors, finetune.config, finetune.checkpoint; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

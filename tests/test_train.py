@@ -22,20 +22,9 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def image_run(image_dir, tmp_path_factory):
-    from finetune.config import TrainConfig
-
-    cfg = TrainConfig(
-        backbone="resnet18",
-        weights="random",
-        image_size=32,
-        epochs=3,
-        batch_size=8,
-        patience=10,
-        holdout_size=1000,
-    )
+def image_run(image_dir, image_cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "colors"
-    return out, fine_tune(image_dir, out, cfg, log=quiet)
+    return out, fine_tune(image_dir, out, dataclasses.replace(image_cfg, epochs=3), log=quiet)
 
 
 def test_checkpoint_files_and_contents(image_run, image_dir):
@@ -238,3 +227,11 @@ def test_corrupt_checkpoint_files_are_named(image_run, tmp_path):
     (broken / "holdout.npz").unlink()
     with pytest.raises(CheckpointError, match="missing holdout.npz"):
         checkpoint.load_checkpoint(broken)
+
+
+def test_augmentation_turns_the_feature_cache_off(image_dir, image_cfg, tmp_path):
+    cfg = dataclasses.replace(image_cfg, strategy="feature-extraction", augment=True, epochs=1)
+    fine_tune(image_dir, tmp_path / "aug", cfg, log=quiet)
+    assert checkpoint.read_json(tmp_path / "aug" / "metrics.json")["feature_cache_seconds"] is None
+    fine_tune(image_dir, tmp_path / "plain", dataclasses.replace(cfg, augment=False), log=quiet)
+    assert checkpoint.read_json(tmp_path / "plain" / "metrics.json")["feature_cache_seconds"] > 0

@@ -1,0 +1,89 @@
+"""Model inputs: in-memory data sets and the batch → device step (normalise or tokenize)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.data import IMAGE_TASK
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """uint8 NHWC images held in memory → uint8 CHW tensors (augmented when asked)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
+        self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
+        self.transform = None
+        if augment:
+            from torchvision.transforms import v2
+
+            size = images.shape[1]
+            self.transform = v2.Compose(
+                [
+                    v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+                    v2.RandomHorizontalFlip(),
+                ]
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i].permute(2, 0, 1)
+        return (self.transform(x) if self.transform else x), self.labels[i]
+
+
+class TextSet(torch.utils.data.Dataset):
+    def __init__(self, texts: list[str], labels: np.ndarray):
+        self.texts, self.labels = texts, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.texts[i], int(self.labels[i])
+
+
+class Inputs:
+    """Turns a loader batch into model inputs on the device (normalise or tokenize)."""
+
+    def __init__(
+        self,
+        task: str,
+        device: torch.device,
+        mean=None,
+        std=None,
+        tokenizer=None,
+        max_length: int = 128,
+    ):
+        self.task, self.device, self.tokenizer, self.max_length = (
+            task,
+            device,
+            tokenizer,
+            max_length,
+        )
+        if task == IMAGE_TASK:
+            self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+            self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def collate(self, batch):
+        if self.task == IMAGE_TASK:
+            return torch.utils.data.default_collate(batch)
+        texts, labels = zip(*batch, strict=True)
+        enc = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return dict(enc), torch.tensor(labels, dtype=torch.long)
+
+    def __call__(self, model: nn.Module, x):
+        if isinstance(x, dict):
+            return model(**{k: v.to(self.device, non_blocking=True) for k, v in x.items()})
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255.0 - self.mean) / self.std
+        return model(x)
