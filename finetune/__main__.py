@@ -7,19 +7,8 @@ import dataclasses
 import os
 import sys
 
-from finetune.config import MONITORS, STRATEGIES, TrainConfig
+from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
-
-_HELP = {
-    "backbone": "registry name (efficientnet_lite0, resnet18, minilm, ...), HF hub id or local dir",
-    "weights": "'pretrained', 'random' (tests) or a local weights file / HF directory",
-    "strategy": "one of: " + ", ".join(STRATEGIES),
-    "monitor": "early-stopping metric, one of: " + ", ".join(MONITORS),
-    "image_size": "crop size in pixels (default: the backbone's own, mostly 224)",
-    "text_column": "text column name (default: guessed)",
-    "label_column": "label column name (default: guessed)",
-    "backbone_lr": "backbone learning rate for full/gradual (default: lr / 10)",
-}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,14 +18,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data", help="class folders, a table file, or a folder of train/val tables")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<data folder name>)")
+    p.add_argument("--out", default=None, help="run folder; None: runs/<data folder name>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     defaults = TrainConfig()
+    helps = TrainConfig.field_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        help_text = helps.get(f.name, f.name.replace("_", " "))
         if isinstance(default, bool):
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text

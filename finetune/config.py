@@ -6,14 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 
 STRATEGIES = ("feature-extraction", "full", "gradual")
+AUTO_BACKBONES = {"image-classification": "efficientnet_lite0", "text-classification": "minilm"}
 MONITORS = ("val_macro_f1", "val_accuracy", "val_loss")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    backbone: str = "efficientnet_lite0"  # registry name, HF hub id, or local HF directory
+    backbone: str = "auto"  # registry name, HF hub id or local HF dir; auto: by the data
     weights: str = "pretrained"  # 'pretrained', 'random' (tests only) or a local file/directory
-    strategy: str = "feature-extraction"  # one of STRATEGIES
+    strategy: str = "feature-extraction"  # feature-extraction, full or gradual
     epochs: int = 10  # upper bound; early stopping usually ends sooner
     batch_size: int = 32  # samples per optimizer step
     lr: float = 1e-3  # head learning rate (AdamW)
@@ -23,7 +24,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     class_weighting: str = "none"  # 'none' or 'balanced' (inverse class frequency in the loss)
     patience: int = 3  # epochs without improvement of `monitor` before stopping
-    monitor: str = "val_macro_f1"  # one of MONITORS; loss is minimised, the others maximised
+    monitor: str = "val_macro_f1"  # val_macro_f1, val_accuracy or val_loss (minimised)
     min_delta: float = 0.0  # smallest change of `monitor` that counts as an improvement
     val_fraction: float = 0.2  # share of data held out for validation when not pre-split
     seed: int = 0  # python, numpy and torch seeds, and the split
@@ -37,6 +38,15 @@ class TrainConfig:
     data_format: str = "auto"  # auto, csv, tsv, jsonl, parquet
     device: str = "auto"  # auto (cuda when usable), cpu, cuda
     num_workers: int = 0  # DataLoader workers; data sets here are small and held in memory
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Each field's trailing comment, the CLI's help text (one source for both)."""
+        import inspect
+        import re
+
+        src = inspect.getsource(cls)
+        return dict(re.findall(r"^    (\w+): [^=]+= .*?  # (.+)$", src, flags=re.M))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

