@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# A private BentoML model store for the whole test session, set before bentoml is imported.
+os.environ["BENTOML_HOME"] = __import__("tempfile").mkdtemp(prefix="tuneserve-bentoml-")
 
 from pathlib import Path  # noqa: E402
 
@@ -113,3 +115,33 @@ def text_cfg(tiny_bert) -> TrainConfig:
 
 def quiet(*_args) -> None:
     """A `log` for fine_tune that keeps test output short."""
+
+
+@pytest.fixture(scope="session")
+def image_run(image_dir, image_cfg, tmp_path_factory):
+    """A finished tiny image checkpoint: (run folder, best metrics)."""
+    import dataclasses
+
+    from finetune.train import fine_tune
+
+    out = tmp_path_factory.mktemp("runs") / "colors"
+    return out, fine_tune(image_dir, out, dataclasses.replace(image_cfg, epochs=3), log=quiet)
+
+
+@pytest.fixture(scope="session")
+def text_run(text_csv, tiny_bert, tmp_path_factory):
+    """A finished tiny text checkpoint (2-layer BERT): (run folder, best metrics)."""
+    from finetune.train import fine_tune
+
+    cfg = TrainConfig(
+        backbone=str(tiny_bert),
+        max_length=16,
+        epochs=3,
+        batch_size=8,
+        patience=10,
+        lr=1e-2,
+        strategy="full",
+        holdout_size=1000,
+    )
+    out = tmp_path_factory.mktemp("runs") / "msgs"
+    return out, fine_tune(text_csv, out, cfg, log=quiet)

@@ -21,12 +21,6 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.fixture(scope="session")
-def image_run(image_dir, image_cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "colors"
-    return out, fine_tune(image_dir, out, dataclasses.replace(image_cfg, epochs=3), log=quiet)
-
-
 def test_checkpoint_files_and_contents(image_run, image_dir):
     out, result = image_run
     for name in ("model.safetensors", "config.json", "holdout.npz", "metrics.json"):

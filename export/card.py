@@ -1,0 +1,100 @@
+"""The artifact contract, `artifacts/<name>/<version>/` (DESIGN.md §2). Standard library only:
+the service imports this module to load an artifact without torch.
+
+    model.onnx          fp32, single file, dynamic batch (and sequence) axes
+    model.int8.onnx     optional, CPU variant      model.fp16.onnx   optional, GPU variant
+    card.json           everything needed to serve: inputs, outputs, labels, preprocessing,
+                        parity result, variants with sha256, reference file name
+    reference.json      reference distributions for drift, measured on the holdout
+    tokenizer/          text models
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from export.errors import CardError
+
+SCHEMA_VERSION = 1
+CARD = "card.json"
+MODEL = "model.onnx"
+REFERENCE = "reference.json"
+TOKENIZER = "tokenizer"
+VARIANT_FILES = {"fp32": MODEL, "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+REQUIRED = (
+    "schema_version",
+    "name",
+    "version",
+    "task",
+    "labels",
+    "inputs",
+    "outputs",
+    "preprocessing",
+    "files",
+    "variants",
+    "parity",
+    "reference",
+)
+# BentoML tag rule: lowercase letters, digits, '-', '_' and '.', starting and ending alphanumeric.
+TAG_PART = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_card(folder: str | Path, card: dict) -> Path:
+    path = Path(folder) / CARD
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+def load_card(folder: str | Path) -> dict:
+    """Read and validate card.json: schema version and required fields."""
+    path = Path(folder) / CARD
+    if not path.is_file():
+        raise CardError(f"artifact card '{path}' is missing")
+    try:
+        card = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CardError(f"artifact card '{path}' is not valid JSON: {e}") from e
+    if not isinstance(card, dict):
+        raise CardError(f"artifact card '{path}' must hold a JSON object")
+    version = card.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CardError(
+            f"artifact card '{path}' has schema_version {version!r}; "
+            f"this tuneserve reads schema_version {SCHEMA_VERSION}"
+        )
+    missing = [k for k in REQUIRED if k not in card]
+    if missing:
+        raise CardError(f"artifact card '{path}' lacks field(s): {', '.join(missing)}")
+    return card
+
+
+def verify_files(folder: str | Path, card: dict) -> None:
+    """Every file the card lists exists and has the sha256 the card records."""
+    folder = Path(folder)
+    problems = []
+    for entry in [card["files"]["model"], *card["variants"]]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            problems.append(f"'{path}' is missing")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"'{path}' does not match the sha256 in {CARD}")
+    if problems:
+        raise CardError("artifact files do not match the card: " + "; ".join(problems))
+
+
+def variant_file(card: dict, precision: str) -> str | None:
+    """The file of a precision that passed validation, or None."""
+    if precision == "fp32":
+        return card["files"]["model"]["file"]
+    return next((v["file"] for v in card["variants"] if v["precision"] == precision), None)

@@ -1,0 +1,303 @@
+"""The export pipeline: checkpoint → ONNX → optimized → parity → variants → reference → card.
+
+    export_checkpoint("runs/flowers", "artifacts", int8=True)
+
+Work happens in a hidden sibling folder renamed into place at the end, so a failure leaves no
+half-written version behind; an existing version is never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from export import card as card_mod
+from export import convert, quantize
+from export.errors import CheckpointInvalid, ExportError, VariantError, VersionExists
+from export.parity import check_parity
+from export.preprocess import Feeder, input_names
+from export.reference import build_reference
+
+
+def _sanitize(name: str) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
+    return name or "model"
+
+
+def next_version(folder: Path) -> str:
+    taken = [int(m.group(1)) for p in folder.glob("v*") if (m := re.fullmatch(r"v(\d+)", p.name))]
+    return f"v{max(taken, default=0) + 1}"
+
+
+def _session(path: Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+
+
+def export_checkpoint(
+    run: str | Path,
+    out: str | Path = "artifacts",
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    int8: bool = False,
+    fp16: bool = False,
+    opset: int = convert.DEFAULT_OPSET,
+    tolerance: float = 1e-4,
+    max_accuracy_drop: float = 0.01,
+    register: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export the checkpoint at `run` to `out/<name>/<version>/`; returns that folder."""
+    from finetune import checkpoint as ckpt_mod
+    from finetune.errors import FinetuneError
+
+    run = Path(run)
+    try:
+        ckpt = ckpt_mod.load_checkpoint(run)
+        model = ckpt_mod.build_model(ckpt)
+        tokenizer = ckpt_mod.load_tokenizer(ckpt) if ckpt.task != "image-classification" else None
+    except FinetuneError as e:
+        raise CheckpointInvalid(str(e), getattr(e, "path", None)) from e
+    if ckpt.config.get("status") != "complete":
+        raise CheckpointInvalid(
+            f"checkpoint '{run}' has not finished training "
+            f"(status {ckpt.config.get('status')!r}); resume it first"
+        )
+    name = _sanitize(name or run.resolve().name)
+    base = Path(out) / name
+    version = version or next_version(base)
+    if not card_mod.TAG_PART.match(version):
+        raise ExportError(
+            f"version '{version}' must be lowercase letters, digits, '.', '_' or "
+            f"'-', starting and ending with a letter or digit"
+        )
+    final = base / version
+    if final.exists():
+        raise VersionExists(
+            f"artifact '{final}' already exists; versions are never overwritten "
+            f"(leave out --version to get the next one)"
+        )
+    if register:
+        from export.store import tag_exists
+
+        if tag_exists(f"{name}:{version}"):
+            raise VersionExists(f"model store already holds '{name}:{version}'")
+    if fp16 and not quantize.cuda_providers():
+        quantize.fp16(Path("unused"), Path("unused"))  # raises the clear VariantError
+
+    base.mkdir(parents=True, exist_ok=True)
+    work = base / f".{version}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        card = _build(
+            ckpt,
+            model,
+            tokenizer,
+            work,
+            name,
+            version,
+            int8,
+            fp16,
+            opset,
+            tolerance,
+            max_accuracy_drop,
+            log,
+        )
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if register:
+        from export.store import register as store_register
+
+        tag = store_register(final, name, version, card)
+        log(f"registered in the BentoML model store as {tag}")
+    return final
+
+
+def _build(
+    ckpt,
+    model,
+    tokenizer,
+    work: Path,
+    name: str,
+    version: str,
+    int8: bool,
+    fp16: bool,
+    opset: int,
+    tolerance: float,
+    max_drop: float,
+    log,
+) -> dict:
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from finetune import checkpoint as ckpt_mod
+
+    stages = ["build", "export", "optimize", "parity"] + ["int8"] * int8 + ["fp16"] * fp16
+    bar = tqdm(stages + ["reference", "card"], desc="export", unit="step", leave=False)
+    steps = iter(bar)
+
+    def stage() -> None:
+        bar.set_description(f"export: {next(steps)}")
+
+    stage()
+    feeder = Feeder(ckpt, tokenizer)
+    graph = convert.graph_for(model, ckpt.task)
+
+    stage()
+    raw = work / "raw.onnx"
+    t0 = time.perf_counter()
+    details = convert.to_onnx(graph, feeder.feeds(feeder.take(2)), ckpt.task, raw, opset)
+    stage()
+    path = work / card_mod.MODEL
+    details["graph_optimization"] = convert.optimize(raw, path)
+    raw.unlink()
+    details["seconds"] = round(time.perf_counter() - t0, 2)
+    if "fallback_reason" in details:
+        log(f"dynamo exporter failed ({details['fallback_reason']}); used the TorchScript one")
+
+    stage()
+    parity = check_parity(graph, _session(path), feeder, tolerance=tolerance)
+    log(
+        f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {tolerance:g}), top-1 "
+        f"agreement {parity.top1_agreement:.4f}, {parity.checks} checks"
+    )
+    logits, embeddings = quantize.predict(_session(path), feeder)
+    fp32_pred = logits.argmax(1)
+    fp32_acc = float((fp32_pred == feeder.labels).mean())
+
+    variants, rejected = [], []
+    for precision in ("int8",) * int8 + ("fp16",) * fp16:
+        stage()
+        file = work / card_mod.VARIANT_FILES[precision]
+        try:
+            if precision == "int8":
+                method = quantize.int8(path, file, feeder, work)
+                providers = ["CPUExecutionProvider"]
+            else:
+                method = quantize.fp16(path, file)
+                providers = quantize.cuda_providers()
+            scores = quantize.score(_session(file, providers), feeder, fp32_pred)
+        except VariantError:
+            raise
+        except Exception as e:  # a converter bug must not cost the fp32 artifact
+            file.unlink(missing_ok=True)
+            reason = f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rejected.append({"precision": precision, "reason": reason})
+            log(f"{precision} variant not written: {reason}")
+            continue
+        drop = fp32_acc - scores["holdout_accuracy"]
+        entry = {
+            "precision": precision,
+            "file": file.name,
+            "method": method,
+            "validated_on": providers[0],
+            **scores,
+            "accuracy_drop": drop,
+        }
+        if drop > max_drop:
+            file.unlink()
+            reason = (
+                f"holdout accuracy {scores['holdout_accuracy']:.4f} is {drop:.4f} below "
+                f"fp32 {fp32_acc:.4f} (allowed {max_drop:g})"
+            )
+            rejected.append({"precision": precision, "method": method, "reason": reason})
+            log(f"{precision} variant not written: {reason}")
+            continue
+        entry["sha256"] = card_mod.sha256_file(file)
+        variants.append(entry)
+        log(
+            f"{precision} variant: holdout accuracy {scores['holdout_accuracy']:.4f} "
+            f"(fp32 {fp32_acc:.4f}), agreement {scores['agreement_with_fp32']:.4f}"
+        )
+
+    stage()
+    reference = build_reference(
+        logits, embeddings, feeder, ckpt.labels, ckpt.config["data"]["train_per_class"]
+    )
+    ckpt_mod.write_json(work / card_mod.REFERENCE, reference)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work / card_mod.TOKENIZER)
+
+    stage()
+    inputs, outputs = convert.io_signature(path)
+    weights = convert.weights_sha256(path)
+    convert.set_metadata(
+        path,
+        {
+            "tuneserve.name": name,
+            "tuneserve.version": version,
+            "tuneserve.task": ckpt.task,
+            "tuneserve.labels": ckpt.labels,
+            "tuneserve.weights_sha256": weights,
+            "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
+        },
+    )
+    metrics_best = ckpt.metrics.get("best") or {}
+    card = {
+        "schema_version": card_mod.SCHEMA_VERSION,
+        "name": name,
+        "version": version,
+        "task": ckpt.task,
+        "labels": ckpt.labels,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": inputs,
+        "input_names": input_names(ckpt.task, ckpt.config["preprocessing"]),
+        "outputs": outputs,
+        "preprocessing": ckpt.config["preprocessing"],
+        "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
+        "training": {
+            "strategy": ckpt.config["training"]["strategy"],
+            "best_epoch": metrics_best.get("epoch"),
+            "val_accuracy": metrics_best.get("val_accuracy"),
+            "val_macro_f1": metrics_best.get("val_macro_f1"),
+            "train_size": ckpt.config["data"]["train_size"],
+            "val_size": ckpt.config["data"]["val_size"],
+            "checkpoint": str(ckpt.path.resolve()),
+        },
+        "export": {
+            **details,
+            "versions": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "transformers": transformers.__version__,
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+        },
+        "parity": parity.to_dict(),
+        "holdout": {"size": len(feeder), "fp32_accuracy": fp32_acc},
+        "files": {
+            "model": {
+                "file": path.name,
+                "precision": "fp32",
+                "sha256": card_mod.sha256_file(path),
+                "weights_sha256": weights,
+            }
+        },
+        "variants": variants,
+        "rejected_variants": rejected,
+        "max_accuracy_drop": max_drop,
+        "reference": card_mod.REFERENCE,
+    }
+    card_mod.write_card(work, card)
+    bar.close()
+    return card
+
+
+__all__ = ["export_checkpoint", "next_version", "VariantError"]

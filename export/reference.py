@@ -1,0 +1,114 @@
+"""Reference distributions for drift monitoring, measured with the exported model on the
+checkpoint's holdout (DESIGN.md §2 and §4): class prior, confidence histogram, a PCA basis of
+the pooled embedding with per-component histograms and the reconstruction error, and simple
+input statistics. The service compares live traffic with these."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from export.preprocess import Feeder
+
+PCA_COMPONENTS = 8  # low-dimensional view of the embedding, cheap to project per request
+HIST_BINS = 10  # quantile bins: equal mass on the reference, so every bin is informative
+
+
+def _quantile_hist(values: np.ndarray, bins: int = HIST_BINS) -> dict:
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:  # a constant statistic: one bin around it
+        edges = np.array([values.min() - 0.5, values.max() + 0.5])
+    inner = edges[1:-1]
+    counts = np.bincount(np.searchsorted(inner, values, side="right"), minlength=len(edges) - 1)
+    return {
+        "edges": edges.tolist(),
+        "probs": (counts / counts.sum()).tolist(),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+    }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def pca(embeddings: np.ndarray, k: int = PCA_COMPONENTS) -> dict:
+    mean = embeddings.mean(0)
+    centred = embeddings - mean
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    k = max(1, min(k, vt.shape[0], len(embeddings) - 1))
+    var = (s**2) / max(1, len(embeddings) - 1)
+    return {
+        "mean": mean.tolist(),
+        "components": vt[:k].tolist(),
+        "explained_variance": var[:k].tolist(),
+        "explained_variance_ratio": float(var[:k].sum() / var.sum()) if var.sum() else 1.0,
+    }
+
+
+def project(embeddings: np.ndarray, basis: dict) -> tuple[np.ndarray, np.ndarray]:
+    """PCA coordinates and the relative reconstruction error of each embedding."""
+    mean, comps = np.asarray(basis["mean"]), np.asarray(basis["components"])
+    centred = embeddings - mean
+    coords = centred @ comps.T
+    residual = centred - coords @ comps
+    norm = np.linalg.norm(centred, axis=1) + 1e-12
+    return coords, np.linalg.norm(residual, axis=1) / norm
+
+
+def input_statistics(feeder: Feeder) -> dict:
+    if feeder.task == "image-classification":
+        gray = feeder.inputs.astype(np.float32).mean(axis=3) / 255.0  # N, H, W
+        return {
+            "brightness": _quantile_hist(gray.mean(axis=(1, 2))),
+            "contrast": _quantile_hist(gray.std(axis=(1, 2))),
+        }
+    tok, max_len = feeder.tokenizer, int(feeder.pre["max_length"])
+    ids = tok([str(t) for t in feeder.inputs], truncation=False)["input_ids"]
+    lengths = np.array([len(x) for x in ids], dtype=np.float64)
+    unk = tok.unk_token_id
+    special = 2  # [CLS] and [SEP] do not count as words
+    unk_ratio = np.array([sum(t == unk for t in x) / max(1, len(x) - special) for x in ids])
+    return {
+        "length_tokens": _quantile_hist(lengths),
+        "truncated_fraction": float((lengths > max_len).mean()),
+        "unknown_token_ratio": {
+            "mean": float(unk_ratio.mean()),
+            "p95": float(np.quantile(unk_ratio, 0.95)),
+        },
+    }
+
+
+def build_reference(
+    logits: np.ndarray,
+    embeddings: np.ndarray,
+    feeder: Feeder,
+    labels: list[str],
+    train_per_class: dict[str, int],
+) -> dict:
+    probs = _softmax(logits.astype(np.float64))
+    confidence = probs.max(1)
+    pred = probs.argmax(1)
+    total = sum(train_per_class.values())
+    basis = pca(embeddings.astype(np.float64))
+    coords, recon = project(embeddings.astype(np.float64), basis)
+    edges = np.linspace(0.0, 1.0, 21)
+    conf_counts = np.histogram(confidence, bins=edges)[0]
+    return {
+        "n_samples": int(len(logits)),
+        "labels": labels,
+        "class_prior": {c: train_per_class.get(c, 0) / total for c in labels},
+        "predicted_class_shares": {c: float((pred == i).mean()) for i, c in enumerate(labels)},
+        "confidence": {
+            "edges": edges.tolist(),
+            "probs": (conf_counts / conf_counts.sum()).tolist(),
+            "mean": float(confidence.mean()),
+        },
+        "embedding": {
+            "pca": basis,
+            "components": [_quantile_hist(coords[:, j]) for j in range(coords.shape[1])],
+            "reconstruction_error": _quantile_hist(recon),
+        },
+        "inputs": input_statistics(feeder),
+    }
