@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(PY) -m finetune.demo
+	$(PY) -m export runs/digits --out artifacts --name digits --int8 --skip-existing
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check finetune export service tests bench
@@ -25,3 +26,4 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/finetune.py
+	$(PY) bench/export.py

@@ -31,6 +31,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="a variant losing more holdout accuracy than this is not written",
     )
     p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="do nothing when the newest version came from this same checkpoint",
+    )
+    p.add_argument(
         "--no-register",
         dest="register",
         action="store_false",
@@ -55,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             max_accuracy_drop=args.max_accuracy_drop,
             register=args.register,
+            skip_existing=args.skip_existing,
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,6 +54,7 @@ def export_checkpoint(
     tolerance: float = 1e-4,
     max_accuracy_drop: float = 0.01,
     register: bool = True,
+    skip_existing: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Export the checkpoint at `run` to `out/<name>/<version>/`; returns that folder."""
@@ -74,6 +75,16 @@ def export_checkpoint(
         )
     name = _sanitize(name or run.resolve().name)
     base = Path(out) / name
+    source_sha = card_mod.sha256_file(run / ckpt_mod.WEIGHTS)
+    if skip_existing and version is None and base.is_dir():
+        latest = base / f"v{int(next_version(base)[1:]) - 1}"
+        try:
+            same = card_mod.load_card(latest)["training"].get("weights_sha256") == source_sha
+        except ExportError:
+            same = False
+        if same:
+            log(f"'{latest}' was exported from this checkpoint already; nothing to do")
+            return latest
     version = version or next_version(base)
     if not card_mod.TAG_PART.match(version):
         raise ExportError(
@@ -268,6 +279,7 @@ def _build(
             "train_size": ckpt.config["data"]["train_size"],
             "val_size": ckpt.config["data"]["val_size"],
             "checkpoint": str(ckpt.path.resolve()),
+            "weights_sha256": card_mod.sha256_file(ckpt.path / ckpt_mod.WEIGHTS),
         },
         "export": {
             **details,

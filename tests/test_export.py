@@ -302,3 +302,21 @@ def test_unfinished_checkpoint_is_refused(image_run, tmp_path):
     (run / "config.json").write_text(json.dumps({**cfg, "status": "training"}))
     with pytest.raises(CheckpointInvalid, match="not finished training"):
         export_checkpoint(run, tmp_path / "art", register=False, log=quiet)
+
+
+def test_skip_existing_reuses_an_export_of_the_same_checkpoint(image_run, tmp_path):
+    run, _ = image_run
+    first = export_checkpoint(run, tmp_path, name="same", register=False, log=quiet)
+    again = export_checkpoint(run, tmp_path, name="same", register=False, skip_existing=True,
+                              log=quiet)
+    assert again == first and not (tmp_path / "same" / "v2").exists()
+    changed = tmp_path / "changed"
+    shutil.copytree(run, changed)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(changed / "model.safetensors")
+    state["head.bias"] = state["head.bias"] + 1.0
+    save_file(state, changed / "model.safetensors")
+    newer = export_checkpoint(changed, tmp_path, name="same", register=False, skip_existing=True,
+                              log=quiet)
+    assert newer.name == "v2"
