@@ -102,8 +102,8 @@ def export_checkpoint(
 
         if tag_exists(f"{name}:{version}"):
             raise VersionExists(f"model store already holds '{name}:{version}'")
-    if fp16 and not quantize.cuda_providers():
-        quantize.fp16(Path("unused"), Path("unused"))  # raises the clear VariantError
+    if fp16:
+        quantize.require_cuda()
 
     base.mkdir(parents=True, exist_ok=True)
     work = base / f".{version}.partial-{os.getpid()}"

@@ -89,15 +89,19 @@ def int8(fp32: Path, out: Path, feeder: Feeder, tmp: Path) -> str:
         prepared.unlink(missing_ok=True)
 
 
-def fp16(fp32: Path, out: Path) -> str:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
+def require_cuda() -> None:
     if not cuda_providers():
         raise VariantError(
             "--fp16 needs a usable CUDA GPU to validate the variant; none here "
             "(fp16 is slower than fp32 on CPUs): use --int8 for CPU serving"
         )
+
+
+def fp16(fp32: Path, out: Path) -> str:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    require_cuda()
     model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
     onnx.save(model, str(out))
     return "float16 weights and compute, float32 inputs and outputs"
