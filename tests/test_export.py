@@ -320,3 +320,22 @@ def test_skip_existing_reuses_an_export_of_the_same_checkpoint(image_run, tmp_pa
     newer = export_checkpoint(changed, tmp_path, name="same", register=False, skip_existing=True,
                               log=quiet)
     assert newer.name == "v2"
+
+
+def test_torchscript_fallback_is_used_and_recorded_when_dynamo_fails(image_run, tmp_path,
+                                                                     monkeypatch):
+    import torch
+
+    real_export = torch.onnx.export
+
+    def dynamo_broken(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            raise RuntimeError("simulated dynamo failure")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_broken)
+    folder = export_checkpoint(image_run[0], tmp_path, register=False, log=quiet)
+    card = card_mod.load_card(folder)
+    assert card["export"]["exporter"] == "torch.onnx.export (torchscript)"
+    assert "simulated dynamo failure" in card["export"]["fallback_reason"]
+    assert card["parity"]["passed"]
