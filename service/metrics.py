@@ -1,0 +1,78 @@
+"""tuneserve's Prometheus metrics (DESIGN.md §4), beside BentoML's own `bentoml_service_*`.
+
+`bentoml.metrics` is prometheus_client set up for BentoML's multiprocess workers: counters
+and histograms add up across workers; the info gauge keeps the live workers' values.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+LABELS = ["model", "version"]
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+_model_info = bentoml.metrics.Gauge(
+    name="tuneserve_model_info",
+    documentation="The served artifact, provider and precision",
+    labelnames=LABELS + ["task", "precision", "provider"],
+    multiprocess_mode="liveall",
+)
+_predictions = bentoml.metrics.Counter(
+    name="tuneserve_predictions",
+    documentation="Predictions by top-1 label",
+    labelnames=LABELS + ["label"],
+)
+_confidence = bentoml.metrics.Histogram(
+    name="tuneserve_prediction_confidence",
+    documentation="Top-1 probability",
+    labelnames=LABELS,
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+)
+_duration = bentoml.metrics.Histogram(
+    name="tuneserve_inference_duration_seconds",
+    documentation="Time per stage: preprocess and postprocess per request, infer per batch",
+    labelnames=LABELS + ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+_batch = bentoml.metrics.Histogram(
+    name="tuneserve_batch_size",
+    documentation="Inputs per model call (adaptive batching)",
+    labelnames=LABELS,
+    buckets=BATCH_BUCKETS,
+)
+_errors = bentoml.metrics.Counter(
+    name="tuneserve_request_errors",
+    documentation="Rejected requests by reason",
+    labelnames=LABELS + ["reason"],
+)
+
+
+def model_info(rt) -> None:
+    _model_info.labels(
+        model=rt.name,
+        version=rt.version,
+        task=rt.task,
+        precision=rt.precision,
+        provider=rt.provider,
+    ).set(1)
+
+
+def batch(rt, size: int, decode_s: float, infer_s: float) -> None:
+    _batch.labels(model=rt.name, version=rt.version).observe(size)
+    _duration.labels(model=rt.name, version=rt.version, stage="infer").observe(infer_s)
+
+
+def preprocess(rt, seconds: float) -> None:
+    _duration.labels(model=rt.name, version=rt.version, stage="preprocess").observe(seconds)
+
+
+def predictions(rt, out: list[dict], postprocess_s: float) -> None:
+    _duration.labels(model=rt.name, version=rt.version, stage="postprocess").observe(postprocess_s)
+    for p in out:
+        _predictions.labels(model=rt.name, version=rt.version, label=p["label"]).inc()
+        _confidence.labels(model=rt.name, version=rt.version).observe(p["score"])
+
+
+def error(rt, reason: str) -> None:
+    _errors.labels(model=rt.name, version=rt.version, reason=reason).inc()

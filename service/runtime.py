@@ -1,0 +1,273 @@
+"""Inference on one artifact with ONNX Runtime: no bentoml, no torch, so tests and benchmarks
+call it directly.
+
+    rt = Runtime(Path("artifacts/digits/v1"))
+    item = rt.prepare(base64_png)           # validate + preprocess one input (InputError)
+    rt.predict([item, ...], top_k=3)        # one batched model call
+
+Pre-processing is built from card.json alone and matches training exactly: images are
+decoded, converted to RGB, resized on the shorter side and centre-cropped with PIL, then
+normalised; texts go through the artifact's own tokenizer (the `tokenizers` library).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ctypes
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.card import load_card, variant_file, verify_files
+from export.errors import CardError
+from service.errors import ArtifactError, InputError
+
+log = logging.getLogger("tuneserve")
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
+GPU_PROVIDERS = {
+    "TensorrtExecutionProvider": "libnvinfer.so",
+    "CUDAExecutionProvider": "libcuda.so.1",
+}
+
+
+def _loadable(lib: str) -> bool:
+    """A CUDA build of onnxruntime lists GPU providers even where no GPU driver exists."""
+    for name in (lib, lib + ".10", lib + ".8"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def usable_providers(requested: str = "auto") -> list[str]:
+    """TensorRT, then CUDA, then CPU, keeping only what can really run here."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested != "auto":
+        wanted = [p.strip() for p in requested.split(",") if p.strip()]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise ArtifactError(
+                f"TUNESERVE_PROVIDERS names {', '.join(missing)}, not available "
+                f"in this onnxruntime ({', '.join(available)})"
+            )
+        return wanted
+    order = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    gpu = [p for p in order if p in available and _loadable(GPU_PROVIDERS[p])]
+    return gpu + ["CPUExecutionProvider"]
+
+
+@dataclass
+class Prepared:
+    """One validated, pre-processed input: a uint8 HWC crop or a text."""
+
+    value: np.ndarray | str
+
+
+class Runtime:
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        precision: str = "auto",
+        providers: str = "auto",
+        threads: int = 0,
+        max_image_pixels: int = 40_000_000,
+        max_text_chars: int = 20_000,
+        load_model: bool = True,
+    ):
+        """`load_model=False` gives only the card-driven pre-processing (the API process)."""
+        self.folder = Path(folder)
+        try:
+            self.card = load_card(self.folder)
+            verify_files(self.folder, self.card)
+        except CardError as e:
+            raise ArtifactError(str(e)) from e
+        self.task, self.labels = self.card["task"], list(self.card["labels"])
+        self.name, self.version = self.card["name"], self.card["version"]
+        self.pre = self.card["preprocessing"]
+        self.max_image_pixels, self.max_text_chars = max_image_pixels, max_text_chars
+        self.tokenizer = self._tokenizer() if self.task == "text-classification" else None
+        if self.task == "image-classification":
+            self.mean = np.asarray(self.pre["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+            self.std = np.asarray(self.pre["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+        self.session, self.provider, self.precision = None, None, None
+        if load_model:
+            self._load(precision, providers, threads)
+
+    def _load(self, precision: str, providers: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        chain = usable_providers(providers)
+        on_gpu = chain[0] != "CPUExecutionProvider"
+        self.precision = self._precision(precision, on_gpu)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        path = self.folder / variant_file(self.card, self.precision)
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=chain)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ArtifactError(f"cannot load '{path}' in onnxruntime: {e}") from e
+        self.provider = self.session.get_providers()[0]
+        if self.provider != chain[0]:  # a silent fallback is a bug: say it
+            log.warning("asked for %s, onnxruntime runs %s", chain[0], self.provider)
+        self.warm_up()
+        log.info(
+            "serving %s:%s (%s) with %s, precision %s",
+            self.name,
+            self.version,
+            self.task,
+            self.provider,
+            self.precision,
+        )
+
+    def _precision(self, wanted: str, on_gpu: bool) -> str:
+        listed = {"fp32"} | {v["precision"] for v in self.card["variants"]}
+        if wanted == "auto":
+            preferred = "fp16" if on_gpu else "int8"
+            return preferred if preferred in listed else "fp32"
+        if wanted not in listed:
+            raise ArtifactError(
+                f"TUNESERVE_PRECISION={wanted}, but the card of '{self.folder}' "
+                f"lists only {', '.join(sorted(listed))}"
+            )
+        return wanted
+
+    def _tokenizer(self):
+        from tokenizers import Tokenizer
+
+        path = self.folder / self.pre.get("tokenizer", "tokenizer") / "tokenizer.json"
+        if not path.is_file():
+            raise ArtifactError(f"tokenizer file '{path}' is missing")
+        tok = Tokenizer.from_file(str(path))
+        tok.enable_truncation(int(self.pre["max_length"]))
+        pad = tok.padding or {}
+        pad_id = pad.get("pad_id", tok.token_to_id("[PAD]") or 0)
+        tok.enable_padding(pad_id=pad_id, pad_token=pad.get("pad_token", "[PAD]"))
+        return tok
+
+    def warm_up(self) -> None:
+        """One call at each end of the batch range, so the first request is not the slow one."""
+        if self.task == "image-classification":
+            c = int(self.pre["crop_size"])
+            sample = Prepared(np.full((c, c, 3), 127, dtype=np.uint8))
+        else:
+            sample = Prepared("warm up")
+        for n in (1, 8):
+            self.predict([sample] * n)
+
+    # ------------------------------------------------------------------ inputs
+
+    def prepare(self, value) -> Prepared:
+        """Validate and pre-process one input (base64 image or raw bytes; text)."""
+        if self.task == "image-classification":
+            if isinstance(value, str):
+                try:
+                    value = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise InputError("invalid_base64", "image input is not valid base64") from None
+            if not isinstance(value, bytes | bytearray):
+                raise InputError(
+                    "wrong_type", f"image inputs are base64 strings, got {type(value).__name__}"
+                )
+            return Prepared(self.decode_image(bytes(value)))
+        if not isinstance(value, str):
+            raise InputError("wrong_type", f"text inputs are strings, got {type(value).__name__}")
+        if not value.strip():
+            raise InputError("empty_text", "text input is empty")
+        if len(value) > self.max_text_chars:
+            raise InputError(
+                "text_too_long",
+                f"text has {len(value)} characters; the limit is {self.max_text_chars}",
+                status=413,
+            )
+        return Prepared(value)
+
+    def decode_image(self, data: bytes) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise InputError("undecodable_image", f"cannot decode the image: {e}") from None
+        with im:
+            w, h = im.size
+            if w * h > self.max_image_pixels:
+                raise InputError(
+                    "image_too_large",
+                    f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_image_pixels}",
+                    status=413,
+                )
+            try:
+                im = im.convert("RGB")
+            except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+                raise InputError("undecodable_image", f"cannot decode the image: {e}") from None
+            resize, crop = int(self.pre["resize"]), int(self.pre["crop_size"])
+            scale = resize / min(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            im = im.resize(size, _RESAMPLE[self.pre["interpolation"]])
+            left = int(round((size[0] - crop) / 2.0))
+            top = int(round((size[1] - crop) / 2.0))
+            return np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+    def feeds(self, items: list[Prepared]) -> dict[str, np.ndarray]:
+        if self.task == "image-classification":
+            x = np.stack([i.value for i in items]).transpose(0, 3, 1, 2).astype(np.float32)
+            return {"pixel_values": ((x / 255.0 - self.mean) / self.std).astype(np.float32)}
+        encs = self.tokenizer.encode_batch([i.value for i in items])
+        columns = {
+            "input_ids": [e.ids for e in encs],
+            "attention_mask": [e.attention_mask for e in encs],
+            "token_type_ids": [e.type_ids for e in encs],
+        }
+        names = [i["name"] for i in self.card["inputs"]]
+        return {n: np.asarray(columns[n], dtype=np.int64) for n in names}
+
+    # ------------------------------------------------------------------ transport
+
+    def encode(self, item: Prepared) -> str:
+        """A prepared input as a string, to pass it to the model process."""
+        if self.task == "image-classification":
+            return base64.b64encode(item.value.tobytes()).decode("ascii")
+        return item.value
+
+    def decode(self, wire: str) -> Prepared:
+        if self.task == "image-classification":
+            c = int(self.pre["crop_size"])
+            return Prepared(np.frombuffer(base64.b64decode(wire), dtype=np.uint8).reshape(c, c, 3))
+        return Prepared(wire)
+
+    # ------------------------------------------------------------------ model
+
+    def run(self, items: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [N, classes] and pooled embeddings [N, dim] for a batch."""
+        logits, embedding = self.session.run(None, self.feeds(items))
+        return logits, embedding
+
+    def predict(self, items: list[Prepared], top_k: int = 1) -> list[dict]:
+        logits, _ = self.run(items)
+        return [self.describe(p, top_k) for p in softmax(logits)]
+
+    def describe(self, p: np.ndarray, top_k: int = 1) -> dict:
+        """Top-1 label and score and the top k, from one row of probabilities."""
+        order = np.argsort(-p)[: max(1, min(top_k, len(self.labels)))]
+        return {
+            "label": self.labels[order[0]],
+            "score": float(p[order[0]]),
+            "top_k": [{"label": self.labels[i], "score": float(p[i])} for i in order],
+        }
+
+
+def softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,0 +1,191 @@
+"""BentoML service: `bentoml serve` from the project root (bentofile.yaml), TUNESERVE_MODEL
+names the artifact (`digits:latest` or a folder).
+
+Two services: `Tuneserve` answers HTTP (validation, pre-processing, the JSON and Open Inference
+Protocol routes) and sends every prepared input to `Model`, whose one batchable method is the
+single adaptive-batching path under all prediction routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service import metrics
+from service.errors import ArtifactError, InputError
+from service.oip import oip_app
+from service.runtime import Runtime, softmax
+from service.settings import Settings
+
+log = logging.getLogger("tuneserve")
+settings = Settings.from_env()
+
+
+def artifact_folder(spec: str) -> Path:
+    """An artifact directory, or the path of a model-store tag."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        return Path(bentoml.models.get(spec).path)
+    except BentoMLException as e:
+        raise ArtifactError(
+            f"TUNESERVE_MODEL={spec!r} is neither an artifact folder nor a model "
+            f"in the BentoML store ({e}); export one with python -m export"
+        ) from e
+
+
+def _runtime(load_model: bool) -> Runtime:
+    try:
+        return Runtime(
+            artifact_folder(settings.model),
+            precision=settings.precision,
+            providers=settings.providers,
+            threads=settings.threads,
+            max_image_pixels=settings.max_image_pixels,
+            max_text_chars=settings.max_text_chars,
+            load_model=load_model,
+        )
+    except ArtifactError as e:  # one clear line, then the worker stops
+        log.error("error: %s", e)
+        raise SystemExit(f"error: {e}") from None
+
+
+@bentoml.service(name="tuneserve-model", workers=settings.workers, traffic={"timeout": 60})
+class Model:
+    """The ONNX Runtime session; one batched call at a time per worker."""
+
+    def __init__(self) -> None:
+        self.rt = _runtime(load_model=True)
+        metrics.model_info(self.rt)
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    def infer(self, items: list[str]) -> list[list[float]]:
+        t0 = time.perf_counter()
+        prepared = [self.rt.decode(i) for i in items]
+        t1 = time.perf_counter()
+        logits, _embedding = self.rt.run(prepared)
+        t2 = time.perf_counter()
+        metrics.batch(self.rt, len(items), t1 - t0, t2 - t1)
+        return logits.astype(float).tolist()
+
+
+@bentoml.asgi_app(oip_app, path="/")
+@bentoml.service(name="tuneserve", traffic={"timeout": 60, "max_concurrency": 1024})
+class Tuneserve:
+    model = bentoml.depends(Model)
+
+    def __init__(self) -> None:
+        self.rt = _runtime(load_model=False)  # pre-processing only; the model is in `Model`
+        self.settings = settings
+
+    async def logits(self, raw: list) -> np.ndarray:
+        """Validate every input, then one call into the batching path (InputError on misuse)."""
+        if not isinstance(raw, list) or not raw:
+            raise InputError("no_inputs", "'inputs' must be a non-empty list")
+        if len(raw) > settings.max_items:
+            raise InputError(
+                "too_many_inputs",
+                f"{len(raw)} inputs; the limit per request is {settings.max_items}",
+                status=413,
+            )
+        t0 = time.perf_counter()
+        wire = []
+        for i, value in enumerate(raw):
+            try:
+                wire.append(self.rt.encode(self.rt.prepare(value)))
+            except InputError as e:
+                raise InputError(e.reason, f"inputs[{i}]: {e.detail}", e.status) from None
+        metrics.preprocess(self.rt, time.perf_counter() - t0)
+        return np.asarray(await self.model.to_async.infer(wire), dtype=np.float32)
+
+    async def classify(self, raw: list, top_k: int, request: Request | None) -> list[dict]:
+        check_request(request)
+        if not isinstance(top_k, int) or top_k < 1:
+            raise InputError("bad_top_k", f"top_k must be a positive integer, got {top_k!r}")
+        logits = await self.logits(raw)
+        t1 = time.perf_counter()
+        out = [self.rt.describe(p, top_k) for p in softmax(logits)]
+        metrics.predictions(self.rt, out, time.perf_counter() - t1)
+        return out
+
+    def response(self, predictions: list[dict]) -> dict:
+        return {"model": self.rt.name, "version": self.rt.version, "predictions": predictions}
+
+    @bentoml.api(route="/predict")
+    async def predict(self, inputs: list, top_k: int = 1, ctx: bentoml.Context = None) -> dict:
+        """Classify texts or base64-encoded images: {"inputs": [...], "top_k": k}."""
+        try:
+            return self.response(await self.classify(inputs, top_k, ctx.request))
+        except InputError as e:
+            return reject(self.rt, e, ctx)
+
+    @bentoml.api(route="/predict_file")
+    async def predict_file(
+        self, files: list[Path], top_k: int = 1, ctx: bentoml.Context = None
+    ) -> dict:
+        """Classify uploaded image files (multipart/form-data, field `files`)."""
+        try:
+            if self.rt.task != "image-classification":
+                raise InputError(
+                    "wrong_route",
+                    "/predict_file takes images; this model classifies text: use /predict",
+                )
+            raw = [Path(f).read_bytes() for f in files]
+            return self.response(await self.classify(raw, top_k, ctx.request))
+        except InputError as e:
+            return reject(self.rt, e, ctx)
+
+    async def __is_ready__(self) -> bool:
+        return True  # __init__ finished: pre-processing is ready; Model readiness is checked too
+
+
+def check_request(request: Request | None) -> None:
+    """API key and body-size checks shared by every prediction route."""
+    if request is None:
+        return
+    if settings.api_keys:
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else None
+        if token not in settings.api_keys:
+            raise InputError(
+                "unauthorized",
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                status=401,
+            )
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.max_body_bytes:
+        raise InputError(
+            "body_too_large",
+            f"request body is {length} bytes; the limit is {settings.max_body_bytes}",
+            status=413,
+        )
+
+
+def reject(rt: Runtime, e: InputError, ctx: bentoml.Context) -> dict:
+    """The error body for a BentoML route; the status goes through the context."""
+    metrics.error(rt, e.reason)
+    ctx.response.status_code = e.status
+    if e.status == 401:
+        ctx.response.headers["WWW-Authenticate"] = "Bearer"
+    return e.body()
+
+
+def error_response(rt: Runtime, e: InputError) -> JSONResponse:
+    """The error response for the mounted Open Inference Protocol routes, whose clients show
+    only the "error" field: it carries the reason and the detail."""
+    metrics.error(rt, e.reason)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    body = {"error": f"{e.reason}: {e.detail}", "detail": e.detail}
+    return JSONResponse(body, status_code=e.status, headers=headers)

@@ -1,0 +1,52 @@
+"""Service settings, read once from environment variables (TUNESERVE_*)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name}={raw!r} must be an integer") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "digits:latest"  # model-store tag (name:version) or artifact directory
+    precision: str = "auto"  # auto (fp16 on GPU, int8 on CPU when validated), fp32, int8, fp16
+    providers: str = "auto"  # auto (TensorRT, CUDA, CPU as usable) or a comma list of ORT EPs
+    max_batch_size: int = 32  # items per model call; BentoML's default (100) is too coarse here
+    max_latency_ms: int = 20  # longest a request waits for its batch to fill, milliseconds
+    workers: int = 1  # model worker processes
+    threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = all cores
+    api_keys: tuple[str, ...] = field(default_factory=tuple)  # empty: no authentication
+    max_items: int = 64  # inputs per request
+    max_body_bytes: int = 20 * 1024 * 1024  # request body, bytes (413 above)
+    max_image_pixels: int = 40_000_000  # decoded width x height (decompression bombs, 413)
+    max_text_chars: int = 20_000  # characters per text (413 above)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        keys = tuple(
+            k.strip() for k in os.environ.get("TUNESERVE_API_KEYS", "").split(",") if k.strip()
+        )
+        return cls(
+            model=os.environ.get("TUNESERVE_MODEL", cls.model),
+            precision=os.environ.get("TUNESERVE_PRECISION", cls.precision),
+            providers=os.environ.get("TUNESERVE_PROVIDERS", cls.providers),
+            max_batch_size=_int("TUNESERVE_MAX_BATCH_SIZE", cls.max_batch_size),
+            max_latency_ms=_int("TUNESERVE_MAX_LATENCY_MS", cls.max_latency_ms),
+            workers=_int("TUNESERVE_WORKERS", cls.workers),
+            threads=_int("TUNESERVE_THREADS", cls.threads),
+            api_keys=keys,
+            max_items=_int("TUNESERVE_MAX_ITEMS", cls.max_items),
+            max_body_bytes=_int("TUNESERVE_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_image_pixels=_int("TUNESERVE_MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            max_text_chars=_int("TUNESERVE_MAX_TEXT_CHARS", cls.max_text_chars),
+        )
