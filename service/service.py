@@ -9,6 +9,7 @@ single adaptive-batching path under all prediction routes.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -35,17 +36,35 @@ def artifact_folder(spec: str) -> Path:
 
     try:
         return Path(bentoml.models.get(spec).path)
-    except BentoMLException as e:
+    except (BentoMLException, ValueError) as e:  # ValueError: not even a valid tag
         raise ArtifactError(
             f"TUNESERVE_MODEL={spec!r} is neither an artifact folder nor a model "
             f"in the BentoML store ({e}); export one with python -m export"
         ) from e
 
 
+def _check_artifact() -> Path:
+    """Refuse to start, with one line, on a missing or corrupt artifact: at import time, before
+    BentoML starts any worker (a worker that dies in __init__ would only be restarted)."""
+    from export.card import load_card, verify_files
+    from export.errors import CardError
+
+    try:
+        folder = artifact_folder(settings.model)
+        verify_files(folder, load_card(folder))
+    except (ArtifactError, CardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return folder
+
+
+ARTIFACT = _check_artifact()
+
+
 def _runtime(load_model: bool) -> Runtime:
     try:
         return Runtime(
-            artifact_folder(settings.model),
+            ARTIFACT,
             precision=settings.precision,
             providers=settings.providers,
             threads=settings.threads,

@@ -1,0 +1,139 @@
+"""The serving runtime, called directly: pre-processing matches training, results match the
+export, and every bad input is an InputError with a bounded reason."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from export.pipeline import export_checkpoint
+from service.errors import ArtifactError, InputError
+from service.runtime import Prepared, Runtime, softmax
+from tests.conftest import quiet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def image_artifact_dir(image_run, tmp_path_factory):
+    return export_checkpoint(image_run[0], tmp_path_factory.mktemp("art"), name="colors",
+                             int8=True, max_accuracy_drop=1.0, log=quiet)
+
+
+@pytest.fixture(scope="session")
+def text_artifact_dir(text_run, tmp_path_factory):
+    return export_checkpoint(text_run[0], tmp_path_factory.mktemp("art"), name="msgs",
+                             log=quiet)
+
+
+def _png(size=(40, 48), color=(200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_preprocessing_matches_training(image_artifact_dir, tmp_path):
+    from finetune.data import ImagePrep, load_image
+
+    rt = Runtime(image_artifact_dir, precision="fp32")
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)  # odd sizes exercise the rounding
+    Image.fromarray(px).save(tmp_path / "x.png")
+    pre = rt.card["preprocessing"]
+    expected = load_image(tmp_path / "x.png",
+                          ImagePrep(pre["resize"], pre["crop_size"], pre["interpolation"]))
+    got = rt.prepare(base64.b64encode((tmp_path / "x.png").read_bytes()).decode()).value
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_runtime_reproduces_export_predictions(image_artifact_dir, image_run):
+    from finetune import checkpoint
+
+    ckpt = checkpoint.load_checkpoint(image_run[0])
+    rt = Runtime(image_artifact_dir, precision="fp32")
+    items = [Prepared(x) for x in ckpt.holdout_inputs]
+    logits, emb = rt.run(items)
+    assert emb.shape[0] == len(items)
+    sess = ort.InferenceSession(str(image_artifact_dir / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    from export.preprocess import Feeder
+
+    ref = sess.run(None, Feeder(ckpt).feeds(np.arange(len(items))))[0]
+    np.testing.assert_allclose(logits, ref, atol=1e-5)
+    # Alone or inside a batch: the same answer.
+    alone = [rt.predict([it], top_k=2)[0] for it in items[:5]]
+    batched = rt.predict(items[:5], top_k=2)
+    for a, b in zip(alone, batched, strict=True):
+        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-6)
+
+
+def test_text_tokenization_matches_the_training_tokenizer(text_artifact_dir, text_run):
+    from export.preprocess import Feeder
+    from finetune import checkpoint
+
+    ckpt = checkpoint.load_checkpoint(text_run[0])
+    rt = Runtime(text_artifact_dir, precision="fp32")
+    feeder = Feeder(ckpt, checkpoint.load_tokenizer(ckpt))
+    idx = np.arange(min(20, len(feeder)))
+    expected = feeder.feeds(idx)
+    got = rt.feeds([rt.prepare(str(t)) for t in ckpt.holdout_inputs[idx]])
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_precision_choice(image_artifact_dir, text_artifact_dir):
+    assert Runtime(image_artifact_dir).precision == "int8"  # auto on CPU: the int8 variant
+    assert Runtime(text_artifact_dir).precision == "fp32"  # no variant exported
+    with pytest.raises(ArtifactError, match="lists only fp32"):
+        Runtime(text_artifact_dir, precision="int8")
+    assert Runtime(image_artifact_dir).provider == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("value,reason,status", [
+    ("not base64!", "invalid_base64", 400),
+    (base64.b64encode(b"GIF89a junk").decode(), "undecodable_image", 400),
+    (base64.b64encode(_png(size=(3000, 3000))).decode(), "image_too_large", 413),
+    (42, "wrong_type", 400),
+])
+def test_bad_image_inputs(image_artifact_dir, value, reason, status):
+    rt = Runtime(image_artifact_dir, max_image_pixels=1_000_000, load_model=False)
+    with pytest.raises(InputError) as e:
+        rt.prepare(value)
+    assert (e.value.reason, e.value.status) == (reason, status)
+    assert set(e.value.body()) == {"error", "detail"}
+
+
+@pytest.mark.parametrize("value,reason,status", [
+    ("   ", "empty_text", 400), ("x" * 101, "text_too_long", 413), (["a"], "wrong_type", 400),
+])
+def test_bad_text_inputs(text_artifact_dir, value, reason, status):
+    rt = Runtime(text_artifact_dir, max_text_chars=100, load_model=False)
+    with pytest.raises(InputError) as e:
+        rt.prepare(value)
+    assert (e.value.reason, e.value.status) == (reason, status)
+
+
+def test_softmax_rows_sum_to_one():
+    p = softmax(np.array([[1000.0, 0.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    assert p[0, 0] == pytest.approx(1.0) and p[1, 0] == pytest.approx(0.5)
+
+
+def test_service_modules_never_import_torch(image_artifact_dir):
+    code = ("import sys, service.runtime, service.oip, service.service; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    env = {**os.environ, "TUNESERVE_MODEL": str(image_artifact_dir)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
