@@ -22,7 +22,9 @@ class Settings:
     precision: str = "auto"  # auto (fp16 on GPU, int8 on CPU when validated), fp32, int8, fp16
     providers: str = "auto"  # auto (TensorRT, CUDA, CPU as usable) or a comma list of ORT EPs
     max_batch_size: int = 32  # items per model call; BentoML's default (100) is too coarse here
-    max_latency_ms: int = 20  # longest a request waits for its batch to fill, milliseconds
+    # BentoML answers 503 to a request whose queueing + estimated batch time would exceed this
+    # (load shedding); the batch window itself adapts to traffic. Milliseconds.
+    max_latency_ms: int = 1000
     workers: int = 1  # model worker processes
     threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = all cores
     api_keys: tuple[str, ...] = field(default_factory=tuple)  # empty: no authentication

@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def image_artifact_dir(image_run, tmp_path_factory):
     return export_checkpoint(image_run[0], tmp_path_factory.mktemp("art"), name="colors",
-                             int8=True, max_accuracy_drop=1.0, log=quiet)
+                             int8=True, max_accuracy_drop=1.0, register=False, log=quiet)
 
 
 @pytest.fixture(scope="session")
 def text_artifact_dir(text_run, tmp_path_factory):
     return export_checkpoint(text_run[0], tmp_path_factory.mktemp("art"), name="msgs",
-                             log=quiet)
+                             register=False, log=quiet)
 
 
 def _png(size=(40, 48), color=(200, 40, 40)) -> bytes:

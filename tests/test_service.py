@@ -66,7 +66,7 @@ def _stop(proc) -> None:
 def image_server(image_artifact_dir, tmp_path_factory):  # noqa: F811
     proc, url = _serve(image_artifact_dir, tmp_path_factory.mktemp("log") / "image.log",
                        TUNESERVE_MAX_IMAGE_PIXELS="1000000", TUNESERVE_MAX_ITEMS="16",
-                       TUNESERVE_MAX_BODY_BYTES="3000000", TUNESERVE_MAX_LATENCY_MS="50")
+                       TUNESERVE_MAX_BODY_BYTES="3000000")
     yield url
     _stop(proc)
 
