@@ -24,7 +24,7 @@ class Settings:
     max_batch_size: int = 32  # items per model call; BentoML's default (100) is too coarse here
     # BentoML answers 503 to a request whose queueing + estimated batch time would exceed this
     # (load shedding); the batch window itself adapts to traffic. Milliseconds.
-    max_latency_ms: int = 1000
+    max_latency_ms: int = 2000
     workers: int = 1  # model worker processes
     threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = all cores
     api_keys: tuple[str, ...] = field(default_factory=tuple)  # empty: no authentication

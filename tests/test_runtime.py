@@ -137,3 +137,24 @@ def test_service_modules_never_import_torch(image_artifact_dir):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_length_buckets_cover_every_item_once_with_bounded_padding():
+    from service.runtime import length_buckets
+
+    lengths = np.array([5, 100, 7, 6, 90, 30, 31, 5, 64, 12])
+    buckets = length_buckets(lengths, waste=0.25)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(lengths)))
+    for b in buckets:
+        padded, real = len(b) * lengths[b].max(), lengths[b].sum()
+        assert padded <= 1.25 * real or len(b) == 1
+
+
+def test_mixed_length_texts_give_the_same_answer_in_a_batch(text_artifact_dir):
+    rt = Runtime(text_artifact_dir)
+    texts = ["win", "see you at home later tonight love dinner thanks ok ok ok",
+             "free prize cash", "ok", "claim now urgent offer call txt win free prize cash"]
+    items = [rt.prepare(t) for t in texts]
+    together, _ = rt.run(items)
+    alone = np.concatenate([rt.run([i])[0] for i in items])
+    np.testing.assert_allclose(together, alone, atol=1e-5)

@@ -1,0 +1,89 @@
+"""Reliability under load: `python bench/reliability.py --run runs/sms_spam [--seconds 60]`.
+
+Starts the service, then (1) 64 closed-loop clients for `--seconds`: counts non-200 answers and
+the resident-memory growth of the server's process tree between the end of a warm-up and the
+end of the run; (2) the same load while the model worker process is killed once (SIGKILL)
+half-way: the server must restart it and requests must resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from serve import closed_loop, free_port, rss_mb, start, stop, wait_ready  # noqa: E402
+
+
+def model_worker_pid(server_pid: int) -> int | None:
+    import psutil
+
+    for p in psutil.Process(server_pid).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        if "tuneserve-model" in cmd or "Model" in cmd.split("service.service:")[-1][:10]:
+            return p.pid
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--run", default="runs/sms_spam")
+    p.add_argument("--artifact", default=None)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--clients", type=int, default=64)
+    args = p.parse_args()
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    from finetune import checkpoint
+
+    run = Path(args.run)
+    if not run.is_dir():
+        print(f"no checkpoint at {run}")
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
+    artifact = Path(args.artifact) if args.artifact else None
+    if artifact is None:
+        from export.pipeline import export_checkpoint
+
+        artifact = export_checkpoint(run, tmp / "art", int8=True, register=False,
+                                     log=lambda _s: None)
+    bodies = [{"inputs": [str(t)]} for t in checkpoint.load_checkpoint(run).holdout_inputs]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    svc = start([sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
+                {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT)}, tmp / "svc.log")
+    try:
+        wait_ready(url + "/readyz", svc)
+        asyncio.run(closed_loop(url + "/predict", bodies, args.clients, 10))  # warm-up
+        before = rss_mb(svc.pid)
+        r = asyncio.run(closed_loop(url + "/predict", bodies, args.clients, args.seconds))
+        after = rss_mb(svc.pid)
+        print(f"load: {args.clients} clients x {args.seconds:.0f} s: {r['rps']:.1f} req/s, "
+              f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, answers {r['statuses']}")
+        print(f"memory: RSS {before:.0f} MiB after warm-up, {after:.0f} MiB after the run "
+              f"({100 * (after - before) / before:+.1f}%)")
+
+        victim = model_worker_pid(svc.pid)
+        timer = threading.Timer(args.seconds / 4, lambda: os.kill(victim, signal.SIGKILL))
+        timer.start()
+        r = asyncio.run(closed_loop(url + "/predict", bodies, args.clients, args.seconds / 2))
+        new = model_worker_pid(svc.pid)
+        alive = asyncio.run(closed_loop(url + "/predict", bodies, 4, 5))
+        print(f"kill: model worker {victim} killed at {args.seconds / 4:.0f} s; during the run "
+              f"answers {r['statuses']}; new worker {new}; afterwards {alive['statuses']} "
+              f"at {alive['rps']:.1f} req/s")
+    finally:
+        stop(svc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Serving benchmark: `python bench/serve.py --run runs/sms_spam [--artifact DIR] [--seconds 20]`.
+
+In one process tree, on the same model and the same inputs (the checkpoint's holdout):
+  (a) raw in-process ONNX Runtime at its best batch size: the limit;
+  (b) the tuneserve BentoML service (`bentoml serve`) under closed-loop load of 1, 32 and 64
+      concurrent clients, one input per request;
+  (c) the peer most users would write instead: a FastAPI endpoint running the PyTorch model
+      per request (no batching, no ONNX).
+Prints throughput and p50/p99 latency for each, and the ratios (b)/(a) and (b)/(c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc, timeout: float = 180) -> float:
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def start(cmd: list[str], env: dict, log: Path):
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process tree (server + workers), MiB."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+
+async def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
+    """`clients` loops, each sending its next request as soon as the last one is answered."""
+    import httpx
+
+    latencies, errors, statuses = [], 0, {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        stop_at = time.perf_counter() + seconds
+
+        async def loop(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                r = await client.post(url, json=bodies[i % len(bodies)])
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                i += clients
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop(k) for k in range(clients)))
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1],
+        "errors": errors,
+        "statuses": statuses,
+    }
+
+
+def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:
+    from service.runtime import Runtime
+
+    rt = Runtime(artifact)
+    items = [rt.prepare(t) for t in texts]
+    best, per_batch = None, {}
+    for bs in (1, 8, 16, 32, 64):
+        batches = [items[i : i + bs] for i in range(0, len(items) - bs + 1, bs)] or [items[:bs]]
+        rt.run(batches[0])
+        n, t0, k = 0, time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds / 5:
+            rt.run(batches[k % len(batches)])
+            n, k = n + bs, k + 1
+        per_batch[bs] = n / (time.perf_counter() - t0)
+        if best is None or per_batch[bs] > per_batch[best]:
+            best = bs
+    singles = []
+    for t in items[:200]:
+        t0 = time.perf_counter()
+        rt.run([t])
+        singles.append(time.perf_counter() - t0)
+    return {
+        "best_batch": best,
+        "rps": per_batch[best],
+        "per_batch": per_batch,
+        "single_ms": 1000 * statistics.median(singles),
+        "precision": rt.precision,
+    }
+
+
+PEER = textwrap.dedent('''
+    """The usual alternative: FastAPI + the PyTorch model, one request at a time."""
+    import sys, torch
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    sys.path.insert(0, {root!r})
+    from finetune import checkpoint
+    ckpt = checkpoint.load_checkpoint({run!r})
+    model, tok = checkpoint.build_model(ckpt), checkpoint.load_tokenizer(ckpt)
+    max_len = ckpt.config["preprocessing"]["max_length"]
+    app = FastAPI()
+    class Body(BaseModel):
+        inputs: list[str]
+    @app.post("/predict")
+    def predict(body: Body):
+        enc = tok(body.inputs, padding=True, truncation=True, max_length=max_len,
+                  return_tensors="pt")
+        with torch.inference_mode():
+            p = model(**enc).softmax(-1)
+        return {{"predictions": [{{"label": ckpt.labels[int(i)], "score": float(s)}}
+                                for s, i in zip(*p.max(-1))]}}
+    @app.get("/health")
+    def health():
+        return {{}}
+''')
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--run", default="runs/sms_spam", help="text checkpoint (inputs, peer model)")
+    p.add_argument("--artifact", default=None, help="its exported artifact; None: export now")
+    p.add_argument("--seconds", type=float, default=20.0, help="load duration per level")
+    p.add_argument("--clients", default="1,32,64", help="closed-loop client counts")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    run = Path(args.run)
+    if not run.is_dir():
+        print(f"no checkpoint at {run}; fine-tune first (README) or pass --run")
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    from finetune import checkpoint
+
+    ckpt = checkpoint.load_checkpoint(run)
+    texts = [str(t) for t in ckpt.holdout_inputs]
+    bodies = [{"inputs": [t]} for t in texts]
+    artifact = Path(args.artifact) if args.artifact else None
+    if artifact is None:
+        from export.pipeline import export_checkpoint
+
+        artifact = export_checkpoint(
+            run, tmp / "art", int8=True, register=False, log=lambda _s: None
+        )
+    clients = [int(c) for c in args.clients.split(",")]
+    print(f"model: {artifact}  inputs: {len(texts)} holdout texts  CPU: {os.cpu_count()} cores")
+
+    raw = raw_onnxruntime(artifact, texts, args.seconds)
+    print(
+        f"(a) raw ONNX Runtime ({raw['precision']}): best batch {raw['best_batch']}, "
+        f"{raw['rps']:.1f} items/s; single inference p50 {raw['single_ms']:.2f} ms; "
+        + ", ".join(f"b{k} {v:.0f}/s" for k, v in raw["per_batch"].items())
+    )
+
+    results = {}
+    port = free_port()
+    t0 = time.perf_counter()
+    svc = start(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
+        {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT)},
+        tmp / "svc.log",
+    )
+    try:
+        cold = wait_ready(f"http://127.0.0.1:{port}/readyz", svc)
+        print(f"(b) tuneserve: cold start to ready {cold:.1f} s, RSS {rss_mb(svc.pid):.0f} MiB")
+        for n in clients:
+            asyncio.run(closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, 2))  # warm
+            results[("b", n)] = asyncio.run(
+                closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, args.seconds)
+            )
+        print(f"    RSS after load {rss_mb(svc.pid):.0f} MiB")
+    finally:
+        stop(svc)
+    del t0
+
+    (tmp / "peer.py").write_text(PEER.format(root=str(ROOT), run=str(run.resolve())))
+    port = free_port()
+    peer = start(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "peer:app",
+            "--app-dir",
+            str(tmp),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        {},
+        tmp / "peer.log",
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", peer)
+        for n in clients:
+            asyncio.run(closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, 2))
+            results[("c", n)] = asyncio.run(
+                closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, args.seconds)
+            )
+    finally:
+        stop(peer)
+
+    print(
+        f"\n{'server':<34} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}"
+    )
+    names = {"b": "(b) tuneserve (BentoML + ORT)", "c": "(c) FastAPI + PyTorch per request"}
+    for (kind, n), r in sorted(results.items()):
+        print(
+            f"{names[kind]:<34} {n:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{r['errors']:>8}"
+        )
+    print("\nratios:")
+    for n in clients:
+        b, c = results[("b", n)], results[("c", n)]
+        print(
+            f"  {n:>2} clients: (b)/(a) {b['rps'] / raw['rps']:.2f}   (b)/(c) "
+            f"{b['rps'] / c['rps']:.2f}"
+        )
+    if 1 in clients:
+        print(
+            f"  p50 at 1 client {results[('b', 1)]['p50_ms']:.2f} ms vs single raw inference "
+            f"{raw['single_ms']:.2f} ms: +{results[('b', 1)]['p50_ms'] - raw['single_ms']:.2f} ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
