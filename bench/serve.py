@@ -91,9 +91,13 @@ async def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float
             i = k
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                r = await client.post(url, json=bodies[i % len(bodies)])
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200:
+                try:
+                    r = await client.post(url, json=bodies[i % len(bodies)])
+                    code = r.status_code
+                except httpx.HTTPError as e:  # a dropped connection counts against the server
+                    code = type(e).__name__
+                statuses[code] = statuses.get(code, 0) + 1
+                if code == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
                     errors += 1
