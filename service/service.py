@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 
 from service import metrics
 from service.errors import ArtifactError, InputError
+from service.guard import RequestGuard
 from service.oip import oip_app
 from service.runtime import Runtime, softmax
 from service.settings import Settings
@@ -168,6 +169,9 @@ class Tuneserve:
 
     async def __is_ready__(self) -> bool:
         return True  # __init__ finished: pre-processing is ready; Model readiness is checked too
+
+
+Tuneserve.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
 
 
 def check_request(request: Request | None) -> None:

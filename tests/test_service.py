@@ -313,3 +313,13 @@ def test_bad_artifact_stops_start_up_with_one_line(image_artifact_dir, tmp_path,
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_malformed_multipart_is_a_400_not_a_500(image_server):
+    """Found by schemathesis against /docs.json: BentoML's own parser answered these with 500."""
+    r = httpx.post(image_server + "/predict", content=b'{"inputs": []}',
+                   headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_content_type"
+    r = httpx.post(image_server + "/predict_file", data={"files": "{}", "top_k": "1"},
+                   files=[("other", ("x.txt", b"x", "text/plain"))])
+    assert r.status_code == 400 and r.json()["error"] == "no_files"
