@@ -31,8 +31,10 @@ def _sanitize(name: str) -> str:
     return name or "model"
 
 
-def next_version(folder: Path) -> str:
-    taken = [int(m.group(1)) for p in folder.glob("v*") if (m := re.fullmatch(r"v(\d+)", p.name))]
+def next_version(folder: Path, also_taken: list[str] = ()) -> str:
+    """v<N+1> above every v<N> in `folder` and in `also_taken` (the model store's versions)."""
+    names = [p.name for p in folder.glob("v*")] + list(also_taken)
+    taken = [int(m.group(1)) for n in names if (m := re.fullmatch(r"v(\d+)", n))]
     return f"v{max(taken, default=0) + 1}"
 
 
@@ -85,7 +87,10 @@ def export_checkpoint(
         if same:
             log(f"'{latest}' was exported from this checkpoint already; nothing to do")
             return latest
-    version = version or next_version(base)
+    if version is None:
+        from export.store import stored_versions
+
+        version = next_version(base, stored_versions(name) if register else [])
     if not card_mod.TAG_PART.match(version):
         raise ExportError(
             f"version '{version}' must be lowercase letters, digits, '.', '_' or "

@@ -19,6 +19,13 @@ def tag_exists(tag: str) -> bool:
     return True
 
 
+def stored_versions(name: str) -> list[str]:
+    """Versions of `name` already in the model store (a fresh clone may share the store)."""
+    import bentoml
+
+    return [str(m.tag.version) for m in bentoml.models.list(name)]
+
+
 def register(folder: Path, name: str, version: str, card: dict) -> str:
     import bentoml
 

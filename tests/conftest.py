@@ -117,6 +117,23 @@ def quiet(*_args) -> None:
     """A `log` for fine_tune that keeps test output short."""
 
 
+def run_module(module: str, *args: str, timeout: int = 600):
+    """`python -m <module> args...` from the project root, as a user runs it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="session")
 def image_run(image_dir, image_cfg, tmp_path_factory):
     """A finished tiny image checkpoint: (run folder, best metrics)."""
@@ -145,3 +162,29 @@ def text_run(text_csv, tiny_bert, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("runs") / "msgs"
     return out, fine_tune(text_csv, out, cfg, log=quiet)
+
+
+@pytest.fixture(scope="session")
+def image_artifact_dir(image_run, tmp_path_factory):
+    """The tiny image checkpoint exported with an int8 variant (kept whatever its accuracy)."""
+    from export.pipeline import export_checkpoint
+
+    return export_checkpoint(
+        image_run[0],
+        tmp_path_factory.mktemp("art"),
+        name="colors",
+        int8=True,
+        max_accuracy_drop=1.0,
+        register=False,
+        log=quiet,
+    )
+
+
+@pytest.fixture(scope="session")
+def text_artifact_dir(text_run, tmp_path_factory):
+    """The tiny text checkpoint exported (fp32 only)."""
+    from export.pipeline import export_checkpoint
+
+    return export_checkpoint(
+        text_run[0], tmp_path_factory.mktemp("art"), name="msgs", register=False, log=quiet
+    )

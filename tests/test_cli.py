@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,22 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import make_images, make_texts
+from tests.conftest import make_images, make_texts, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "random", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
 
 
-def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "finetune", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run(*args: str) -> subprocess.CompletedProcess:
+    return run_module("finetune", *args, timeout=300)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,21 +18,13 @@ import pytest
 from export import card as card_mod
 from export.errors import CardError, CheckpointInvalid, ParityError, VariantError, VersionExists
 from export.pipeline import export_checkpoint
-from tests.conftest import quiet
+from tests.conftest import quiet, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "export", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("export", *args)
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +256,9 @@ def test_versions_are_never_overwritten(image_run, tmp_path):
         assert stored_card["version"] == version
         card_mod.verify_files(stored.path, stored_card)
     assert bentoml.models.get("roll:latest").tag.version == "v2"
+    # A fresh artifacts folder (a new clone) still gets a version the store does not hold.
+    elsewhere = export_checkpoint(run, tmp_path / "clone", name="roll", log=quiet)
+    assert elsewhere.name == "v3" and bentoml.models.get("roll:latest").tag.version == "v3"
 
 
 def test_card_round_trip_and_refusals(image_artifact, tmp_path):
@@ -307,8 +301,9 @@ def test_unfinished_checkpoint_is_refused(image_run, tmp_path):
 def test_skip_existing_reuses_an_export_of_the_same_checkpoint(image_run, tmp_path):
     run, _ = image_run
     first = export_checkpoint(run, tmp_path, name="same", register=False, log=quiet)
-    again = export_checkpoint(run, tmp_path, name="same", register=False, skip_existing=True,
-                              log=quiet)
+    again = export_checkpoint(
+        run, tmp_path, name="same", register=False, skip_existing=True, log=quiet
+    )
     assert again == first and not (tmp_path / "same" / "v2").exists()
     changed = tmp_path / "changed"
     shutil.copytree(run, changed)
@@ -317,13 +312,15 @@ def test_skip_existing_reuses_an_export_of_the_same_checkpoint(image_run, tmp_pa
     state = load_file(changed / "model.safetensors")
     state["head.bias"] = state["head.bias"] + 1.0
     save_file(state, changed / "model.safetensors")
-    newer = export_checkpoint(changed, tmp_path, name="same", register=False, skip_existing=True,
-                              log=quiet)
+    newer = export_checkpoint(
+        changed, tmp_path, name="same", register=False, skip_existing=True, log=quiet
+    )
     assert newer.name == "v2"
 
 
-def test_torchscript_fallback_is_used_and_recorded_when_dynamo_fails(image_run, tmp_path,
-                                                                     monkeypatch):
+def test_torchscript_fallback_is_used_and_recorded_when_dynamo_fails(
+    image_run, tmp_path, monkeypatch
+):
     import torch
 
     real_export = torch.onnx.export

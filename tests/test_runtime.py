@@ -15,24 +15,10 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from export.pipeline import export_checkpoint
 from service.errors import ArtifactError, InputError
 from service.runtime import Prepared, Runtime, softmax
-from tests.conftest import quiet
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def image_artifact_dir(image_run, tmp_path_factory):
-    return export_checkpoint(image_run[0], tmp_path_factory.mktemp("art"), name="colors",
-                             int8=True, max_accuracy_drop=1.0, register=False, log=quiet)
-
-
-@pytest.fixture(scope="session")
-def text_artifact_dir(text_run, tmp_path_factory):
-    return export_checkpoint(text_run[0], tmp_path_factory.mktemp("art"), name="msgs",
-                             register=False, log=quiet)
 
 
 def _png(size=(40, 48), color=(200, 40, 40)) -> bytes:
@@ -49,8 +35,9 @@ def test_image_preprocessing_matches_training(image_artifact_dir, tmp_path):
     px = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)  # odd sizes exercise the rounding
     Image.fromarray(px).save(tmp_path / "x.png")
     pre = rt.card["preprocessing"]
-    expected = load_image(tmp_path / "x.png",
-                          ImagePrep(pre["resize"], pre["crop_size"], pre["interpolation"]))
+    expected = load_image(
+        tmp_path / "x.png", ImagePrep(pre["resize"], pre["crop_size"], pre["interpolation"])
+    )
     got = rt.prepare(base64.b64encode((tmp_path / "x.png").read_bytes()).decode()).value
     np.testing.assert_array_equal(got, expected)
 
@@ -63,8 +50,9 @@ def test_runtime_reproduces_export_predictions(image_artifact_dir, image_run):
     items = [Prepared(x) for x in ckpt.holdout_inputs]
     logits, emb = rt.run(items)
     assert emb.shape[0] == len(items)
-    sess = ort.InferenceSession(str(image_artifact_dir / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(image_artifact_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     from export.preprocess import Feeder
 
     ref = sess.run(None, Feeder(ckpt).feeds(np.arange(len(items))))[0]
@@ -99,12 +87,15 @@ def test_precision_choice(image_artifact_dir, text_artifact_dir):
     assert Runtime(image_artifact_dir).provider == "CPUExecutionProvider"
 
 
-@pytest.mark.parametrize("value,reason,status", [
-    ("not base64!", "invalid_base64", 400),
-    (base64.b64encode(b"GIF89a junk").decode(), "undecodable_image", 400),
-    (base64.b64encode(_png(size=(3000, 3000))).decode(), "image_too_large", 413),
-    (42, "wrong_type", 400),
-])
+@pytest.mark.parametrize(
+    "value,reason,status",
+    [
+        ("not base64!", "invalid_base64", 400),
+        (base64.b64encode(b"GIF89a junk").decode(), "undecodable_image", 400),
+        (base64.b64encode(_png(size=(3000, 3000))).decode(), "image_too_large", 413),
+        (42, "wrong_type", 400),
+    ],
+)
 def test_bad_image_inputs(image_artifact_dir, value, reason, status):
     rt = Runtime(image_artifact_dir, max_image_pixels=1_000_000, load_model=False)
     with pytest.raises(InputError) as e:
@@ -113,9 +104,14 @@ def test_bad_image_inputs(image_artifact_dir, value, reason, status):
     assert set(e.value.body()) == {"error", "detail"}
 
 
-@pytest.mark.parametrize("value,reason,status", [
-    ("   ", "empty_text", 400), ("x" * 101, "text_too_long", 413), (["a"], "wrong_type", 400),
-])
+@pytest.mark.parametrize(
+    "value,reason,status",
+    [
+        ("   ", "empty_text", 400),
+        ("x" * 101, "text_too_long", 413),
+        (["a"], "wrong_type", 400),
+    ],
+)
 def test_bad_text_inputs(text_artifact_dir, value, reason, status):
     rt = Runtime(text_artifact_dir, max_text_chars=100, load_model=False)
     with pytest.raises(InputError) as e:
@@ -130,12 +126,15 @@ def test_softmax_rows_sum_to_one():
 
 
 def test_service_modules_never_import_torch(image_artifact_dir):
-    code = ("import sys, service.runtime, service.oip, service.service; "
-            "assert 'torch' not in sys.modules, 'torch imported'; "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    code = (
+        "import sys, service.runtime, service.oip, service.service; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
     env = {**os.environ, "TUNESERVE_MODEL": str(image_artifact_dir)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -152,8 +151,13 @@ def test_length_buckets_cover_every_item_once_with_bounded_padding():
 
 def test_mixed_length_texts_give_the_same_answer_in_a_batch(text_artifact_dir):
     rt = Runtime(text_artifact_dir)
-    texts = ["win", "see you at home later tonight love dinner thanks ok ok ok",
-             "free prize cash", "ok", "claim now urgent offer call txt win free prize cash"]
+    texts = [
+        "win",
+        "see you at home later tonight love dinner thanks ok ok ok",
+        "free prize cash",
+        "ok",
+        "claim now urgent offer call txt win free prize cash",
+    ]
     items = [rt.prepare(t) for t in texts]
     together, _ = rt.run(items)
     alone = np.concatenate([rt.run([i])[0] for i in items])

@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 
 from tests.conftest import COLORS
-from tests.test_runtime import image_artifact_dir, text_artifact_dir  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -37,8 +36,12 @@ def _serve(artifact: Path, log: Path, **env: str):
     full_env = {**os.environ, "TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT), **env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=full_env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        cwd=ROOT,
+        env=full_env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -63,18 +66,26 @@ def _stop(proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def image_server(image_artifact_dir, tmp_path_factory):  # noqa: F811
-    proc, url = _serve(image_artifact_dir, tmp_path_factory.mktemp("log") / "image.log",
-                       TUNESERVE_MAX_IMAGE_PIXELS="1000000", TUNESERVE_MAX_ITEMS="16",
-                       TUNESERVE_MAX_BODY_BYTES="3000000")
+def image_server(image_artifact_dir, tmp_path_factory):
+    proc, url = _serve(
+        image_artifact_dir,
+        tmp_path_factory.mktemp("log") / "image.log",
+        TUNESERVE_MAX_IMAGE_PIXELS="1000000",
+        TUNESERVE_MAX_ITEMS="16",
+        TUNESERVE_MAX_BODY_BYTES="3000000",
+    )
     yield url
     _stop(proc)
 
 
 @pytest.fixture(scope="module")
-def text_server(text_artifact_dir, tmp_path_factory):  # noqa: F811
-    proc, url = _serve(text_artifact_dir, tmp_path_factory.mktemp("log") / "text.log",
-                       TUNESERVE_API_KEYS=f"other-key,{KEY}", TUNESERVE_MAX_TEXT_CHARS="200")
+def text_server(text_artifact_dir, tmp_path_factory):
+    proc, url = _serve(
+        text_artifact_dir,
+        tmp_path_factory.mktemp("log") / "text.log",
+        TUNESERVE_API_KEYS=f"other-key,{KEY}",
+        TUNESERVE_MAX_TEXT_CHARS="200",
+    )
     yield url
     _stop(proc)
 
@@ -101,10 +112,11 @@ def _expected(artifact: Path, images: list[bytes]) -> list[dict]:
 # --------------------------------------------------------------------------- image routes
 
 
-def test_predict_json_matches_the_runtime(image_server, image_artifact_dir):  # noqa: F811
+def test_predict_json_matches_the_runtime(image_server, image_artifact_dir):
     images = [_png(c, seed=i) for i, c in enumerate(COLORS.values())]
-    r = httpx.post(image_server + "/predict", json={"inputs": [_b64(i) for i in images],
-                                                   "top_k": 3})
+    r = httpx.post(
+        image_server + "/predict", json={"inputs": [_b64(i) for i in images], "top_k": 3}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "colors" and body["version"] == "v1"
@@ -116,7 +128,7 @@ def test_predict_json_matches_the_runtime(image_server, image_artifact_dir):  # 
         assert len(got["top_k"]) == 3
 
 
-def test_predict_file_multipart(image_server, image_artifact_dir):  # noqa: F811
+def test_predict_file_multipart(image_server, image_artifact_dir):
     images = [_png((200, 40, 40)), _png((40, 60, 200), size=(64, 30))]
     files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
     r = httpx.post(image_server + "/predict_file", files=files)
@@ -129,22 +141,28 @@ def test_alone_or_batched_gives_identical_results(image_server):
     images = [_b64(_png(c, seed=7)) for c in COLORS.values()] * 4
     together = httpx.post(image_server + "/predict", json={"inputs": images}).json()
     with ThreadPoolExecutor(12) as pool:
-        alone = list(pool.map(lambda i: httpx.post(image_server + "/predict",
-                                                   json={"inputs": [i]}).json(), images))
+        alone = list(
+            pool.map(
+                lambda i: httpx.post(image_server + "/predict", json={"inputs": [i]}).json(), images
+            )
+        )
     for a, t in zip(alone, together["predictions"], strict=True):
         assert a["predictions"][0]["label"] == t["label"]
         assert a["predictions"][0]["score"] == pytest.approx(t["score"], abs=1e-6)
 
 
-@pytest.mark.parametrize("payload,status,reason", [
-    ({"inputs": ["not base64!"]}, 400, "invalid_base64"),
-    ({"inputs": [_b64(b"GIF89a junk")]}, 400, "undecodable_image"),
-    ({"inputs": [_b64(_png((1, 2, 3), size=(1200, 1000)))]}, 413, "image_too_large"),
-    ({"inputs": []}, 400, "no_inputs"),
-    ({"inputs": [_b64(_png((1, 2, 3)))] * 17}, 413, "too_many_inputs"),
-    ({"inputs": [12]}, 400, "wrong_type"),
-    ({"inputs": [_b64(_png((1, 2, 3)))], "top_k": 0}, 400, "bad_top_k"),
-])
+@pytest.mark.parametrize(
+    "payload,status,reason",
+    [
+        ({"inputs": ["not base64!"]}, 400, "invalid_base64"),
+        ({"inputs": [_b64(b"GIF89a junk")]}, 400, "undecodable_image"),
+        ({"inputs": [_b64(_png((1, 2, 3), size=(1200, 1000)))]}, 413, "image_too_large"),
+        ({"inputs": []}, 400, "no_inputs"),
+        ({"inputs": [_b64(_png((1, 2, 3)))] * 17}, 413, "too_many_inputs"),
+        ({"inputs": [12]}, 400, "wrong_type"),
+        ({"inputs": [_b64(_png((1, 2, 3)))], "top_k": 0}, 400, "bad_top_k"),
+    ],
+)
 def test_image_errors_are_4xx_json(image_server, payload, status, reason):
     r = httpx.post(image_server + "/predict", json=payload)
     assert r.status_code == status, r.text
@@ -152,8 +170,11 @@ def test_image_errors_are_4xx_json(image_server, payload, status, reason):
 
 
 def test_malformed_bodies_and_oversized_requests(image_server):
-    r = httpx.post(image_server + "/predict", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        image_server + "/predict",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(image_server + "/predict", json={"inputs": "abc"})
     assert r.status_code == 400 and "inputs" in r.text
@@ -167,18 +188,23 @@ def test_one_bad_input_never_fails_its_neighbours(image_server):
     bad = {"inputs": [_b64(b"\x89PNG\r\n\x1a\n truncated")]}
     jobs = [good if i % 2 else bad for i in range(40)]
     with ThreadPoolExecutor(20) as pool:
-        codes = list(pool.map(lambda p: httpx.post(image_server + "/predict", json=p,
-                                                   timeout=60).status_code, jobs))
+        codes = list(
+            pool.map(
+                lambda p: httpx.post(image_server + "/predict", json=p, timeout=60).status_code,
+                jobs,
+            )
+        )
     assert codes == [200 if i % 2 else 400 for i in range(40)]
 
 
-def test_64_concurrent_requests_are_batched(image_server, image_artifact_dir):  # noqa: F811
+def test_64_concurrent_requests_are_batched(image_server, image_artifact_dir):
     images = [_png(c, seed=s) for s in range(22) for c in COLORS.values()][:64]
     expected = [p["label"] for p in _expected(image_artifact_dir, images)]
 
     def one(data):
-        return httpx.post(image_server + "/predict", json={"inputs": [_b64(data)]},
-                          timeout=120).json()["predictions"][0]["label"]
+        return httpx.post(
+            image_server + "/predict", json={"inputs": [_b64(data)]}, timeout=120
+        ).json()["predictions"][0]["label"]
 
     with ThreadPoolExecutor(64) as pool:
         labels = list(pool.map(one, images))
@@ -197,8 +223,13 @@ def _sample(text: str, series: str) -> float:
 
 
 def test_probes_docs_and_metrics(image_server):
-    for path in ("/livez", "/readyz", "/v2/health/live", "/v2/health/ready",
-                 "/v2/models/colors/ready"):
+    for path in (
+        "/livez",
+        "/readyz",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/colors/ready",
+    ):
         assert httpx.get(image_server + path).status_code == 200, path
     spec = httpx.get(image_server + "/docs.json").json()
     assert "/predict" in spec["paths"] and "/predict_file" in spec["paths"]
@@ -212,7 +243,7 @@ def test_probes_docs_and_metrics(image_server):
 # --------------------------------------------------------------------------- OIP
 
 
-def test_open_inference_protocol_with_tritonclient(image_server, image_artifact_dir):  # noqa: F811
+def test_open_inference_protocol_with_tritonclient(image_server, image_artifact_dir):
     import tritonclient.http as triton
 
     client = triton.InferenceServerClient(image_server.removeprefix("http://"))
@@ -224,8 +255,9 @@ def test_open_inference_protocol_with_tritonclient(image_server, image_artifact_
     images = [_png(c, seed=3) for c in COLORS.values()]
     expected = [p["label"] for p in _expected(image_artifact_dir, images)]
     for binary in (True, False):
-        data = np.array(images if binary else [base64.b64encode(i) for i in images],
-                        dtype=np.object_)
+        data = np.array(
+            images if binary else [base64.b64encode(i) for i in images], dtype=np.object_
+        )
         tensor = triton.InferInput("INPUT", [len(images)], "BYTES")
         tensor.set_data_from_numpy(data, binary_data=binary)
         result = client.infer("colors", [tensor])
@@ -243,8 +275,10 @@ def test_open_inference_protocol_with_tritonclient(image_server, image_artifact_
 def test_oip_unknown_model_and_bad_tensor(image_server):
     r = httpx.get(image_server + "/v2/models/nope")
     assert r.status_code == 404 and r.json()["error"] == "model_not_found"
-    r = httpx.post(image_server + "/v2/models/colors/infer",
-                   json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
+    r = httpx.post(
+        image_server + "/v2/models/colors/infer",
+        json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]},
+    )
     assert r.status_code == 400 and "BYTES" in r.json()["detail"]
 
 
@@ -257,43 +291,58 @@ def test_api_keys_guard_prediction_routes_only(text_server):
     r = httpx.post(text_server + "/predict", json=body, headers={"Authorization": "Bearer no"})
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"
     assert r.headers.get("www-authenticate") == "Bearer"
-    r = httpx.post(text_server + "/predict", json=body,
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(text_server + "/predict", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
     for path in ("/livez", "/readyz", "/metrics", "/v2/health/ready"):
         assert httpx.get(text_server + path).status_code == 200
-    r = httpx.post(text_server + "/v2/models/msgs/infer", json={
-        "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]})
+    r = httpx.post(
+        text_server + "/v2/models/msgs/infer",
+        json={"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]},
+    )
     assert r.status_code == 401
 
 
-@pytest.mark.parametrize("payload,status,reason", [
-    ({"inputs": ["  "]}, 400, "empty_text"),
-    ({"inputs": ["x" * 201]}, 413, "text_too_long"),
-    ({"inputs": [{"text": "hi"}]}, 400, "wrong_type"),
-])
+@pytest.mark.parametrize(
+    "payload,status,reason",
+    [
+        ({"inputs": ["  "]}, 400, "empty_text"),
+        ({"inputs": ["x" * 201]}, 413, "text_too_long"),
+        ({"inputs": [{"text": "hi"}]}, 400, "wrong_type"),
+    ],
+)
 def test_text_errors(text_server, payload, status, reason):
-    r = httpx.post(text_server + "/predict", json=payload,
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        text_server + "/predict", json=payload, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == status and r.json()["error"] == reason
 
 
 def test_text_model_refuses_file_uploads(text_server):
-    r = httpx.post(text_server + "/predict_file", files=[("files", ("a.png", b"x", "image/png"))],
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        text_server + "/predict_file",
+        files=[("files", ("a.png", b"x", "image/png"))],
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     assert r.status_code == 400 and r.json()["error"] == "wrong_route"
 
 
 # --------------------------------------------------------------------------- start-up
 
 
-@pytest.mark.parametrize("damage,needle", [
-    ("missing", "neither an artifact folder nor a model"),
-    ("sha", "does not match the sha256"),
-    ("schema", "schema_version 7"),
-])
-def test_bad_artifact_stops_start_up_with_one_line(image_artifact_dir, tmp_path, damage,  # noqa: F811
-                                                   needle):
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("missing", "neither an artifact folder nor a model"),
+        ("sha", "does not match the sha256"),
+        ("schema", "schema_version 7"),
+    ],
+)
+def test_bad_artifact_stops_start_up_with_one_line(
+    image_artifact_dir,
+    tmp_path,
+    damage,
+    needle,
+):
     import json
     import shutil
 
@@ -307,8 +356,14 @@ def test_bad_artifact_stops_start_up_with_one_line(image_artifact_dir, tmp_path,
         card = json.loads((folder / "card.json").read_text())
         (folder / "card.json").write_text(json.dumps({**card, "schema_version": 7}))
     env = {**os.environ, "TUNESERVE_MODEL": str(folder), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", "--port", str(_free_port())],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(_free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
@@ -317,9 +372,15 @@ def test_bad_artifact_stops_start_up_with_one_line(image_artifact_dir, tmp_path,
 
 def test_malformed_multipart_is_a_400_not_a_500(image_server):
     """Found by schemathesis against /docs.json: BentoML's own parser answered these with 500."""
-    r = httpx.post(image_server + "/predict", content=b'{"inputs": []}',
-                   headers={"content-type": "multipart/form-data"})
+    r = httpx.post(
+        image_server + "/predict",
+        content=b'{"inputs": []}',
+        headers={"content-type": "multipart/form-data"},
+    )
     assert r.status_code == 400 and r.json()["error"] == "bad_content_type"
-    r = httpx.post(image_server + "/predict_file", data={"files": "{}", "top_k": "1"},
-                   files=[("other", ("x.txt", b"x", "text/plain"))])
+    r = httpx.post(
+        image_server + "/predict_file",
+        data={"files": "{}", "top_k": "1"},
+        files=[("other", ("x.txt", b"x", "text/plain"))],
+    )
     assert r.status_code == 400 and r.json()["error"] == "no_files"
