@@ -22,8 +22,12 @@ def tag_exists(tag: str) -> bool:
 def stored_versions(name: str) -> list[str]:
     """Versions of `name` already in the model store (a fresh clone may share the store)."""
     import bentoml
+    from bentoml.exceptions import NotFound
 
-    return [str(m.tag.version) for m in bentoml.models.list(name)]
+    try:
+        return [str(m.tag.version) for m in bentoml.models.list(name)]
+    except NotFound:  # no model of that name yet
+        return []
 
 
 def register(folder: Path, name: str, version: str, card: dict) -> str:
