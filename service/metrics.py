@@ -58,7 +58,7 @@ def model_info(rt) -> None:
     ).set(1)
 
 
-def batch(rt, size: int, decode_s: float, infer_s: float) -> None:
+def batch(rt, size: int, infer_s: float) -> None:
     _batch.labels(model=rt.name, version=rt.version).observe(size)
     _duration.labels(model=rt.name, version=rt.version, stage="infer").observe(infer_s)
 

@@ -52,7 +52,14 @@ def _check_artifact() -> Path:
 
     try:
         folder = artifact_folder(settings.model)
-        verify_files(folder, load_card(folder))
+        card = load_card(folder)
+        verify_files(folder, card)
+        listed = {"auto", "fp32"} | {v["precision"] for v in card["variants"]}
+        if settings.precision not in listed:
+            raise ArtifactError(
+                f"TUNESERVE_PRECISION={settings.precision}, but the card of "
+                f"'{folder}' lists only {', '.join(sorted(listed - {'auto'}))}"
+            )
     except (ArtifactError, CardError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -92,12 +99,10 @@ class Model:
         max_latency_ms=settings.max_latency_ms,
     )
     def infer(self, items: list[str]) -> list[list[float]]:
-        t0 = time.perf_counter()
         prepared = [self.rt.decode(i) for i in items]
-        t1 = time.perf_counter()
+        t0 = time.perf_counter()
         logits, _embedding = self.rt.run(prepared)
-        t2 = time.perf_counter()
-        metrics.batch(self.rt, len(items), t1 - t0, t2 - t1)
+        metrics.batch(self.rt, len(items), time.perf_counter() - t0)
         return logits.astype(float).tolist()
 
 
@@ -108,7 +113,6 @@ class Tuneserve:
 
     def __init__(self) -> None:
         self.rt = _runtime(load_model=False)  # pre-processing only; the model is in `Model`
-        self.settings = settings
 
     async def logits(self, raw: list) -> np.ndarray:
         """Validate every input, then one call into the batching path (InputError on misuse)."""
@@ -157,6 +161,7 @@ class Tuneserve:
     ) -> dict:
         """Classify uploaded image files (multipart/form-data, field `files`)."""
         try:
+            check_request(ctx.request)
             if self.rt.task != "image-classification":
                 raise InputError(
                     "wrong_route",

@@ -332,6 +332,7 @@ def test_text_model_refuses_file_uploads(text_server):
 @pytest.mark.parametrize(
     "damage,needle",
     [
+        ("precision", "TUNESERVE_PRECISION=fp16"),
         ("missing", "neither an artifact folder nor a model"),
         ("sha", "does not match the sha256"),
         ("schema", "schema_version 7"),
@@ -356,6 +357,8 @@ def test_bad_artifact_stops_start_up_with_one_line(
         card = json.loads((folder / "card.json").read_text())
         (folder / "card.json").write_text(json.dumps({**card, "schema_version": 7}))
     env = {**os.environ, "TUNESERVE_MODEL": str(folder), "PYTHONPATH": str(ROOT)}
+    if damage == "precision":
+        env["TUNESERVE_PRECISION"] = "fp16"  # the tiny artifact has no fp16 variant
     proc = subprocess.run(
         [sys.executable, "-m", "bentoml", "serve", "--port", str(_free_port())],
         cwd=ROOT,
