@@ -1,0 +1,45 @@
+"""Acceptance runs on the real data in ../shared/data (slow; `make test-slow`). They skip where
+that folder is absent; the figures they check are recorded in bench/RESULTS.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.config import TrainConfig
+from finetune.train import fine_tune
+from tests.conftest import quiet
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.slow
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    return path
+
+
+def test_flowers12_efficientnet_lite0_feature_extraction(tmp_path):
+    from export.pipeline import export_checkpoint
+
+    data = _need(DATA / "flowers12")
+    result = fine_tune(data, tmp_path / "run", TrainConfig(backbone="efficientnet_lite0"),
+                       log=quiet)
+    assert result["val_accuracy"] >= 0.95
+    folder = export_checkpoint(tmp_path / "run", tmp_path / "art", int8=True, register=False,
+                               log=quiet)
+    from export.card import load_card
+
+    card = load_card(folder)
+    assert card["parity"]["max_abs_diff"] <= 1e-4
+    for v in card["variants"]:
+        assert v["accuracy_drop"] <= 0.01
+
+
+def test_sms_spam_minilm_macro_f1(tmp_path):
+    data = _need(DATA / "sms_spam" / "SMSSpamCollection")
+    cfg = TrainConfig(backbone="minilm", epochs=40, patience=6, lr=3e-3)
+    result = fine_tune(data, tmp_path / "run", cfg, log=quiet)
+    assert result["val_macro_f1"] >= 0.95
