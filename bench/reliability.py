@@ -21,7 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from serve import closed_loop, free_port, rss_mb, start, stop, wait_ready  # noqa: E402
+from serve import (  # noqa: E402
+    artifact_for,
+    closed_loop,
+    free_port,
+    rss_mb,
+    start,
+    stop,
+    wait_ready,
+)
 
 
 def model_worker_pid(server_pid: int) -> int | None:
@@ -49,27 +57,29 @@ def main() -> int:
         print(f"no checkpoint at {run}")
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
-    artifact = Path(args.artifact) if args.artifact else None
-    if artifact is None:
-        from export.pipeline import export_checkpoint
-
-        artifact = export_checkpoint(run, tmp / "art", int8=True, register=False,
-                                     log=lambda _s: None)
+    artifact = artifact_for(run, args.artifact, tmp)
     bodies = [{"inputs": [str(t)]} for t in checkpoint.load_checkpoint(run).holdout_inputs]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    svc = start([sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
-                {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT)}, tmp / "svc.log")
+    svc = start(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
+        {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT)},
+        tmp / "svc.log",
+    )
     try:
         wait_ready(url + "/readyz", svc)
         asyncio.run(closed_loop(url + "/predict", bodies, args.clients, 10))  # warm-up
         before = rss_mb(svc.pid)
         r = asyncio.run(closed_loop(url + "/predict", bodies, args.clients, args.seconds))
         after = rss_mb(svc.pid)
-        print(f"load: {args.clients} clients x {args.seconds:.0f} s: {r['rps']:.1f} req/s, "
-              f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, answers {r['statuses']}")
-        print(f"memory: RSS {before:.0f} MiB after warm-up, {after:.0f} MiB after the run "
-              f"({100 * (after - before) / before:+.1f}%)")
+        print(
+            f"load: {args.clients} clients x {args.seconds:.0f} s: {r['rps']:.1f} req/s, "
+            f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, answers {r['statuses']}"
+        )
+        print(
+            f"memory: RSS {before:.0f} MiB after warm-up, {after:.0f} MiB after the run "
+            f"({100 * (after - before) / before:+.1f}%)"
+        )
 
         victim = model_worker_pid(svc.pid)
         timer = threading.Timer(args.seconds / 4, lambda: os.kill(victim, signal.SIGKILL))
@@ -77,9 +87,11 @@ def main() -> int:
         r = asyncio.run(closed_loop(url + "/predict", bodies, args.clients, args.seconds / 2))
         new = model_worker_pid(svc.pid)
         alive = asyncio.run(closed_loop(url + "/predict", bodies, 4, 5))
-        print(f"kill: model worker {victim} killed at {args.seconds / 4:.0f} s; during the run "
-              f"answers {r['statuses']}; new worker {new}; afterwards {alive['statuses']} "
-              f"at {alive['rps']:.1f} req/s")
+        print(
+            f"kill: model worker {victim} killed at {args.seconds / 4:.0f} s; during the run "
+            f"answers {r['statuses']}; new worker {new}; afterwards {alive['statuses']} "
+            f"at {alive['rps']:.1f} req/s"
+        )
     finally:
         stop(svc)
     return 0

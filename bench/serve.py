@@ -116,6 +116,15 @@ async def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float
     }
 
 
+def artifact_for(run: Path, artifact: str | None, tmp: Path) -> Path:
+    """The given artifact folder, or the run exported now (fp32 + int8) into `tmp`."""
+    if artifact:
+        return Path(artifact)
+    from export.pipeline import export_checkpoint
+
+    return export_checkpoint(run, tmp / "art", int8=True, register=False, log=lambda _s: None)
+
+
 def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:
     from service.runtime import Runtime
 
@@ -192,13 +201,7 @@ def main() -> int:
     ckpt = checkpoint.load_checkpoint(run)
     texts = [str(t) for t in ckpt.holdout_inputs]
     bodies = [{"inputs": [t]} for t in texts]
-    artifact = Path(args.artifact) if args.artifact else None
-    if artifact is None:
-        from export.pipeline import export_checkpoint
-
-        artifact = export_checkpoint(
-            run, tmp / "art", int8=True, register=False, log=lambda _s: None
-        )
+    artifact = artifact_for(run, args.artifact, tmp)
     clients = [int(c) for c in args.clients.split(",")]
     print(f"model: {artifact}  inputs: {len(texts)} holdout texts  CPU: {os.cpu_count()} cores")
 
