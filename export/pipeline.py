@@ -127,6 +127,7 @@ def export_checkpoint(
             opset,
             tolerance,
             max_accuracy_drop,
+            source_sha,
             log,
         )
         work.rename(final)
@@ -153,6 +154,7 @@ def _build(
     opset: int,
     tolerance: float,
     max_drop: float,
+    source_sha: str,
     log,
 ) -> dict:
     import numpy as np
@@ -284,7 +286,7 @@ def _build(
             "train_size": ckpt.config["data"]["train_size"],
             "val_size": ckpt.config["data"]["val_size"],
             "checkpoint": str(ckpt.path.resolve()),
-            "weights_sha256": card_mod.sha256_file(ckpt.path / ckpt_mod.WEIGHTS),
+            "weights_sha256": source_sha,
         },
         "export": {
             **details,

@@ -65,6 +65,17 @@ def usable_providers(requested: str = "auto") -> list[str]:
     return gpu + ["CPUExecutionProvider"]
 
 
+def listed_precisions(card: dict, wanted: str, folder: Path) -> set[str]:
+    """The precisions the card offers; ArtifactError when `wanted` is neither one nor auto."""
+    listed = {"fp32"} | {v["precision"] for v in card["variants"]}
+    if wanted != "auto" and wanted not in listed:
+        raise ArtifactError(
+            f"TUNESERVE_PRECISION={wanted}, but the card of '{folder}' "
+            f"lists only {', '.join(sorted(listed))}"
+        )
+    return listed
+
+
 @dataclass
 class Prepared:
     """One validated, pre-processed input: a uint8 HWC crop or a text."""
@@ -83,12 +94,15 @@ class Runtime:
         max_image_pixels: int = 40_000_000,
         max_text_chars: int = 20_000,
         load_model: bool = True,
+        verify: bool = True,
     ):
-        """`load_model=False` gives only the card-driven pre-processing (the API process)."""
+        """`load_model=False` gives only the card-driven pre-processing (the API process);
+        `verify=False` skips the sha256 check when the caller has just made it."""
         self.folder = Path(folder)
         try:
             self.card = load_card(self.folder)
-            verify_files(self.folder, self.card)
+            if verify:
+                verify_files(self.folder, self.card)
         except CardError as e:
             raise ArtifactError(str(e)) from e
         self.task, self.labels = self.card["task"], list(self.card["labels"])
@@ -130,15 +144,10 @@ class Runtime:
         )
 
     def _precision(self, wanted: str, on_gpu: bool) -> str:
-        listed = {"fp32"} | {v["precision"] for v in self.card["variants"]}
+        listed = listed_precisions(self.card, wanted, self.folder)
         if wanted == "auto":
             preferred = "fp16" if on_gpu else "int8"
             return preferred if preferred in listed else "fp32"
-        if wanted not in listed:
-            raise ArtifactError(
-                f"TUNESERVE_PRECISION={wanted}, but the card of '{self.folder}' "
-                f"lists only {', '.join(sorted(listed))}"
-            )
         return wanted
 
     def _tokenizer(self):

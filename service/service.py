@@ -22,7 +22,7 @@ from service import metrics
 from service.errors import ArtifactError, InputError
 from service.guard import RequestGuard
 from service.oip import oip_app
-from service.runtime import Runtime, softmax
+from service.runtime import Runtime, listed_precisions, softmax
 from service.settings import Settings
 
 log = logging.getLogger("tuneserve")
@@ -54,12 +54,7 @@ def _check_artifact() -> Path:
         folder = artifact_folder(settings.model)
         card = load_card(folder)
         verify_files(folder, card)
-        listed = {"auto", "fp32"} | {v["precision"] for v in card["variants"]}
-        if settings.precision not in listed:
-            raise ArtifactError(
-                f"TUNESERVE_PRECISION={settings.precision}, but the card of "
-                f"'{folder}' lists only {', '.join(sorted(listed - {'auto'}))}"
-            )
+        listed_precisions(card, settings.precision, folder)
     except (ArtifactError, CardError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -79,6 +74,7 @@ def _runtime(load_model: bool) -> Runtime:
             max_image_pixels=settings.max_image_pixels,
             max_text_chars=settings.max_text_chars,
             load_model=load_model,
+            verify=False,  # _check_artifact verified the files when this process imported us
         )
     except ArtifactError as e:  # one clear line, then the worker stops
         log.error("error: %s", e)
