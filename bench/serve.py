@@ -79,11 +79,12 @@ def rss_mb(pid: int) -> float:
 
 async def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
     """`clients` loops, each sending its next request as soon as the last one is answered."""
-    import httpx
+    import aiohttp
 
     latencies, errors, statuses = [], 0, {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         stop_at = time.perf_counter() + seconds
 
         async def loop(k: int) -> None:
@@ -92,9 +93,10 @@ async def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post(url, json=bodies[i % len(bodies)])
-                    code = r.status_code
-                except httpx.HTTPError as e:  # a dropped connection counts against the server
+                    async with client.post(url, json=bodies[i % len(bodies)]) as r:
+                        await r.read()
+                        code = r.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # counts against it
                     code = type(e).__name__
                 statuses[code] = statuses.get(code, 0) + 1
                 if code == 200:

@@ -2,7 +2,8 @@
 
 ServiceError
  ├── ArtifactError   the artifact cannot be served: missing, corrupt, unknown schema (start-up)
- └── InputError      one input is unusable: HTTP 400 or 413 with {"error", "detail"}
+ └── InputError      a request cannot be answered: HTTP 400, 401, 413 (or 503 when the
+                     model queue is full) with {"error", "detail"}
 """
 
 
@@ -23,3 +24,10 @@ class InputError(ServiceError):
 
     def body(self) -> dict:
         return {"error": self.reason, "detail": self.detail}
+
+    def headers(self) -> dict[str, str]:
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        if self.status == 503:  # load shedding: the queue drains within a second or two
+            return {"Retry-After": "1"}
+        return {}

@@ -96,7 +96,7 @@ class Runtime:
         load_model: bool = True,
         verify: bool = True,
     ):
-        """`load_model=False` gives only the card-driven pre-processing (the API process);
+        """`load_model=False` gives only the card-driven pre-processing (validation tests);
         `verify=False` skips the sha256 check when the caller has just made it."""
         self.folder = Path(folder)
         try:
@@ -239,20 +239,6 @@ class Runtime:
         }
         names = [i["name"] for i in self.card["inputs"]]
         return {n: np.asarray(columns[n], dtype=np.int64) for n in names}
-
-    # ------------------------------------------------------------------ transport
-
-    def encode(self, item: Prepared) -> str:
-        """A prepared input as a string, to pass it to the model process."""
-        if self.task == "image-classification":
-            return base64.b64encode(item.value.tobytes()).decode("ascii")
-        return item.value
-
-    def decode(self, wire: str) -> Prepared:
-        if self.task == "image-classification":
-            c = int(self.pre["crop_size"])
-            return Prepared(np.frombuffer(base64.b64decode(wire), dtype=np.uint8).reshape(c, c, 3))
-        return Prepared(wire)
 
     # ------------------------------------------------------------------ model
 

@@ -1,9 +1,9 @@
 """BentoML service: `bentoml serve` from the project root (bentofile.yaml), TUNESERVE_MODEL
 names the artifact (`digits:latest` or a folder).
 
-Two services: `Tuneserve` answers HTTP (validation, pre-processing, the JSON and Open Inference
-Protocol routes) and sends every prepared input to `Model`, whose one batchable method is the
-single adaptive-batching path under all prediction routes.
+One service process per worker: validation and pre-processing per request, then every
+prediction route (JSON, multipart, Open Inference Protocol) awaits the one adaptive-batching
+path (`service.batching.Batcher`), which runs the ONNX Runtime session once per batch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from service import metrics
+from service.batching import Batcher
 from service.errors import ArtifactError, InputError
 from service.guard import RequestGuard
 from service.oip import oip_app
@@ -64,7 +65,7 @@ def _check_artifact() -> Path:
 ARTIFACT = _check_artifact()
 
 
-def _runtime(load_model: bool) -> Runtime:
+def _runtime() -> Runtime:
     try:
         return Runtime(
             ARTIFACT,
@@ -73,7 +74,6 @@ def _runtime(load_model: bool) -> Runtime:
             threads=settings.threads,
             max_image_pixels=settings.max_image_pixels,
             max_text_chars=settings.max_text_chars,
-            load_model=load_model,
             verify=False,  # _check_artifact verified the files when this process imported us
         )
     except ArtifactError as e:  # one clear line, then the worker stops
@@ -81,34 +81,15 @@ def _runtime(load_model: bool) -> Runtime:
         raise SystemExit(f"error: {e}") from None
 
 
-@bentoml.service(name="tuneserve-model", workers=settings.workers, traffic={"timeout": 60})
-class Model:
-    """The ONNX Runtime session; one batched call at a time per worker."""
-
-    def __init__(self) -> None:
-        self.rt = _runtime(load_model=True)
-        metrics.model_info(self.rt)
-
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=settings.max_batch_size,
-        max_latency_ms=settings.max_latency_ms,
-    )
-    def infer(self, items: list[str]) -> list[list[float]]:
-        prepared = [self.rt.decode(i) for i in items]
-        t0 = time.perf_counter()
-        logits, _embedding = self.rt.run(prepared)
-        metrics.batch(self.rt, len(items), time.perf_counter() - t0)
-        return logits.astype(float).tolist()
-
-
 @bentoml.asgi_app(oip_app, path="/")
-@bentoml.service(name="tuneserve", traffic={"timeout": 60, "max_concurrency": 1024})
+@bentoml.service(
+    name="tuneserve", workers=settings.workers, traffic={"timeout": 60, "max_concurrency": 1024}
+)
 class Tuneserve:
-    model = bentoml.depends(Model)
-
     def __init__(self) -> None:
-        self.rt = _runtime(load_model=False)  # pre-processing only; the model is in `Model`
+        self.rt = _runtime()  # loads the session and warms it up: /readyz answers after this
+        self.batch = Batcher(self.rt, settings.max_batch_size, settings.max_latency_ms)
+        metrics.model_info(self.rt)
 
     async def logits(self, raw: list) -> np.ndarray:
         """Validate every input, then one call into the batching path (InputError on misuse)."""
@@ -121,14 +102,14 @@ class Tuneserve:
                 status=413,
             )
         t0 = time.perf_counter()
-        wire = []
+        prepared = []
         for i, value in enumerate(raw):
             try:
-                wire.append(self.rt.encode(self.rt.prepare(value)))
+                prepared.append(self.rt.prepare(value))
             except InputError as e:
                 raise InputError(e.reason, f"inputs[{i}]: {e.detail}", e.status) from None
         metrics.preprocess(self.rt, time.perf_counter() - t0)
-        return np.asarray(await self.model.to_async.infer(wire), dtype=np.float32)
+        return await self.batch(prepared)
 
     async def classify(self, raw: list, top_k: int, request: Request | None) -> list[dict]:
         check_request(request)
@@ -168,9 +149,6 @@ class Tuneserve:
         except InputError as e:
             return reject(self.rt, e, ctx)
 
-    async def __is_ready__(self) -> bool:
-        return True  # __init__ finished: pre-processing is ready; Model readiness is checked too
-
 
 Tuneserve.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
 
@@ -201,8 +179,7 @@ def reject(rt: Runtime, e: InputError, ctx: bentoml.Context) -> dict:
     """The error body for a BentoML route; the status goes through the context."""
     metrics.error(rt, e.reason)
     ctx.response.status_code = e.status
-    if e.status == 401:
-        ctx.response.headers["WWW-Authenticate"] = "Bearer"
+    ctx.response.headers.update(e.headers())
     return e.body()
 
 
@@ -210,6 +187,5 @@ def error_response(rt: Runtime, e: InputError) -> JSONResponse:
     """The error response for the mounted Open Inference Protocol routes, whose clients show
     only the "error" field: it carries the reason and the detail."""
     metrics.error(rt, e.reason)
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     body = {"error": f"{e.reason}: {e.detail}", "detail": e.detail}
-    return JSONResponse(body, status_code=e.status, headers=headers)
+    return JSONResponse(body, status_code=e.status, headers=e.headers())
