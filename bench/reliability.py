@@ -2,7 +2,7 @@
 
 Starts the service, then (1) 64 closed-loop clients for `--seconds`: counts non-200 answers and
 the resident-memory growth of the server's process tree between the end of a warm-up and the
-end of the run; (2) the same load while the model worker process is killed once (SIGKILL)
+end of the run; (2) the same load while one worker process is killed once (SIGKILL)
 half-way: the server must restart it and requests must resume.
 """
 
@@ -25,6 +25,7 @@ from serve import (  # noqa: E402
     artifact_for,
     closed_loop,
     free_port,
+    python_path,
     rss_mb,
     start,
     stop,
@@ -32,14 +33,14 @@ from serve import (  # noqa: E402
 )
 
 
-def model_worker_pid(server_pid: int) -> int | None:
+def worker_pids(server_pid: int) -> list[int]:
     import psutil
 
-    for p in psutil.Process(server_pid).children(recursive=True):
-        cmd = " ".join(p.cmdline())
-        if "tuneserve-model" in cmd or "Model" in cmd.split("service.service:")[-1][:10]:
-            return p.pid
-    return None
+    return [
+        p.pid
+        for p in psutil.Process(server_pid).children(recursive=True)
+        if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    ]
 
 
 def main() -> int:
@@ -63,7 +64,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     svc = start(
         [sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
-        {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT)},
+        {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": python_path()},
         tmp / "svc.log",
     )
     try:
@@ -81,15 +82,15 @@ def main() -> int:
             f"({100 * (after - before) / before:+.1f}%)"
         )
 
-        victim = model_worker_pid(svc.pid)
+        victim = worker_pids(svc.pid)[0]
         timer = threading.Timer(args.seconds / 4, lambda: os.kill(victim, signal.SIGKILL))
         timer.start()
         r = asyncio.run(closed_loop(url + "/predict", bodies, args.clients, args.seconds / 2))
-        new = model_worker_pid(svc.pid)
+        new = worker_pids(svc.pid)
         alive = asyncio.run(closed_loop(url + "/predict", bodies, 4, 5))
         print(
-            f"kill: model worker {victim} killed at {args.seconds / 4:.0f} s; during the run "
-            f"answers {r['statuses']}; new worker {new}; afterwards {alive['statuses']} "
+            f"kill: worker {victim} killed at {args.seconds / 4:.0f} s; during the run "
+            f"answers {r['statuses']}; workers now {new}; afterwards {alive['statuses']} "
             f"at {alive['rps']:.1f} req/s"
         )
     finally:

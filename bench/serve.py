@@ -50,6 +50,11 @@ def wait_ready(url: str, proc, timeout: float = 180) -> float:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
+def python_path() -> str:
+    """The project first, then whatever PYTHONPATH already holds."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def start(cmd: list[str], env: dict, log: Path):
     return subprocess.Popen(
         cmd,
@@ -62,6 +67,8 @@ def start(cmd: list[str], env: dict, log: Path):
 
 
 def stop(proc) -> None:
+    if proc.poll() is not None:
+        return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -96,7 +103,7 @@ async def closed_loop(url: str, bodies: list[dict], clients: int, seconds: float
                     async with client.post(url, json=bodies[i % len(bodies)]) as r:
                         await r.read()
                         code = r.status
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # counts against it
+                except (TimeoutError, aiohttp.ClientError) as e:  # counts against it
                     code = type(e).__name__
                 statuses[code] = statuses.get(code, 0) + 1
                 if code == 200:
@@ -127,6 +134,23 @@ def artifact_for(run: Path, artifact: str | None, tmp: Path) -> Path:
     return export_checkpoint(run, tmp / "art", int8=True, register=False, log=lambda _s: None)
 
 
+def request_inputs(ckpt) -> list[str]:
+    """The holdout as the service receives it: texts, or crops as base64 PNG."""
+    if ckpt.config["task"] == "text-classification":
+        return [str(t) for t in ckpt.holdout_inputs]
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = []
+    for crop in ckpt.holdout_inputs:
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
 def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:
     from service.runtime import Runtime
 
@@ -154,6 +178,7 @@ def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:
         "per_batch": per_batch,
         "single_ms": 1000 * statistics.median(singles),
         "precision": rt.precision,
+        "provider": rt.provider,
     }
 
 
@@ -165,7 +190,8 @@ PEER = textwrap.dedent('''
     sys.path.insert(0, {root!r})
     from finetune import checkpoint
     ckpt = checkpoint.load_checkpoint({run!r})
-    model, tok = checkpoint.build_model(ckpt), checkpoint.load_tokenizer(ckpt)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = checkpoint.build_model(ckpt).to(dev), checkpoint.load_tokenizer(ckpt)
     max_len = ckpt.config["preprocessing"]["max_length"]
     app = FastAPI()
     class Body(BaseModel):
@@ -173,7 +199,7 @@ PEER = textwrap.dedent('''
     @app.post("/predict")
     def predict(body: Body):
         enc = tok(body.inputs, padding=True, truncation=True, max_length=max_len,
-                  return_tensors="pt")
+                  return_tensors="pt").to(dev)
         with torch.inference_mode():
             p = model(**enc).softmax(-1)
         return {{"predictions": [{{"label": ckpt.labels[int(i)], "score": float(s)}}
@@ -190,6 +216,7 @@ def main() -> int:
     p.add_argument("--artifact", default=None, help="its exported artifact; None: export now")
     p.add_argument("--seconds", type=float, default=20.0, help="load duration per level")
     p.add_argument("--clients", default="1,32,64", help="closed-loop client counts")
+    p.add_argument("--no-peer", action="store_true", help="skip (c) (it serves text models)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -201,25 +228,26 @@ def main() -> int:
     from finetune import checkpoint
 
     ckpt = checkpoint.load_checkpoint(run)
-    texts = [str(t) for t in ckpt.holdout_inputs]
+    texts = request_inputs(ckpt)
     bodies = [{"inputs": [t]} for t in texts]
     artifact = artifact_for(run, args.artifact, tmp)
     clients = [int(c) for c in args.clients.split(",")]
-    print(f"model: {artifact}  inputs: {len(texts)} holdout texts  CPU: {os.cpu_count()} cores")
+    peer = not args.no_peer and ckpt.config["task"] == "text-classification"
+    print(f"model: {artifact}  inputs: {len(texts)} holdout inputs  CPU: {os.cpu_count()} cores")
 
     raw = raw_onnxruntime(artifact, texts, args.seconds)
     print(
-        f"(a) raw ONNX Runtime ({raw['precision']}): best batch {raw['best_batch']}, "
-        f"{raw['rps']:.1f} items/s; single inference p50 {raw['single_ms']:.2f} ms; "
+        f"(a) raw ONNX Runtime ({raw['precision']}, {raw['provider']}): best batch "
+        f"{raw['best_batch']}, {raw['rps']:.1f} items/s; "
+        f"single inference p50 {raw['single_ms']:.2f} ms; "
         + ", ".join(f"b{k} {v:.0f}/s" for k, v in raw["per_batch"].items())
     )
 
     results = {}
     port = free_port()
-    t0 = time.perf_counter()
     svc = start(
         [sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
-        {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT)},
+        {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": python_path()},
         tmp / "svc.log",
     )
     try:
@@ -231,10 +259,37 @@ def main() -> int:
                 closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, args.seconds)
             )
         print(f"    RSS after load {rss_mb(svc.pid):.0f} MiB")
+        import httpx
+
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        print("    /metrics:", *[m for m in metrics.splitlines() if "tuneserve_model_info{" in m])
     finally:
         stop(svc)
-    del t0
+    if peer:
+        run_peer(run, bodies, clients, args.seconds, tmp, results)
+    print(
+        f"\n{'server':<34} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}"
+    )
+    names = {"b": "(b) tuneserve (BentoML + ORT)", "c": "(c) FastAPI + PyTorch per request"}
+    for (kind, n), r in sorted(results.items()):
+        print(
+            f"{names[kind]:<34} {n:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{r['errors']:>8}"
+        )
+    print("\nratios:")
+    for n in clients:
+        b, c = results[("b", n)], results.get(("c", n))
+        vs_peer = f"   (b)/(c) {b['rps'] / c['rps']:.2f}" if c else ""
+        print(f"  {n:>2} clients: (b)/(a) {b['rps'] / raw['rps']:.2f}{vs_peer}")
+    if 1 in clients:
+        print(
+            f"  p50 at 1 client {results[('b', 1)]['p50_ms']:.2f} ms vs single raw inference "
+            f"{raw['single_ms']:.2f} ms: +{results[('b', 1)]['p50_ms'] - raw['single_ms']:.2f} ms"
+        )
+    return 0
 
+
+def run_peer(run: Path, bodies: list, clients: list[int], seconds: float, tmp: Path, results):
     (tmp / "peer.py").write_text(PEER.format(root=str(ROOT), run=str(run.resolve())))
     port = free_port()
     peer = start(
@@ -258,33 +313,10 @@ def main() -> int:
         for n in clients:
             asyncio.run(closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, 2))
             results[("c", n)] = asyncio.run(
-                closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, args.seconds)
+                closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, seconds)
             )
     finally:
         stop(peer)
-
-    print(
-        f"\n{'server':<34} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'non-200':>8}"
-    )
-    names = {"b": "(b) tuneserve (BentoML + ORT)", "c": "(c) FastAPI + PyTorch per request"}
-    for (kind, n), r in sorted(results.items()):
-        print(
-            f"{names[kind]:<34} {n:>7} {r['rps']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-            f"{r['errors']:>8}"
-        )
-    print("\nratios:")
-    for n in clients:
-        b, c = results[("b", n)], results[("c", n)]
-        print(
-            f"  {n:>2} clients: (b)/(a) {b['rps'] / raw['rps']:.2f}   (b)/(c) "
-            f"{b['rps'] / c['rps']:.2f}"
-        )
-    if 1 in clients:
-        print(
-            f"  p50 at 1 client {results[('b', 1)]['p50_ms']:.2f} ms vs single raw inference "
-            f"{raw['single_ms']:.2f} ms: +{results[('b', 1)]['p50_ms'] - raw['single_ms']:.2f} ms"
-        )
-    return 0
 
 
 if __name__ == "__main__":

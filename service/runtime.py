@@ -93,6 +93,7 @@ class Runtime:
         threads: int = 0,
         max_image_pixels: int = 40_000_000,
         max_text_chars: int = 20_000,
+        max_batch_size: int = 32,
         load_model: bool = True,
         verify: bool = True,
     ):
@@ -109,6 +110,8 @@ class Runtime:
         self.name, self.version = self.card["name"], self.card["version"]
         self.pre = self.card["preprocessing"]
         self.max_image_pixels, self.max_text_chars = max_image_pixels, max_text_chars
+        self.max_batch_size = max_batch_size
+        self.pad_to_pow2 = False  # set on GPUs for images, see run()
         self.tokenizer = self._tokenizer() if self.task == "text-classification" else None
         if self.task == "image-classification":
             self.mean = np.asarray(self.pre["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
@@ -133,6 +136,10 @@ class Runtime:
         self.provider = self.session.get_providers()[0]
         if self.provider != chain[0]:  # a silent fallback is a bug: say it
             log.warning("asked for %s, onnxruntime runs %s", chain[0], self.provider)
+        # cuDNN searches convolution algorithms for every new input shape, which stalled a
+        # batch for seconds on an H100 (bench/RESULTS.md): image batches run padded to a power
+        # of two, and each of those few shapes is searched once in warm_up.
+        self.pad_to_pow2 = self.provider != "CPUExecutionProvider" and self.task.startswith("image")
         self.warm_up()
         log.info(
             "serving %s:%s (%s) with %s, precision %s",
@@ -164,13 +171,16 @@ class Runtime:
         return tok
 
     def warm_up(self) -> None:
-        """One call at each end of the batch range, so the first request is not the slow one."""
+        """Calls across the batch range, so the first request is not the slow one."""
         if self.task == "image-classification":
             c = int(self.pre["crop_size"])
             sample = Prepared(np.full((c, c, 3), 127, dtype=np.uint8))
         else:
             sample = Prepared("warm up")
-        for n in (1, 8):
+        sizes = [1, 8]
+        if self.pad_to_pow2:
+            sizes = sorted({self.padded(k) for k in range(1, self.max_batch_size + 1)})
+        for n in sizes:
             self.predict([sample] * n)
 
     # ------------------------------------------------------------------ inputs
@@ -242,12 +252,20 @@ class Runtime:
 
     # ------------------------------------------------------------------ model
 
+    def padded(self, n: int) -> int:
+        """The batch size `n` inputs run at: the next power of two on GPUs for images."""
+        if not self.pad_to_pow2 or n >= self.max_batch_size:
+            return n
+        return min(1 << (n - 1).bit_length(), self.max_batch_size)
+
     def run(self, items: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, classes] and pooled embeddings [N, dim] for a batch."""
+        n = len(items)
+        items = items + [items[0]] * (self.padded(n) - n)
         feeds = self.feeds(items)
         if self.task == "image-classification":
             logits, embedding = self.session.run(None, feeds)
-            return logits, embedding
+            return logits[:n], embedding[:n]
         # Texts of very different lengths padded together waste most of the compute (SMS:
         # 5 to 100+ tokens). Sorted by length, they run in chunks padded to their own longest.
         lengths = feeds["attention_mask"].sum(1)

@@ -23,7 +23,7 @@ from service.batching import Batcher
 from service.errors import ArtifactError, InputError
 from service.guard import RequestGuard
 from service.oip import oip_app
-from service.runtime import Runtime, listed_precisions, softmax
+from service.runtime import Runtime, listed_precisions, softmax, usable_providers
 from service.settings import Settings
 
 log = logging.getLogger("tuneserve")
@@ -45,9 +45,10 @@ def artifact_folder(spec: str) -> Path:
         ) from e
 
 
-def _check_artifact() -> Path:
+def _check_artifact() -> tuple[Path, bool]:
     """Refuse to start, with one line, on a missing or corrupt artifact: at import time, before
-    BentoML starts any worker (a worker that dies in __init__ would only be restarted)."""
+    BentoML starts any worker (a worker that dies in __init__ would only be restarted).
+    Returns the artifact folder and whether a GPU provider is usable (it sets the workers)."""
     from export.card import load_card, verify_files
     from export.errors import CardError
 
@@ -56,13 +57,14 @@ def _check_artifact() -> Path:
         card = load_card(folder)
         verify_files(folder, card)
         listed_precisions(card, settings.precision, folder)
+        on_gpu = usable_providers(settings.providers)[0] != "CPUExecutionProvider"
     except (ArtifactError, CardError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return folder
+    return folder, on_gpu
 
 
-ARTIFACT = _check_artifact()
+ARTIFACT, ON_GPU = _check_artifact()
 
 
 def _runtime() -> Runtime:
@@ -71,9 +73,10 @@ def _runtime() -> Runtime:
             ARTIFACT,
             precision=settings.precision,
             providers=settings.providers,
-            threads=settings.threads,
+            threads=settings.thread_count(ON_GPU),
             max_image_pixels=settings.max_image_pixels,
             max_text_chars=settings.max_text_chars,
+            max_batch_size=settings.max_batch_size,
             verify=False,  # _check_artifact verified the files when this process imported us
         )
     except ArtifactError as e:  # one clear line, then the worker stops
@@ -83,7 +86,9 @@ def _runtime() -> Runtime:
 
 @bentoml.asgi_app(oip_app, path="/")
 @bentoml.service(
-    name="tuneserve", workers=settings.workers, traffic={"timeout": 60, "max_concurrency": 1024}
+    name="tuneserve",
+    workers=settings.worker_count(ON_GPU),
+    traffic={"timeout": 60, "max_concurrency": 1024},
 )
 class Tuneserve:
     def __init__(self) -> None:

@@ -162,3 +162,18 @@ def test_mixed_length_texts_give_the_same_answer_in_a_batch(text_artifact_dir):
     together, _ = rt.run(items)
     alone = np.concatenate([rt.run([i])[0] for i in items])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_gpu_padding_keeps_results_and_limits_shapes(image_artifact_dir, image_run):
+    """On GPUs image batches run padded to a power of two (few cuDNN shapes); the padding rows
+    must not change the answers, and no padded size may exceed the batch bound."""
+    from finetune import checkpoint
+
+    rt = Runtime(image_artifact_dir, precision="fp32", max_batch_size=20)
+    items = [Prepared(x) for x in checkpoint.load_checkpoint(image_run[0]).holdout_inputs[:5]]
+    plain, plain_emb = rt.run(items)
+    rt.pad_to_pow2 = True
+    padded, padded_emb = rt.run(items)
+    np.testing.assert_array_equal(padded, plain)
+    np.testing.assert_array_equal(padded_emb, plain_emb)
+    assert [rt.padded(n) for n in (1, 3, 5, 9, 17, 20, 40)] == [1, 4, 8, 16, 20, 20, 40]
