@@ -259,6 +259,10 @@ def main() -> int:
                 closed_loop(f"http://127.0.0.1:{port}/predict", bodies, n, args.seconds)
             )
         print(f"    RSS after load {rss_mb(svc.pid):.0f} MiB")
+        for (_, n), r in results.items():
+            if r["errors"]:
+                print(f"    {n} clients, answers: {r['statuses']}; server log tail:")
+                print(*(tmp / "svc.log").read_text().splitlines()[-8:], sep="\n")
         import httpx
 
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
