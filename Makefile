@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test test-slow lint bench
+.PHONY: demo test test-slow lint bench image
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# FORCE=--force redoes the fine-tuning (the export then writes the next version) and restarts
+# the demo server.
+FORCE ?=
+
 demo: $(VENV)/.installed
-	$(PY) -m finetune.demo
+	$(PY) -m finetune.demo $(FORCE)
 	$(PY) -m export runs/digits --out artifacts --name digits --int8 --skip-existing
+	$(PY) -m service.demo $(FORCE)
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check finetune export service tests bench
@@ -27,3 +32,9 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/finetune.py
 	$(PY) bench/export.py
+
+# The serving image with one model-store version baked in: make image MODEL=digits:v1
+MODEL ?= digits:latest
+image: $(VENV)/.installed
+	mkdir -p build && $(PY) -m service.stage $(MODEL) build/models > build/tag
+	docker build --build-arg MODEL_TAG=$$(cat build/tag) -t tuneserve:$$(tr : - < build/tag) .

@@ -86,6 +86,14 @@ def export_checkpoint(
             same = False
         if same:
             log(f"'{latest}' was exported from this checkpoint already; nothing to do")
+            if register:  # a fresh BentoML store (another BENTOML_HOME) still gets the model
+                from export.store import register as store_register
+                from export.store import tag_exists
+
+                if not tag_exists(f"{name}:{latest.name}"):
+                    card = card_mod.load_card(latest)
+                    tag = store_register(latest, name, latest.name, card)
+                    log(f"registered in the BentoML model store as {tag}")
             return latest
     if version is None:
         from export.store import stored_versions

@@ -91,6 +91,9 @@ def _runtime() -> Runtime:
     traffic={"timeout": 60, "max_concurrency": 1024},
 )
 class Tuneserve:
+    if not Path(settings.model).is_dir():  # a store tag: `bentoml build` packs that model
+        model_ref = bentoml.models.BentoModel(settings.model)
+
     def __init__(self) -> None:
         self.rt = _runtime()  # loads the session and warms it up: /readyz answers after this
         self.batch = Batcher(self.rt, settings.max_batch_size, settings.max_latency_ms)

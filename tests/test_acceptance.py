@@ -25,11 +25,13 @@ def test_flowers12_efficientnet_lite0_feature_extraction(tmp_path):
     from export.pipeline import export_checkpoint
 
     data = _need(DATA / "flowers12")
-    result = fine_tune(data, tmp_path / "run", TrainConfig(backbone="efficientnet_lite0"),
-                       log=quiet)
+    result = fine_tune(
+        data, tmp_path / "run", TrainConfig(backbone="efficientnet_lite0"), log=quiet
+    )
     assert result["val_accuracy"] >= 0.95
-    folder = export_checkpoint(tmp_path / "run", tmp_path / "art", int8=True, register=False,
-                               log=quiet)
+    folder = export_checkpoint(
+        tmp_path / "run", tmp_path / "art", int8=True, register=False, log=quiet
+    )
     from export.card import load_card
 
     card = load_card(folder)

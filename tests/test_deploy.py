@@ -1,0 +1,226 @@
+"""Deployment files: the bento, the Dockerfile (hadolint, its COPY sources, its Python
+requirements against what the service imports) and the Kubernetes overlays (rendered by
+kubectl kustomize, validated against the Kubernetes schemas)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVING_SOURCES = [*sorted((ROOT / "service").glob("*.py")), ROOT / "export/card.py"]
+SERVING_SOURCES += [ROOT / "export/errors.py"]
+
+
+def _tool(name: str) -> str:
+    """A tool from the virtual environment (dev extras) or the PATH."""
+    local = Path(sys.executable).with_name(name)
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed: pip install -e '.[dev]' provides it")
+    return found
+
+
+# ------------------------------------------------------------------ Dockerfile
+
+
+def test_dockerfile_passes_hadolint():
+    r = subprocess.run([_tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _copies() -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "COPY":
+            args = [p for p in parts[1:] if not p.startswith("--")]
+            out.append((args[:-1], args[-1]))
+    return out
+
+
+def test_dockerfile_copies_files_that_exist_and_are_not_dockerignored():
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    allowed = [p[1:].rstrip("/") for p in ignore if p.startswith("!")]
+    copies = _copies()
+    assert copies, "no COPY found"
+    for sources, _dest in copies:
+        for src in sources:
+            if src.startswith("build/"):  # staged by `make image` (service.stage), tested below
+                assert "service.stage" in (ROOT / "Makefile").read_text()
+            else:
+                assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+            assert any(src.rstrip("/").startswith(a) for a in allowed), f"{src} is dockerignored"
+
+
+def test_dockerfile_runs_as_non_root_with_a_readiness_healthcheck():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*/readyz", text, re.M)
+    assert re.search(r"^FROM nvidia/cuda:\S+-cudnn-runtime-", text, re.M)
+
+
+def _requirement_closure(files: list[Path]) -> set[str]:
+    """Distribution names the requirement files install on the image's platform, with their
+    dependencies (as the metadata installed here states them)."""
+    from packaging.requirements import Requirement
+
+    image = {"sys_platform": "linux", "platform_machine": "x86_64", "extra": ""}
+
+    def wanted(line: str) -> list[str]:
+        r = Requirement(line)
+        return [r.name] if r.marker is None or r.marker.evaluate(image) else []
+
+    todo = []
+    for f in files:
+        for line in f.read_text().splitlines():
+            if line := line.split("#")[0].strip():
+                todo += wanted(line)
+    seen: set[str] = set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for line in requires:
+            todo += wanted(line)
+    return seen
+
+
+def _imported_top_modules(paths: list[Path]) -> set[str]:
+    mods = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods.add(node.module.split(".")[0])
+    return mods - set(sys.stdlib_module_names) - {"service", "export", "__future__"}
+
+
+def test_image_requirements_install_every_module_the_service_imports():
+    installed = _requirement_closure([ROOT / "requirements/serve.txt"])
+    dists = md.packages_distributions()
+    missing = []
+    for mod in sorted(_imported_top_modules(SERVING_SOURCES)):
+        names = {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(mod, [])}
+        if not names & installed:
+            missing.append(f"{mod} (from {sorted(names) or 'nothing installed here'})")
+    assert not missing, f"the image's requirements do not install: {missing}"
+    assert "torch" not in installed and "transformers" not in installed
+
+
+def test_stage_lays_out_one_store_version(image_artifact_dir, tmp_path):
+    from export.card import load_card
+    from export.store import register
+    from service.stage import stage
+
+    card = load_card(image_artifact_dir)
+    register(image_artifact_dir, "stagetest", "v3", card)
+    tag = stage("stagetest:latest", tmp_path / "models")
+    assert tag == "stagetest:v3"
+    assert (tmp_path / "models/stagetest/latest").read_text() == "v3"
+    assert (tmp_path / "models/stagetest/v3/card.json").is_file()
+    with pytest.raises(SystemExit, match="not in the BentoML model store"):
+        stage("nosuchmodel:v1", tmp_path / "other")
+
+
+# ------------------------------------------------------------------ bento
+
+
+def test_bentoml_build_packs_the_service_and_the_chosen_model(image_artifact_dir, tmp_path):
+    from export.card import load_card
+    from export.store import register
+
+    register(image_artifact_dir, "buildtest", "v1", load_card(image_artifact_dir))
+    env = {**os.environ, "TUNESERVE_MODEL": "buildtest:v1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    archive = tmp_path / "tuneserve.bento"
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "export", tag, str(archive)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    with tarfile.open(archive) as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+        reqs = tar.extractfile("./env/python/requirements.txt").read().decode()
+    assert {"models/buildtest/v1/card.json", "models/buildtest/v1/model.onnx"} <= names
+    assert "src/service/service.py" in names and "src/export/card.py" in names
+    assert not any(n.startswith("src/finetune") for n in names)  # no training code
+    assert "onnxruntime-gpu" in reqs and "bentoml==1.4.30" in reqs
+    assert not re.search(r"^(torch|transformers)\b", reqs, re.M)
+
+
+# ------------------------------------------------------------------ Kubernetes
+
+
+def _render(overlay: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed (it renders the Kustomize overlays)")
+    r = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_overlays_render_and_validate_against_kubernetes_schemas(overlay, tmp_path):
+    docs = _render(overlay)
+    rendered = tmp_path / f"{overlay}.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    r = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", str(rendered)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("passed") == len(docs)
+
+    kinds = {d["kind"]: d for d in docs}
+    pod = kinds["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert re.fullmatch(r"[a-z0-9_.-]+:[a-z0-9_.-]+", env["TUNESERVE_MODEL"])
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert "Service" in kinds
+    if overlay == "gpu":
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    else:
+        assert kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "tuneserve"
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
