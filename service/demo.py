@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+PROJECT = Path(__file__).resolve().parents[1]
 STATE = Path("runs/serve/server.json")  # pid and port of the background server
 LOG = Path("runs/serve/server.log")
 DIGITS = Path("data/digits")  # written by `python -m finetune.demo`
@@ -78,9 +79,10 @@ def start(model: str, port: int, timeout: float = 180) -> dict:
             port = s.getsockname()[1]
     LOG.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TUNESERVE_MODEL": model}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "bentoml", "serve", "service.service:Tuneserve"]
+        + ["--working-dir", str(PROJECT), "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=open(LOG, "w"),
         stderr=subprocess.STDOUT,
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     url = state["url"]
     predict(url, samples())
     print(
-        f"\nAPI docs:  {url}/docs (OpenAPI: {url}/docs.json)\n"
+        f"\nAPI docs:  {url}/ (OpenAPI: {url}/docs.json)\n"
         f"metrics:   {url}/metrics\n"
         f"stop it:   .venv/bin/python -m service.demo --stop   (pid {state['pid']})"
     )

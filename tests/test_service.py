@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import COLORS
+from tests.conftest import COLORS, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -31,7 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(artifact: Path, log: Path, **env: str):
+def _serve(artifact: Path | str, log: Path, **env: str):
     port = _free_port()
     full_env = {**os.environ, "TUNESERVE_MODEL": str(artifact), "PYTHONPATH": str(ROOT), **env}
     proc = subprocess.Popen(
@@ -387,3 +388,58 @@ def test_malformed_multipart_is_a_400_not_a_500(image_server):
         files=[("other", ("x.txt", b"x", "text/plain"))],
     )
     assert r.status_code == 400 and r.json()["error"] == "no_files"
+
+
+def test_rolled_new_version_is_served(image_run, tmp_path):
+    """Export a second version, restart the service on the store's latest tag: the info metric
+    names the new version (the operator guide's roll-out path)."""
+    from export.pipeline import export_checkpoint
+
+    for expected in ("v1", "v2"):
+        folder = export_checkpoint(image_run[0], tmp_path / "art", name="rolltest", log=quiet)
+        assert folder.name == expected
+        proc, url = _serve("rolltest:latest", tmp_path / f"{expected}.log")
+        try:
+            info = [
+                line
+                for line in httpx.get(url + "/metrics").text.splitlines()
+                if line.startswith("tuneserve_model_info{")
+            ]
+            body = httpx.post(url + "/predict", json={"inputs": [_b64(_png(COLORS["red"]))]}).json()
+        finally:
+            _stop(proc)
+        assert info and all(f'version="{expected}"' in line for line in info)
+        assert body["version"] == expected
+
+
+def test_demo_starts_predicts_reuses_and_stops(image_artifact_dir, tmp_path):
+    """`python -m service.demo`, the main job's last step: starts the service in the
+    background, answers through JSON and OIP, is reused when run again, and stops."""
+    for label in COLORS:
+        (tmp_path / "data/digits" / label).mkdir(parents=True)
+        (tmp_path / "data/digits" / label / "a.png").write_bytes(_png(COLORS[label]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def demo(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "service.demo", "--model", str(image_artifact_dir), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    first = demo("--port", str(_free_port()))
+    try:
+        assert first.returncode == 0, first.stderr
+        assert "service ready" in first.stdout and "/v2/models/colors/infer" in first.stdout
+        answers = re.findall(r"true (\w+)  predicted (\w+)", first.stdout)
+        assert sorted(t for t, _ in answers) == sorted(COLORS)
+        assert all(p in COLORS for _, p in answers)
+        again = demo()
+        assert "already running" in again.stdout and again.returncode == 0
+    finally:
+        stopped = demo("--stop")
+    assert stopped.stdout.strip() == "stopped"
+    assert not (tmp_path / "runs/serve/server.json").exists()
