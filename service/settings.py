@@ -45,7 +45,7 @@ class Settings:
     # 2 x 1 gave 1.55x the req/s of 1 x 2 on 2 cores); 4 sharing a GPU (up to the cores), as
     # one process cannot parse requests fast enough for it (MiniLM on an H100: 2.9x of 1).
     workers: int = 0
-    threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers
+    threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers (GPU: 1)
     api_keys: tuple[str, ...] = field(default_factory=tuple)  # empty: no authentication
     max_items: int = 64  # inputs per request
     max_body_bytes: int = 20 * 1024 * 1024  # request body, bytes (413 above)
@@ -76,4 +76,8 @@ class Settings:
         return self.workers or (min(4, cpu_cores()) if on_gpu else cpu_cores())
 
     def thread_count(self, on_gpu: bool) -> int:
-        return self.threads or max(1, cpu_cores() // self.worker_count(on_gpu))
+        if self.threads:
+            return self.threads
+        # On a GPU the CPU provider runs only shape operations; more intra-op threads would
+        # spin on cores that request parsing and image decoding need.
+        return 1 if on_gpu else max(1, cpu_cores() // self.worker_count(on_gpu))
