@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test test-slow lint bench image
+.PHONY: demo test test-slow lint bench image tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ demo: $(VENV)/.installed
 	$(PY) -m export runs/digits --out artifacts --name digits --int8 --skip-existing
 	$(PY) -m service.demo $(FORCE)
 
-test: $(VENV)/.installed
+# promtool and prometheus (Debian package `prometheus`) check /metrics and the alert rules.
+tools:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: $(VENV)/.installed tools
 	$(PY) -m ruff check finetune export service tests bench
 	$(PY) -m pytest
 

@@ -38,7 +38,7 @@ class Batcher:
         # One ONNX Runtime call at a time, always from the same thread: the CUDA provider keeps
         # cuDNN/cuBLAS handles per calling thread, so a thread pool would create them anew.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
-        self._thread.submit(rt.warm_up).result()
+        self._thread.submit(rt.warm_up).result()  # warm that thread too (CUDA handles, caches)
         dispatcher = CorkDispatcher(
             max_latency_in_ms=max_latency_ms,
             max_batch_size=max_batch_size,
@@ -53,9 +53,11 @@ class Batcher:
 
     async def _run_batch(self, jobs: Sequence[list[Prepared]]) -> list[np.ndarray]:
         flat = [item for job in jobs for item in job]
+        stats: dict = {}
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        logits, _embedding = await loop.run_in_executor(self._thread, self.rt.run, flat)
+        logits, _embedding = await loop.run_in_executor(self._thread, self.rt.run, flat, stats)
         metrics.batch(self.rt, len(flat), time.perf_counter() - t0)
+        metrics.inputs(self.rt, stats)
         ends = np.cumsum([len(job) for job in jobs])
         return [logits[end - len(job) : end] for job, end in zip(jobs, ends, strict=True)]

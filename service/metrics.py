@@ -41,6 +41,41 @@ _batch = bentoml.metrics.Histogram(
     labelnames=LABELS,
     buckets=BATCH_BUCKETS,
 )
+_reference_ratio = bentoml.metrics.Gauge(
+    name="tuneserve_reference_class_ratio",
+    documentation="Training class prior (reference.json), for live class shares in PromQL",
+    labelnames=LABELS + ["label"],
+    multiprocess_mode="max",  # the same value in every worker: one series per label
+)
+_brightness = bentoml.metrics.Histogram(
+    name="tuneserve_input_brightness_ratio",
+    documentation="Mean pixel value of an image crop, 0 (black) to 1 (white)",
+    labelnames=LABELS,
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+)
+_pixels = bentoml.metrics.Histogram(
+    name="tuneserve_input_image_pixels",
+    documentation="Width x height of an image as sent",
+    labelnames=LABELS,
+    buckets=(1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 1e7),
+)
+_tokens = bentoml.metrics.Histogram(
+    name="tuneserve_input_tokens",
+    documentation="Tokens of a text after truncation",
+    labelnames=LABELS,
+    buckets=(4, 8, 16, 32, 64, 128, 256, 512),
+)
+_truncated = bentoml.metrics.Counter(
+    name="tuneserve_input_truncated",
+    documentation="Texts cut at the model's maximum length",
+    labelnames=LABELS,
+)
+_unknown = bentoml.metrics.Histogram(
+    name="tuneserve_input_unknown_token_ratio",
+    documentation="Share of a text's tokens that are the unknown token",
+    labelnames=LABELS,
+    buckets=(0.0, 0.01, 0.05, 0.1, 0.2, 0.5),
+)
 _errors = bentoml.metrics.Counter(
     name="tuneserve_request_errors",
     documentation="Rejected requests by reason",
@@ -56,6 +91,34 @@ def model_info(rt) -> None:
         precision=rt.precision,
         provider=rt.provider,
     ).set(1)
+
+
+def reference(rt) -> None:
+    """The class prior of the artifact's reference.json (missing file: no series)."""
+    import json
+
+    path = rt.folder / "reference.json"
+    if not path.is_file():
+        return
+    prior = json.loads(path.read_text()).get("class_prior", {})
+    for label, ratio in prior.items():
+        _reference_ratio.labels(model=rt.name, version=rt.version, label=label).set(ratio)
+
+
+def inputs(rt, stats: dict) -> None:
+    """The input statistics of one batch (Runtime.feeds)."""
+    series = {
+        "brightness": _brightness,
+        "pixels": _pixels,
+        "tokens": _tokens,
+        "unknown_ratio": _unknown,
+    }
+    for key, histogram in series.items():
+        child = histogram.labels(model=rt.name, version=rt.version)
+        for value in stats.get(key, ()):
+            child.observe(value)
+    if stats.get("truncated"):
+        _truncated.labels(model=rt.name, version=rt.version).inc(stats["truncated"])
 
 
 def batch(rt, size: int, infer_s: float) -> None:

@@ -81,6 +81,7 @@ class Prepared:
     """One validated, pre-processed input: a uint8 HWC crop or a text."""
 
     value: np.ndarray | str
+    pixels: int = 0  # images: width x height as sent, for the input-size statistics
 
 
 class Runtime:
@@ -168,6 +169,8 @@ class Runtime:
         pad = tok.padding or {}
         pad_id = pad.get("pad_id", tok.token_to_id("[PAD]") or 0)
         tok.enable_padding(pad_id=pad_id, pad_token=pad.get("pad_token", "[PAD]"))
+        unk = getattr(tok.model, "unk_token", None)
+        self.unk_id = tok.token_to_id(unk) if unk else None
         return tok
 
     def warm_up(self) -> None:
@@ -200,7 +203,7 @@ class Runtime:
                 raise InputError(
                     "wrong_type", f"image inputs are base64 strings, got {type(value).__name__}"
                 )
-            return Prepared(self.decode_image(bytes(value)))
+            return self.decode_image(bytes(value))
         if not isinstance(value, str):
             raise InputError("wrong_type", f"text inputs are strings, got {type(value).__name__}")
         if not value.strip():
@@ -213,7 +216,7 @@ class Runtime:
             )
         return Prepared(value)
 
-    def decode_image(self, data: bytes) -> np.ndarray:
+    def decode_image(self, data: bytes) -> Prepared:
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -238,13 +241,26 @@ class Runtime:
             im = im.resize(size, _RESAMPLE[self.pre["interpolation"]])
             left = int(round((size[0] - crop) / 2.0))
             top = int(round((size[1] - crop) / 2.0))
-            return np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+            crop_px = np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+            return Prepared(crop_px, pixels=w * h)
 
-    def feeds(self, items: list[Prepared]) -> dict[str, np.ndarray]:
+    def feeds(self, items: list[Prepared], stats: dict | None = None) -> dict[str, np.ndarray]:
+        """Model inputs for a batch; `stats`, when given, receives the cheap input statistics
+        of DESIGN §4 (brightness on every 4th pixel and size; tokens, truncation, unknown)."""
         if self.task == "image-classification":
+            if stats is not None:
+                stats["brightness"] = [float(i.value[::4, ::4].mean()) / 255.0 for i in items]
+                stats["pixels"] = [i.pixels for i in items]
             x = np.stack([i.value for i in items]).transpose(0, 3, 1, 2).astype(np.float32)
             return {"pixel_values": ((x / 255.0 - self.mean) / self.std).astype(np.float32)}
         encs = self.tokenizer.encode_batch([i.value for i in items])
+        if stats is not None:
+            lengths = [sum(e.attention_mask) for e in encs]
+            stats["tokens"] = lengths
+            stats["truncated"] = sum(1 for e in encs if e.overflowing)
+            stats["unknown_ratio"] = [
+                e.ids.count(self.unk_id) / max(1, n) for e, n in zip(encs, lengths, strict=True)
+            ]
         columns = {
             "input_ids": [e.ids for e in encs],
             "attention_mask": [e.attention_mask for e in encs],
@@ -261,12 +277,16 @@ class Runtime:
             return n
         return min(1 << (n - 1).bit_length(), self.max_batch_size)
 
-    def run(self, items: list[Prepared]) -> tuple[np.ndarray, np.ndarray]:
-        """Logits [N, classes] and pooled embeddings [N, dim] for a batch."""
+    def run(
+        self, items: list[Prepared], stats: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [N, classes] and pooled embeddings [N, dim] for a batch (`stats`: feeds)."""
         n = len(items)
         items = items + [items[0]] * (self.padded(n) - n)
-        feeds = self.feeds(items)
+        feeds = self.feeds(items, stats)
         if self.task == "image-classification":
+            if stats is not None:  # not the padding rows
+                stats["brightness"], stats["pixels"] = stats["brightness"][:n], stats["pixels"][:n]
             logits, embedding = self.session.run(None, feeds)
             return logits[:n], embedding[:n]
         # Texts of very different lengths padded together waste most of the compute (SMS:

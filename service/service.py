@@ -98,6 +98,7 @@ class Tuneserve:
         self.rt = _runtime()  # loads the session and warms it up: /readyz answers after this
         self.batch = Batcher(self.rt, settings.max_batch_size, settings.max_latency_ms)
         metrics.model_info(self.rt)
+        metrics.reference(self.rt)
 
     async def logits(self, raw: list) -> np.ndarray:
         """Validate every input, then one call into the batching path (InputError on misuse)."""

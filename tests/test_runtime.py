@@ -17,6 +17,7 @@ from PIL import Image
 
 from service.errors import ArtifactError, InputError
 from service.runtime import Prepared, Runtime, softmax
+from tests.conftest import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,3 +178,29 @@ def test_gpu_padding_keeps_results_and_limits_shapes(image_artifact_dir, image_r
     np.testing.assert_array_equal(padded, plain)
     np.testing.assert_array_equal(padded_emb, plain_emb)
     assert [rt.padded(n) for n in (1, 3, 5, 9, 17, 20, 40)] == [1, 4, 8, 16, 20, 20, 40]
+
+
+def test_input_statistics_of_a_batch(image_artifact_dir, text_artifact_dir):
+    """Brightness (every 4th pixel) and size for images; token count, truncation and the
+    unknown-token share for texts: the numbers the service exports per batch."""
+    rt = Runtime(image_artifact_dir, precision="fp32")
+    white = io.BytesIO()
+    Image.new("RGB", (64, 50), (255, 255, 255)).save(white, "PNG")
+    dark = io.BytesIO()
+    Image.new("RGB", (30, 40), (51, 51, 51)).save(dark, "PNG")
+    items = [rt.prepare(white.getvalue()), rt.prepare(dark.getvalue())]
+    stats: dict = {}
+    rt.run(items, stats)
+    assert stats["brightness"] == pytest.approx([1.0, 0.2])
+    assert stats["pixels"] == [64 * 50, 30 * 40]
+
+    rt = Runtime(text_artifact_dir, precision="fp32")
+    max_len = int(rt.pre["max_length"])
+    known = next(iter(WORDS.values()))[0]  # in the tiny vocabulary
+    texts = [known, "zzqqxx " * 3 + known, " ".join([known] * (max_len * 2))]
+    stats = {}
+    rt.run([rt.prepare(t) for t in texts], stats)
+    expected = [len(rt.tokenizer.encode(t).ids) for t in texts]
+    assert stats["tokens"] == [min(n, max_len) for n in expected]
+    assert stats["truncated"] == 1
+    assert stats["unknown_ratio"][0] == 0.0 and stats["unknown_ratio"][1] > 0

@@ -241,6 +241,26 @@ def test_probes_docs_and_metrics(image_server):
     assert "bentoml_service_request_total" in metrics or "bentoml_service_request" in metrics
 
 
+@pytest.mark.parametrize("server", ["image_server", "text_server"])
+def test_metrics_pass_promtool_and_carry_reference_and_input_statistics(server, request):
+    url = request.getfixturevalue(server)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"inputs": [_b64(_png(COLORS["red"]))] if server == "image_server" else ["win cash"]}
+    assert httpx.post(url + "/predict", json=body, headers=headers).status_code == 200
+    text = httpx.get(url + "/metrics").text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ratios = {
+        re.search(r'label="([^"]+)"', ln).group(1): float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith("tuneserve_reference_class_ratio{")
+    }
+    assert len(ratios) >= 2 and sum(ratios.values()) == pytest.approx(1.0)
+    stat = "tuneserve_input_image_pixels" if server == "image_server" else "tuneserve_input_tokens"
+    counts = [float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(stat + "_count{")]
+    assert sum(counts) >= 1
+
+
 # --------------------------------------------------------------------------- OIP
 
 

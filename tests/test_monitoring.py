@@ -1,0 +1,117 @@
+"""Monitoring: the Prometheus rules pass promtool (syntax and unit tests), and a real
+Prometheus server on loopback scrapes a running service and answers PromQL about it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import COLORS
+from tests.test_service import _b64, _free_port, _png, _serve, _stop
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM = ROOT / "deploy/prometheus"
+
+
+def _bin(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is missing: `make tools` installs the Debian package prometheus")
+    return found
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "rules", "tuneserve.rules.yml"],
+        ["check", "config", "prometheus.yml"],
+        ["test", "rules", "tuneserve.rules.test.yml"],
+    ],
+    ids=["check-rules", "check-config", "test-rules"],
+)
+def test_promtool(args):
+    r = subprocess.run([_bin("promtool"), *args], cwd=PROM, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_alert_has_a_summary_and_a_runbook():
+    groups = yaml.safe_load((PROM / "tuneserve.rules.yml").read_text())["groups"]
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
+    assert {a["alert"] for a in alerts} >= {
+        "TuneserveDriftSustained",
+        "TuneserveHighErrorRatio",
+        "TuneserveHighLatencyP99",
+        "TuneserveModelNotReady",
+    }
+    for a in alerts:
+        assert a["annotations"]["summary"] and a["annotations"]["runbook"], a["alert"]
+        assert "for" in a, f"{a['alert']} fires on one evaluation"
+
+
+@pytest.fixture(scope="module")
+def scraped_service(image_artifact_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prom")
+    proc, url = _serve(image_artifact_dir, tmp / "svc.log")
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(PROM / "tuneserve.rules.yml")]
+    config["scrape_configs"] = [
+        {"job_name": "tuneserve", "static_configs": [{"targets": [url.removeprefix("http://")]}]}
+    ]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    prom = subprocess.Popen(
+        [
+            _bin("prometheus"),
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=open(tmp / "prometheus.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield url, f"http://127.0.0.1:{port}"
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        _stop(proc)
+
+
+def _query(prom: str, expr: str, timeout: float = 60) -> list[dict]:
+    """Poll the HTTP API until the expression has a result."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=5).json()
+            result = r["data"]["result"] if r["status"] == "success" else []
+            if result and all(x["value"][1] not in ("NaN", "+Inf", "-Inf") for x in result):
+                return result
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"Prometheus returned nothing for {expr!r} in {timeout} s")
+
+
+def test_prometheus_scrapes_the_service_and_evaluates_the_rules(scraped_service):
+    url, prom = scraped_service
+    up = _query(prom, 'up{job="tuneserve"}')  # Prometheus is up and scraping before traffic
+    assert up[0]["value"][1] == "1"
+    body = {"inputs": [_b64(_png(COLORS[c], seed=i)) for i, c in enumerate(COLORS)]}
+    for _ in range(5):
+        assert httpx.post(url + "/predict", json=body).status_code == 200
+        time.sleep(1)  # traffic across several scrapes, so rate() has two samples
+    predictions = _query(prom, 'sum(tuneserve_predictions_total{model="colors"})')
+    assert float(predictions[0]["value"][1]) >= 15
+    shares = _query(prom, 'tuneserve:class_share:ratio5m{model="colors"}')
+    assert abs(sum(float(s["value"][1]) for s in shares) - 1) < 1e-6
+    psi = _query(prom, 'tuneserve:prediction_psi:5m{model="colors"}')
+    assert float(psi[0]["value"][1]) >= 0
+    info = _query(prom, 'tuneserve_model_info{model="colors"}')
+    assert info[0]["metric"]["provider"] == "CPUExecutionProvider"
