@@ -3,6 +3,7 @@ Prometheus server on loopback scrapes a running service and answers PromQL about
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -115,3 +116,44 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_rules(scraped_service)
     assert float(psi[0]["value"][1]) >= 0
     info = _query(prom, 'tuneserve_model_info{model="colors"}')
     assert info[0]["metric"]["provider"] == "CPUExecutionProvider"
+
+
+def _panels() -> list[dict]:
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/tuneserve.json").read_text())
+    assert dash["uid"] == "tuneserve-overview"
+    assert any(
+        v["name"] == "datasource" and v["type"] == "datasource" for v in dash["templating"]["list"]
+    )
+    return dash["panels"]
+
+
+def test_dashboard_panels_use_the_datasource_variable_and_cover_the_issue():
+    panels = _panels()
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"]), p["title"]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for series in (
+        "tuneserve_predictions_total",
+        "bentoml_service_request_duration_seconds_bucket",
+        "tuneserve_batch_size",
+        "tuneserve_request_errors_total",
+        "tuneserve:class_share:ratio5m",
+        "tuneserve_reference_class_ratio",
+        "tuneserve_prediction_confidence_bucket",
+        "tuneserve_drift_score",
+        "tuneserve_model_info",
+    ):
+        assert series in exprs, f"no panel shows {series}"
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provider.yml").read_text())
+    assert provider["providers"][0]["type"] == "file"
+
+
+def test_every_dashboard_query_is_accepted_by_prometheus(scraped_service):
+    _url, prom = scraped_service
+    _query(prom, 'up{job="tuneserve"}')
+    for p in _panels():
+        for t in p["targets"]:
+            expr = t["expr"].replace("$__rate_interval", "1m").replace("$model", ".*")
+            r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+            assert r.status_code == 200 and r.json()["status"] == "success", (p["title"], r.text)
