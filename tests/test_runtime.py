@@ -204,3 +204,18 @@ def test_input_statistics_of_a_batch(image_artifact_dir, text_artifact_dir):
     assert stats["tokens"] == [min(n, max_len) for n in expected]
     assert stats["truncated"] == 1
     assert stats["unknown_ratio"][0] == 0.0 and stats["unknown_ratio"][1] > 0
+
+
+def test_worker_and_thread_defaults(monkeypatch):
+    """One worker per core with one ONNX Runtime thread each on CPUs; four workers with one
+    thread each sharing a GPU; explicit settings win."""
+    from service import settings as st
+
+    monkeypatch.setattr(st, "cpu_cores", lambda: 8)
+    auto = st.Settings()
+    assert (auto.worker_count(False), auto.thread_count(False)) == (8, 1)
+    assert (auto.worker_count(True), auto.thread_count(True)) == (4, 1)
+    assert st.Settings(workers=2).thread_count(False) == 4
+    assert st.Settings(workers=2, threads=3).thread_count(True) == 3
+    monkeypatch.undo()
+    assert 1 <= st.cpu_cores() <= (os.cpu_count() or 1)
