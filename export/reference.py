@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.preprocess import Feeder
+from service.drift import calibrate, pca_basis
 
 PCA_COMPONENTS = 8  # low-dimensional view of the embedding, cheap to project per request
 HIST_BINS = 10  # quantile bins: equal mass on the reference, so every bin is informative
@@ -34,17 +35,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def pca(embeddings: np.ndarray, k: int = PCA_COMPONENTS) -> dict:
-    mean = embeddings.mean(0)
-    centred = embeddings - mean
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    k = max(1, min(k, vt.shape[0], len(embeddings) - 1))
-    var = (s**2) / max(1, len(embeddings) - 1)
-    return {
-        "mean": mean.tolist(),
-        "components": vt[:k].tolist(),
-        "explained_variance": var[:k].tolist(),
-        "explained_variance_ratio": float(var[:k].sum() / var.sum()) if var.sum() else 1.0,
-    }
+    return pca_basis(embeddings, k)
 
 
 def project(embeddings: np.ndarray, basis: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +71,17 @@ def input_statistics(feeder: Feeder) -> dict:
     }
 
 
+def drift_inputs(feeder: Feeder) -> np.ndarray:
+    """Per-sample input statistic exactly as the service measures it (service/runtime.py
+    feeds): crop brightness on every 4th pixel, or tokens after truncation."""
+    if feeder.task == "image-classification":
+        return feeder.inputs[:, ::4, ::4].reshape(len(feeder.inputs), -1).mean(1) / 255.0
+    enc = feeder.tokenizer(
+        [str(t) for t in feeder.inputs], truncation=True, max_length=int(feeder.pre["max_length"])
+    )
+    return np.array([sum(m) for m in enc["attention_mask"]], dtype=np.float64)
+
+
 def build_reference(
     logits: np.ndarray,
     embeddings: np.ndarray,
@@ -111,4 +113,11 @@ def build_reference(
             "reconstruction_error": _quantile_hist(recon),
         },
         "inputs": input_statistics(feeder),
+        # Drift thresholds calibrated on this holdout (service/drift.py, DESIGN §4).
+        "drift": calibrate(
+            logits,
+            embeddings,
+            drift_inputs(feeder),
+            [train_per_class.get(c, 0) / total for c in labels],
+        ),
     }

@@ -33,8 +33,8 @@ def _overloaded():
 class Batcher:
     """`await batcher(items)` -> logits for those items, computed inside a shared batch."""
 
-    def __init__(self, rt: Runtime, max_batch_size: int, max_latency_ms: int) -> None:
-        self.rt = rt
+    def __init__(self, rt: Runtime, max_batch_size: int, max_latency_ms: int, monitor=None) -> None:
+        self.rt, self.monitor = rt, monitor  # monitor: service.drift.Monitor or None
         # One ONNX Runtime call at a time, always from the same thread: the CUDA provider keeps
         # cuDNN/cuBLAS handles per calling thread, so a thread pool would create them anew.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
@@ -56,8 +56,10 @@ class Batcher:
         stats: dict = {}
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        logits, _embedding = await loop.run_in_executor(self._thread, self.rt.run, flat, stats)
+        logits, embedding = await loop.run_in_executor(self._thread, self.rt.run, flat, stats)
         metrics.batch(self.rt, len(flat), time.perf_counter() - t0)
         metrics.inputs(self.rt, stats)
+        if self.monitor is not None:  # a few numpy operations per batch
+            self.monitor.observe(logits, embedding, stats.get("brightness") or stats["tokens"])
         ends = np.cumsum([len(job) for job in jobs])
         return [logits[end - len(job) : end] for job, end in zip(jobs, ends, strict=True)]

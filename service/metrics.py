@@ -76,6 +76,30 @@ _unknown = bentoml.metrics.Histogram(
     labelnames=LABELS,
     buckets=(0.0, 0.01, 0.05, 0.1, 0.2, 0.5),
 )
+_drift_score = bentoml.metrics.Gauge(
+    name="tuneserve_drift_score",
+    documentation="Drift statistic / calibrated threshold per check (>= 1: the check fires)",
+    labelnames=LABELS + ["check"],
+    multiprocess_mode="liveall",
+)
+_drift_detected = bentoml.metrics.Gauge(
+    name="tuneserve_drift_detected",
+    documentation="1 when the check's score is at least 1 in the latest evaluation",
+    labelnames=LABELS + ["check"],
+    multiprocess_mode="liveall",
+)
+_drift_samples = bentoml.metrics.Gauge(
+    name="tuneserve_drift_window_samples",
+    documentation="Samples in the drift window of this worker",
+    labelnames=LABELS,
+    multiprocess_mode="liveall",
+)
+_drift_time = bentoml.metrics.Gauge(
+    name="tuneserve_drift_last_evaluation_timestamp_seconds",
+    documentation="Unix time of the latest drift evaluation",
+    labelnames=LABELS,
+    multiprocess_mode="liveall",
+)
 _errors = bentoml.metrics.Counter(
     name="tuneserve_request_errors",
     documentation="Rejected requests by reason",
@@ -139,3 +163,13 @@ def predictions(rt, out: list[dict], postprocess_s: float) -> None:
 
 def error(rt, reason: str) -> None:
     _errors.labels(model=rt.name, version=rt.version, reason=reason).inc()
+
+
+def drift(rt, samples: int, scores: dict[str, float] | None, when: float) -> None:
+    _drift_samples.labels(model=rt.name, version=rt.version).set(samples)
+    if scores is None:  # the window is not full yet
+        return
+    for check, score in scores.items():
+        _drift_score.labels(model=rt.name, version=rt.version, check=check).set(score)
+        _drift_detected.labels(model=rt.name, version=rt.version, check=check).set(score >= 1)
+    _drift_time.labels(model=rt.name, version=rt.version).set(when)

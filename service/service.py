@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 
 from service import metrics
 from service.batching import Batcher
+from service.drift import Monitor
 from service.errors import ArtifactError, InputError
 from service.guard import RequestGuard
 from service.oip import oip_app
@@ -96,7 +97,10 @@ class Tuneserve:
 
     def __init__(self) -> None:
         self.rt = _runtime()  # loads the session and warms it up: /readyz answers after this
-        self.batch = Batcher(self.rt, settings.max_batch_size, settings.max_latency_ms)
+        self.monitor = drift_monitor(self.rt, settings.drift_interval_s)
+        self.batch = Batcher(
+            self.rt, settings.max_batch_size, settings.max_latency_ms, self.monitor
+        )
         metrics.model_info(self.rt)
         metrics.reference(self.rt)
 
@@ -160,6 +164,33 @@ class Tuneserve:
 
 
 Tuneserve.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+
+
+def drift_monitor(rt: Runtime, interval_s: int) -> Monitor | None:
+    """The drift window of this worker, evaluated by a background thread every `interval_s`
+    seconds, off the request path; None when off or when the artifact has no calibration."""
+    import json
+    import threading
+
+    path = rt.folder / "reference.json"
+    drift = (json.loads(path.read_text()) if path.is_file() else {}).get("drift", {})
+    if interval_s <= 0 or "thresholds" not in drift:
+        if interval_s > 0:
+            why = drift.get("disabled", "no drift calibration; re-export the artifact")
+            log.warning("drift monitoring off for %s: %s", rt.folder, why)
+        return None
+    monitor = Monitor(drift)
+
+    def evaluate() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                metrics.drift(rt, monitor.samples(), monitor.scores(), time.time())
+            except Exception:  # a monitoring bug must not stop the monitoring thread
+                log.exception("drift evaluation failed")
+
+    threading.Thread(target=evaluate, name="drift", daemon=True).start()
+    return monitor
 
 
 def check_request(request: Request | None) -> None:

@@ -46,6 +46,8 @@ class Settings:
     # one process cannot parse requests fast enough for it (MiniLM on an H100: 2.9x of 1).
     workers: int = 0
     threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers (GPU: 1)
+    # Seconds between drift evaluations of the latest window (DESIGN §4); 0 turns drift off.
+    drift_interval_s: int = 15
     api_keys: tuple[str, ...] = field(default_factory=tuple)  # empty: no authentication
     max_items: int = 64  # inputs per request
     max_body_bytes: int = 20 * 1024 * 1024  # request body, bytes (413 above)
@@ -65,6 +67,7 @@ class Settings:
             max_latency_ms=_int("TUNESERVE_MAX_LATENCY_MS", cls.max_latency_ms),
             workers=_int("TUNESERVE_WORKERS", cls.workers),
             threads=_int("TUNESERVE_THREADS", cls.threads),
+            drift_interval_s=_int("TUNESERVE_DRIFT_INTERVAL_S", cls.drift_interval_s),
             api_keys=keys,
             max_items=_int("TUNESERVE_MAX_ITEMS", cls.max_items),
             max_body_bytes=_int("TUNESERVE_MAX_BODY_BYTES", cls.max_body_bytes),
