@@ -217,6 +217,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="load duration per level")
     p.add_argument("--clients", default="1,32,64", help="closed-loop client counts")
     p.add_argument("--no-peer", action="store_true", help="skip (c) (it serves text models)")
+    p.add_argument(
+        "--drift-overhead",
+        action="store_true",
+        help="only compare the service with drift monitoring on and off (64 clients)",
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -233,6 +238,8 @@ def main() -> int:
     artifact = artifact_for(run, args.artifact, tmp)
     clients = [int(c) for c in args.clients.split(",")]
     peer = not args.no_peer and ckpt.config["task"] == "text-classification"
+    if args.drift_overhead:
+        return drift_overhead(artifact, bodies, args.seconds, tmp)
     print(f"model: {artifact}  inputs: {len(texts)} holdout inputs  CPU: {os.cpu_count()} cores")
 
     raw = raw_onnxruntime(artifact, texts, args.seconds)
@@ -290,6 +297,41 @@ def main() -> int:
             f"  p50 at 1 client {results[('b', 1)]['p50_ms']:.2f} ms vs single raw inference "
             f"{raw['single_ms']:.2f} ms: +{results[('b', 1)]['p50_ms'] - raw['single_ms']:.2f} ms"
         )
+    return 0
+
+
+def drift_overhead(artifact: Path, bodies: list, seconds: float, tmp: Path) -> int:
+    """Service throughput at 64 clients with drift monitoring off and on, alternated twice."""
+    rps: dict[str, list[float]] = {"off": [], "on": []}
+    for setting in ("off", "on", "off", "on"):
+        port = free_port()
+        env = {
+            "TUNESERVE_MODEL": str(artifact),
+            "PYTHONPATH": python_path(),
+            "TUNESERVE_DRIFT_INTERVAL_S": "0" if setting == "off" else "15",
+        }
+        svc = start(
+            [sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
+            env,
+            tmp / f"drift-{setting}.log",
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/readyz", svc)
+            url = f"http://127.0.0.1:{port}/predict"
+            asyncio.run(closed_loop(url, bodies, 64, 3))  # warm-up
+            r = asyncio.run(closed_loop(url, bodies, 64, seconds))
+            rps[setting].append(r["rps"])
+            print(
+                f"drift {setting}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, "
+                f"non-200 {r['errors']}"
+            )
+        finally:
+            stop(svc)
+    on, off = statistics.mean(rps["on"]), statistics.mean(rps["off"])
+    print(
+        f"drift on / off throughput at 64 clients: {on / off:.3f} ({100 * (1 - on / off):+.1f}% "
+        "overhead)"
+    )
     return 0
 
 

@@ -188,3 +188,19 @@ def text_artifact_dir(text_run, tmp_path_factory):
     return export_checkpoint(
         text_run[0], tmp_path_factory.mktemp("art"), name="msgs", register=False, log=quiet
     )
+
+
+@pytest.fixture(scope="session")
+def calibrated(image_cfg, tmp_path_factory):
+    """The tiny image model trained on 100 images per class: a holdout of 60, enough for the
+    export to calibrate drift (the shared tiny run's holdout of 6 is not)."""
+    import dataclasses
+
+    from export.pipeline import export_checkpoint
+    from finetune.train import fine_tune
+
+    tmp = tmp_path_factory.mktemp("drift")
+    data = make_images(tmp / "colors", per_class=100, seed=3)
+    run = tmp / "run"
+    fine_tune(data, run, dataclasses.replace(image_cfg, epochs=2), log=quiet)
+    return export_checkpoint(run, tmp / "art", name="colors", register=False, log=quiet)

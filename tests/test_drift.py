@@ -105,23 +105,6 @@ def test_injected_shifts_fire_within_one_window(world, shift, check):
 # ------------------------------------------------------------------ a real (tiny) model
 
 
-@pytest.fixture(scope="module")
-def calibrated(image_cfg, tmp_path_factory):
-    """The tiny image model trained on 100 images per class: a holdout of 60, enough for the
-    export to calibrate drift (the shared tiny run's holdout of 6 is not: tested below)."""
-    import dataclasses
-
-    from export.pipeline import export_checkpoint
-    from finetune.train import fine_tune
-    from tests.conftest import quiet
-
-    tmp = tmp_path_factory.mktemp("drift")
-    data = make_images(tmp / "colors", per_class=100, seed=3)
-    run = tmp / "run"
-    fine_tune(data, run, dataclasses.replace(image_cfg, epochs=2), log=quiet)
-    return export_checkpoint(run, tmp / "art", name="colors", register=False, log=quiet)
-
-
 def _crops(artifact) -> list[np.ndarray]:
     """Fresh images of the training distribution (another seed), as arrays."""
     files = sorted(make_images(artifact.parent / "fresh", per_class=70, seed=11).rglob("*.png"))

@@ -56,9 +56,9 @@ def test_every_alert_has_a_summary_and_a_runbook():
 
 
 @pytest.fixture(scope="module")
-def scraped_service(image_artifact_dir, tmp_path_factory):
+def scraped_service(calibrated, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prom")
-    proc, url = _serve(image_artifact_dir, tmp / "svc.log")
+    proc, url = _serve(calibrated, tmp / "svc.log", TUNESERVE_DRIFT_INTERVAL_S="1")
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(PROM / "tuneserve.rules.yml")]
@@ -104,16 +104,24 @@ def test_prometheus_scrapes_the_service_and_evaluates_the_rules(scraped_service)
     url, prom = scraped_service
     up = _query(prom, 'up{job="tuneserve"}')  # Prometheus is up and scraping before traffic
     assert up[0]["value"][1] == "1"
-    body = {"inputs": [_b64(_png(COLORS[c], seed=i)) for i, c in enumerate(COLORS)]}
-    for _ in range(5):
+    body = {"inputs": [_b64(_png(COLORS[c], seed=i)) for i in range(20) for c in COLORS]}
+    for _ in range(12):  # 720 images: a full drift window in each of the workers
         assert httpx.post(url + "/predict", json=body).status_code == 200
-        time.sleep(1)  # traffic across several scrapes, so rate() has two samples
-    predictions = _query(prom, 'sum(tuneserve_predictions_total{model="colors"})')
-    assert float(predictions[0]["value"][1]) >= 15
+        time.sleep(0.5)  # traffic across several scrapes, so rate() has two samples
+    # the filter keeps the result empty, so _query polls, until every prediction is scraped
+    predictions = _query(prom, 'sum(tuneserve_predictions_total{model="colors"}) >= 720')
+    assert float(predictions[0]["value"][1]) == 720
     shares = _query(prom, 'tuneserve:class_share:ratio5m{model="colors"}')
     assert abs(sum(float(s["value"][1]) for s in shares) - 1) < 1e-6
     psi = _query(prom, 'tuneserve:prediction_psi:5m{model="colors"}')
     assert float(psi[0]["value"][1]) >= 0
+    scores = _query(prom, 'max by (check) (tuneserve_drift_score{model="colors"})')
+    assert {s["metric"]["check"] for s in scores} == {
+        "prediction",
+        "confidence",
+        "embedding",
+        "input",
+    }
     info = _query(prom, 'tuneserve_model_info{model="colors"}')
     assert info[0]["metric"]["provider"] == "CPUExecutionProvider"
 
