@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-# A private BentoML model store for the whole test session, set before bentoml is imported.
-os.environ["BENTOML_HOME"] = __import__("tempfile").mkdtemp(prefix="tuneserve-bentoml-")
+# A private BentoML model store for the whole test session, set before bentoml is imported,
+# and removed at exit (the registry exports put a few hundred MB in it).
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tuneserve-bentoml-")
+atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 
