@@ -26,6 +26,7 @@ from serve import (  # noqa: E402
     closed_loop,
     free_port,
     python_path,
+    request_inputs,
     rss_mb,
     start,
     stop,
@@ -71,7 +72,7 @@ def main() -> int:
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
     artifact = artifact_for(run, args.artifact, tmp)
-    bodies = [{"inputs": [str(t)]} for t in checkpoint.load_checkpoint(run).holdout_inputs]
+    bodies = [{"inputs": [t]} for t in request_inputs(checkpoint.load_checkpoint(run))]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     svc = start(

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from export.preprocess import Feeder
-from service.drift import calibrate, pca_basis
+from service.drift import calibrate, pca_basis, project
+from service.runtime import softmax
 
 PCA_COMPONENTS = 8  # low-dimensional view of the embedding, cheap to project per request
 HIST_BINS = 10  # quantile bins: equal mass on the reference, so every bin is informative
@@ -26,26 +27,6 @@ def _quantile_hist(values: np.ndarray, bins: int = HIST_BINS) -> dict:
         "mean": float(values.mean()),
         "std": float(values.std()),
     }
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def pca(embeddings: np.ndarray, k: int = PCA_COMPONENTS) -> dict:
-    return pca_basis(embeddings, k)
-
-
-def project(embeddings: np.ndarray, basis: dict) -> tuple[np.ndarray, np.ndarray]:
-    """PCA coordinates and the relative reconstruction error of each embedding."""
-    mean, comps = np.asarray(basis["mean"]), np.asarray(basis["components"])
-    centred = embeddings - mean
-    coords = centred @ comps.T
-    residual = centred - coords @ comps
-    norm = np.linalg.norm(centred, axis=1) + 1e-12
-    return coords, np.linalg.norm(residual, axis=1) / norm
 
 
 def input_statistics(feeder: Feeder) -> dict:
@@ -89,12 +70,12 @@ def build_reference(
     labels: list[str],
     train_per_class: dict[str, int],
 ) -> dict:
-    probs = _softmax(logits.astype(np.float64))
+    probs = softmax(logits)
     confidence = probs.max(1)
     pred = probs.argmax(1)
     total = sum(train_per_class.values())
-    basis = pca(embeddings.astype(np.float64))
-    coords, recon = project(embeddings.astype(np.float64), basis)
+    basis = pca_basis(embeddings.astype(np.float64), PCA_COMPONENTS)
+    coords, recon = project(embeddings, basis)
     edges = np.linspace(0.0, 1.0, 21)
     conf_counts = np.histogram(confidence, bins=edges)[0]
     return {

@@ -38,7 +38,7 @@ class Batcher:
         # One ONNX Runtime call at a time, always from the same thread: the CUDA provider keeps
         # cuDNN/cuBLAS handles per calling thread, so a thread pool would create them anew.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
-        self._thread.submit(rt.warm_up).result()  # warm that thread too (CUDA handles, caches)
+        self._thread.submit(rt.warm_up).result()  # on this thread: CUDA handles, caches
         dispatcher = CorkDispatcher(
             max_latency_in_ms=max_latency_ms,
             max_batch_size=max_batch_size,

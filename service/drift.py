@@ -2,7 +2,8 @@
 over a window of the latest samples, and thresholds calibrated at export for a target
 false-alarm rate (`calibrate`, called by export/reference.py on the holdout).
 
-numpy only, so the export stage and the service compute the very same statistics. Checks:
+numpy only (no bentoml, no torch), so the export stage and the service compute the very same
+statistics. Checks:
   prediction  chi-square of the predicted-class counts against the training prior
   confidence  two-sample Kolmogorov-Smirnov distance of the top-1 probabilities
   embedding   mean shift in PCA space plus the reconstruction error, in reference units
@@ -15,6 +16,8 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+from service.runtime import softmax
 
 CHECKS = ("prediction", "confidence", "embedding", "input")
 WINDOW = 200  # samples per evaluation; thresholds are calibrated for exactly this size
@@ -60,15 +63,19 @@ def pca_basis(embeddings: np.ndarray, k: int = 8) -> dict:
     }
 
 
-def summarize(logits: np.ndarray, embedding: np.ndarray, inputs, basis: dict) -> Summary:
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+def project(embeddings: np.ndarray, basis: dict) -> tuple[np.ndarray, np.ndarray]:
+    """PCA coordinates and the relative reconstruction error of each embedding."""
     mean, comps = np.asarray(basis["mean"]), np.asarray(basis["components"])
-    centred = embedding.astype(np.float64) - mean
+    centred = embeddings.astype(np.float64) - mean
     coords = centred @ comps.T
     residual = centred - coords @ comps
-    recon = np.linalg.norm(residual, axis=1) / (np.linalg.norm(centred, axis=1) + 1e-12)
+    norm = np.linalg.norm(centred, axis=1) + 1e-12
+    return coords, np.linalg.norm(residual, axis=1) / norm
+
+
+def summarize(logits: np.ndarray, embedding: np.ndarray, inputs, basis: dict) -> Summary:
+    p = softmax(logits)
+    coords, recon = project(embedding, basis)
     return Summary(p.argmax(1), p.max(1), coords, recon, np.asarray(inputs, dtype=np.float64))
 
 

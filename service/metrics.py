@@ -117,14 +117,8 @@ def model_info(rt) -> None:
     ).set(1)
 
 
-def reference(rt) -> None:
-    """The class prior of the artifact's reference.json (missing file: no series)."""
-    import json
-
-    path = rt.folder / "reference.json"
-    if not path.is_file():
-        return
-    prior = json.loads(path.read_text()).get("class_prior", {})
+def reference(rt, prior: dict[str, float]) -> None:
+    """The class prior of the artifact's reference.json."""
     for label, ratio in prior.items():
         _reference_ratio.labels(model=rt.name, version=rt.version, label=label).set(ratio)
 

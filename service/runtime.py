@@ -97,9 +97,11 @@ class Runtime:
         max_batch_size: int = 32,
         load_model: bool = True,
         verify: bool = True,
+        warm: bool = True,
     ):
         """`load_model=False` gives only the card-driven pre-processing (validation tests);
-        `verify=False` skips the sha256 check when the caller has just made it."""
+        `verify=False` skips the sha256 check when the caller has just made it; `warm=False`
+        leaves `warm_up()` to the caller (the service runs it on its inference thread)."""
         self.folder = Path(folder)
         try:
             self.card = load_card(self.folder)
@@ -119,9 +121,9 @@ class Runtime:
             self.std = np.asarray(self.pre["std"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.session, self.provider, self.precision = None, None, None
         if load_model:
-            self._load(precision, providers, threads)
+            self._load(precision, providers, threads, warm)
 
-    def _load(self, precision: str, providers: str, threads: int) -> None:
+    def _load(self, precision: str, providers: str, threads: int, warm: bool) -> None:
         import onnxruntime as ort
 
         chain = usable_providers(providers)
@@ -141,7 +143,8 @@ class Runtime:
         # batch for seconds on an H100 (bench/RESULTS.md): image batches run padded to a power
         # of two, and each of those few shapes is searched once in warm_up.
         self.pad_to_pow2 = self.provider != "CPUExecutionProvider" and self.task.startswith("image")
-        self.warm_up()
+        if warm:
+            self.warm_up()
         log.info(
             "serving %s:%s (%s) with %s, precision %s",
             self.name,

@@ -8,6 +8,7 @@ path (`service.batching.Batcher`), which runs the ONNX Runtime session once per 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -79,6 +80,7 @@ def _runtime() -> Runtime:
             max_text_chars=settings.max_text_chars,
             max_batch_size=settings.max_batch_size,
             verify=False,  # _check_artifact verified the files when this process imported us
+            warm=False,  # Batcher warms the session up on the thread that runs every batch
         )
     except ArtifactError as e:  # one clear line, then the worker stops
         log.error("error: %s", e)
@@ -96,13 +98,16 @@ class Tuneserve:
         model_ref = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
-        self.rt = _runtime()  # loads the session and warms it up: /readyz answers after this
-        self.monitor = drift_monitor(self.rt, settings.drift_interval_s)
+        self.rt = _runtime()
+        path = self.rt.folder / "reference.json"
+        reference = json.loads(path.read_text()) if path.is_file() else {}
+        self.monitor = drift_monitor(self.rt, reference.get("drift", {}), settings.drift_interval_s)
+        # Warms the session up: /readyz answers once __init__ returns.
         self.batch = Batcher(
             self.rt, settings.max_batch_size, settings.max_latency_ms, self.monitor
         )
         metrics.model_info(self.rt)
-        metrics.reference(self.rt)
+        metrics.reference(self.rt, reference.get("class_prior", {}))
 
     async def logits(self, raw: list) -> np.ndarray:
         """Validate every input, then one call into the batching path (InputError on misuse)."""
@@ -166,14 +171,12 @@ class Tuneserve:
 Tuneserve.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
 
 
-def drift_monitor(rt: Runtime, interval_s: int) -> Monitor | None:
-    """The drift window of this worker, evaluated by a background thread every `interval_s`
-    seconds, off the request path; None when off or when the artifact has no calibration."""
-    import json
+def drift_monitor(rt: Runtime, drift: dict, interval_s: int) -> Monitor | None:
+    """The drift window of this worker (`drift`: reference.json's calibration), evaluated by a
+    background thread every `interval_s` seconds, off the request path; None when off or when
+    the artifact has no calibration."""
     import threading
 
-    path = rt.folder / "reference.json"
-    drift = (json.loads(path.read_text()) if path.is_file() else {}).get("drift", {})
     if interval_s <= 0 or "thresholds" not in drift:
         if interval_s > 0:
             why = drift.get("disabled", "no drift calibration; re-export the artifact")
