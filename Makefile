@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test test-slow lint bench image tools
+.PHONY: demo test test-slow lint bench bench-serve image tools wrk
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/finetune.py
 	$(PY) bench/export.py
+
+# wrk (Debian package) drives the serving benchmarks; without it they use a Python client.
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+
+# Needs a text checkpoint in runs/sms_spam (README, "Fine-tune your own data").
+bench-serve: $(VENV)/.installed wrk
+	$(PY) bench/serve.py
+	$(PY) bench/reliability.py
 
 # The serving image with one model-store version baked in: make image MODEL=digits:v1
 MODEL ?= digits:latest

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from load import closed_loop  # noqa: E402
 from serve import (  # noqa: E402
     artifact_for,
-    closed_loop,
     free_port,
     python_path,
     request_inputs,
