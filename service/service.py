@@ -16,10 +16,12 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from service import metrics
+from service.accept import accept_one_per_turn
 from service.batching import Batcher
 from service.drift import Monitor
 from service.errors import ArtifactError, InputError
@@ -30,6 +32,7 @@ from service.settings import Settings
 
 log = logging.getLogger("tuneserve")
 settings = Settings.from_env()
+accept_one_per_turn()  # before uvicorn starts serving in this worker
 
 
 def artifact_folder(spec: str) -> Path:
@@ -87,11 +90,32 @@ def _runtime() -> Runtime:
         raise SystemExit(f"error: {e}") from None
 
 
+class Score(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(Score):
+    top_k: list[Score]  # the k most probable labels, best first (k = the request's top_k)
+
+
+class PredictResponse(BaseModel):
+    """A typed response: BentoML otherwise derives a JSON schema per response to pick its
+    media type (8% of a worker's request-handling CPU under load, bench/RESULTS.md)."""
+
+    model: str
+    version: str
+    predictions: list[Prediction]
+
+
 @bentoml.asgi_app(oip_app, path="/")
 @bentoml.service(
     name="tuneserve",
     workers=settings.worker_count(ON_GPU),
     traffic={"timeout": 60, "max_concurrency": 1024},
+    logging={"access": {"enabled": settings.access_log}},
+    # No spans unless asked for: BentoML's tracing middleware otherwise runs on every request.
+    tracing={} if settings.tracing else {"excluded_urls": [".*"]},
 )
 class Tuneserve:
     if not Path(settings.model).is_dir():  # a store tag: `bentoml build` packs that model
@@ -139,11 +163,16 @@ class Tuneserve:
         metrics.predictions(self.rt, out, time.perf_counter() - t1)
         return out
 
-    def response(self, predictions: list[dict]) -> dict:
-        return {"model": self.rt.name, "version": self.rt.version, "predictions": predictions}
+    def response(self, predictions: list[dict]) -> PredictResponse:
+        return PredictResponse.model_validate(
+            {"model": self.rt.name, "version": self.rt.version, "predictions": predictions}
+        )
 
+    # Errors leave as a JSONResponse (`reject`), which BentoML passes through unchanged.
     @bentoml.api(route="/predict")
-    async def predict(self, inputs: list, top_k: int = 1, ctx: bentoml.Context = None) -> dict:
+    async def predict(
+        self, inputs: list, top_k: int = 1, ctx: bentoml.Context = None
+    ) -> PredictResponse:
         """Classify texts or base64-encoded images: {"inputs": [...], "top_k": k}."""
         try:
             return self.response(await self.classify(inputs, top_k, ctx.request))
@@ -153,7 +182,7 @@ class Tuneserve:
     @bentoml.api(route="/predict_file")
     async def predict_file(
         self, files: list[Path], top_k: int = 1, ctx: bentoml.Context = None
-    ) -> dict:
+    ) -> PredictResponse:
         """Classify uploaded image files (multipart/form-data, field `files`)."""
         try:
             check_request(ctx.request)
@@ -218,12 +247,11 @@ def check_request(request: Request | None) -> None:
         )
 
 
-def reject(rt: Runtime, e: InputError, ctx: bentoml.Context) -> dict:
-    """The error body for a BentoML route; the status goes through the context."""
+def reject(rt: Runtime, e: InputError, ctx: bentoml.Context) -> JSONResponse:
+    """The error response of a BentoML route; BentoML sets the status from the context."""
     metrics.error(rt, e.reason)
     ctx.response.status_code = e.status
-    ctx.response.headers.update(e.headers())
-    return e.body()
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
 def error_response(rt: Runtime, e: InputError) -> JSONResponse:

@@ -18,6 +18,15 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"error: environment variable {name}={raw!r} must be an integer") from None
 
 
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return raw in ("1", "true", "yes", "on")
+    raise SystemExit(f"error: environment variable {name}={raw!r} must be 1/true or 0/false")
+
+
 def cpu_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
     container's `resources.limits.cpu`), which os.cpu_count() does not see."""
@@ -53,6 +62,11 @@ class Settings:
     max_body_bytes: int = 20 * 1024 * 1024  # request body, bytes (413 above)
     max_image_pixels: int = 40_000_000  # decoded width x height (decompression bombs, 413)
     max_text_chars: int = 20_000  # characters per text (413 above)
+    # BentoML's per-request access log line and OpenTelemetry span cost a third of a worker's
+    # request-handling CPU (bench/RESULTS.md); the Prometheus metrics count every request
+    # anyway. On: one log line per request; spans for BentoML's `tracing` exporter.
+    access_log: bool = False
+    tracing: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -73,6 +87,8 @@ class Settings:
             max_body_bytes=_int("TUNESERVE_MAX_BODY_BYTES", cls.max_body_bytes),
             max_image_pixels=_int("TUNESERVE_MAX_IMAGE_PIXELS", cls.max_image_pixels),
             max_text_chars=_int("TUNESERVE_MAX_TEXT_CHARS", cls.max_text_chars),
+            access_log=_bool("TUNESERVE_ACCESS_LOG", cls.access_log),
+            tracing=_bool("TUNESERVE_TRACING", cls.tracing),
         )
 
     def worker_count(self, on_gpu: bool) -> int:
