@@ -3,10 +3,11 @@
 In one process tree, on the same model and the same inputs (the checkpoint's holdout):
   (a) raw in-process ONNX Runtime at its best batch size: the limit;
   (b) the tuneserve BentoML service (`bentoml serve`) under closed-loop load of 1, 32 and 64
-      concurrent clients, one input per request;
+      concurrent clients, one input per request (wrk when installed, else aiohttp: load.py);
   (c) the peer most users would write instead: a FastAPI endpoint running the PyTorch model
       per request (no batching, no ONNX).
-Prints throughput and p50/p99 latency for each, and the ratios (b)/(a) and (b)/(c).
+Prints throughput and p50/p99 latency for each, and the ratios (b)/(a) and (b)/(c); (a) is
+measured before and after the load, and (b) is held to the better of the two.
 """
 
 from __future__ import annotations
