@@ -11,10 +11,17 @@ whose loop turns faster, takes more: nginx's default (`multi_accept off`).
 from __future__ import annotations
 
 import asyncio.selector_events
+import importlib.util
+import logging
 
 
 def accept_one_per_turn() -> None:
     """Patch asyncio's selector event loop (uvicorn's loop unless uvloop is installed)."""
+    if importlib.util.find_spec("uvloop") is not None:
+        logging.getLogger("tuneserve").warning(
+            "uvloop is installed, so uvicorn runs on it and the workers may share connections "
+            "unevenly (service/accept.py patches asyncio only); uninstall uvloop to avoid it"
+        )
     loop_class = asyncio.selector_events.BaseSelectorEventLoop
     original = loop_class._accept_connection
     if getattr(original, "one_per_turn", False):
