@@ -62,7 +62,7 @@ class Settings:
     max_body_bytes: int = 20 * 1024 * 1024  # request body, bytes (413 above)
     max_image_pixels: int = 40_000_000  # decoded width x height (decompression bombs, 413)
     max_text_chars: int = 20_000  # characters per text (413 above)
-    # BentoML's per-request access log line and OpenTelemetry span cost a third of a worker's
+    # BentoML's per-request access log line and OpenTelemetry span cost about 30% of a worker's
     # request-handling CPU (bench/RESULTS.md); the Prometheus metrics count every request
     # anyway. On: one log line per request; spans for BentoML's `tracing` exporter.
     access_log: bool = False

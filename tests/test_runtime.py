@@ -219,3 +219,17 @@ def test_worker_and_thread_defaults(monkeypatch):
     assert st.Settings(workers=2, threads=3).thread_count(True) == 3
     monkeypatch.undo()
     assert 1 <= st.cpu_cores() <= (os.cpu_count() or 1)
+
+
+def test_switch_settings_parse_or_refuse(monkeypatch):
+    """Access log and tracing are off unless asked for; anything but a yes/no word stops
+    start-up with one line naming the variable."""
+    from service import settings as st
+
+    assert (st.Settings.from_env().access_log, st.Settings.from_env().tracing) == (False, False)
+    monkeypatch.setenv("TUNESERVE_ACCESS_LOG", "True")
+    monkeypatch.setenv("TUNESERVE_TRACING", "0")
+    assert (st.Settings.from_env().access_log, st.Settings.from_env().tracing) == (True, False)
+    monkeypatch.setenv("TUNESERVE_TRACING", "sometimes")
+    with pytest.raises(SystemExit, match="TUNESERVE_TRACING='sometimes' must be 1/true or 0/false"):
+        st.Settings.from_env()

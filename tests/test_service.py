@@ -279,7 +279,7 @@ def test_a_burst_of_connections_is_shared_by_the_workers(image_server):
 
 
 def test_access_log_and_tracing_follow_the_settings(image_server, text_server):
-    """Off by default (they cost a third of the request-handling CPU); on when asked for."""
+    """Off by default (they cost about 30% of the request-handling CPU); on when asked for."""
     body = {"inputs": ["win cash now"]}
     httpx.post(text_server + "/predict", json=body, headers={"Authorization": f"Bearer {KEY}"})
     httpx.post(image_server + "/predict", json={"inputs": [_b64(_png(COLORS["red"]))]})
