@@ -226,6 +226,8 @@ def test_switch_settings_parse_or_refuse(monkeypatch):
     start-up with one line naming the variable."""
     from service import settings as st
 
+    monkeypatch.delenv("TUNESERVE_ACCESS_LOG", raising=False)
+    monkeypatch.delenv("TUNESERVE_TRACING", raising=False)
     assert (st.Settings.from_env().access_log, st.Settings.from_env().tracing) == (False, False)
     monkeypatch.setenv("TUNESERVE_ACCESS_LOG", "True")
     monkeypatch.setenv("TUNESERVE_TRACING", "0")
