@@ -9,7 +9,7 @@ import numpy as np
 
 from export.preprocess import Feeder
 from service.drift import calibrate, pca_basis, project
-from service.runtime import softmax
+from service.runtime import brightness, softmax
 
 PCA_COMPONENTS = 8  # low-dimensional view of the embedding, cheap to project per request
 HIST_BINS = 10  # quantile bins: equal mass on the reference, so every bin is informative
@@ -53,10 +53,10 @@ def input_statistics(feeder: Feeder) -> dict:
 
 
 def drift_inputs(feeder: Feeder) -> np.ndarray:
-    """Per-sample input statistic exactly as the service measures it (service/runtime.py
-    feeds): crop brightness on every 4th pixel, or tokens after truncation."""
+    """Per-sample input statistic as the service measures it (service/runtime.py feeds): crop
+    brightness, or tokens after truncation."""
     if feeder.task == "image-classification":
-        return feeder.inputs[:, ::4, ::4].reshape(len(feeder.inputs), -1).mean(1) / 255.0
+        return brightness(feeder.inputs)
     enc = feeder.tokenizer(
         [str(t) for t in feeder.inputs], truncation=True, max_length=int(feeder.pre["max_length"])
     )

@@ -251,10 +251,11 @@ class Runtime:
         """Model inputs for a batch; `stats`, when given, receives the cheap input statistics
         of DESIGN §4 (brightness on every 4th pixel and size; tokens, truncation, unknown)."""
         if self.task == "image-classification":
+            crops = np.stack([i.value for i in items])
             if stats is not None:
-                stats["brightness"] = [float(i.value[::4, ::4].mean()) / 255.0 for i in items]
+                stats["brightness"] = brightness(crops).tolist()
                 stats["pixels"] = [i.pixels for i in items]
-            x = np.stack([i.value for i in items]).transpose(0, 3, 1, 2).astype(np.float32)
+            x = crops.transpose(0, 3, 1, 2).astype(np.float32)
             return {"pixel_values": ((x / 255.0 - self.mean) / self.std).astype(np.float32)}
         encs = self.tokenizer.encode_batch([i.value for i in items])
         if stats is not None:
@@ -284,13 +285,12 @@ class Runtime:
         self, items: list[Prepared], stats: dict | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, classes] and pooled embeddings [N, dim] for a batch (`stats`: feeds)."""
-        n = len(items)
-        items = items + [items[0]] * (self.padded(n) - n)
         feeds = self.feeds(items, stats)
         if self.task == "image-classification":
-            if stats is not None:  # not the padding rows
-                stats["brightness"], stats["pixels"] = stats["brightness"][:n], stats["pixels"][:n]
-            logits, embedding = self.session.run(None, feeds)
+            n, x = len(items), feeds["pixel_values"]
+            if self.padded(n) > n:  # copies of the first row, dropped from the outputs
+                x = np.concatenate([x, np.repeat(x[:1], self.padded(n) - n, axis=0)])
+            logits, embedding = self.session.run(None, {"pixel_values": x})
             return logits[:n], embedding[:n]
         # Texts of very different lengths padded together waste most of the compute (SMS:
         # 5 to 100+ tokens). Sorted by length, they run in chunks padded to their own longest.
@@ -317,6 +317,12 @@ class Runtime:
             "score": float(p[order[0]]),
             "top_k": [{"label": self.labels[i], "score": float(p[i])} for i in order],
         }
+
+
+def brightness(crops: np.ndarray) -> np.ndarray:
+    """Mean value of every 4th pixel of each uint8 crop [N, H, W, C], 0 to 1: the drift input
+    statistic of images, computed the same way at export (export/reference.py)."""
+    return crops[:, ::4, ::4].reshape(len(crops), -1).mean(1) / 255.0
 
 
 def softmax(logits) -> np.ndarray:

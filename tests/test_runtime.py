@@ -174,7 +174,9 @@ def test_gpu_padding_keeps_results_and_limits_shapes(image_artifact_dir, image_r
     items = [Prepared(x) for x in checkpoint.load_checkpoint(image_run[0]).holdout_inputs[:5]]
     plain, plain_emb = rt.run(items)
     rt.pad_to_pow2 = True
-    padded, padded_emb = rt.run(items)
+    stats: dict = {}
+    padded, padded_emb = rt.run(items, stats)
+    assert len(stats["brightness"]) == len(stats["pixels"]) == 5  # no padding rows
     np.testing.assert_array_equal(padded, plain)
     np.testing.assert_array_equal(padded_emb, plain_emb)
     assert [rt.padded(n) for n in (1, 3, 5, 9, 17, 20, 40)] == [1, 4, 8, 16, 20, 20, 40]
