@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 from serve import artifact_for  # noqa: E402
 
 
-def scores_for(rt, texts: list[str], step: int = 25) -> tuple[dict | None, int | None]:
-    """Feed texts in batches; the final scores and the samples seen at the first alarm."""
+def scores_for(rt, drift: dict, texts: list[str], step: int = 25) -> tuple[dict | None, int | None]:
+    """Feed texts in batches to a fresh monitor of `drift` (reference.json's calibration); the
+    final scores and the samples seen at the first alarm."""
     from service.drift import Monitor
 
-    monitor = Monitor(json.loads((rt.folder / "reference.json").read_text())["drift"])
+    monitor = Monitor(drift)
     first = None
     for i in range(0, len(texts), step):
         stats: dict = {}
@@ -75,7 +76,7 @@ def main() -> int:
     )
     print(f"{'traffic':<32} " + " ".join(f"{c:>11}" for c in drift["thresholds"]) + "  first alarm")
     for name, texts in cases.items():
-        s, first = scores_for(rt, texts)
+        s, first = scores_for(rt, drift, texts)
         cells = " ".join(f"{s[c]:>11.2f}" for c in drift["thresholds"])
         print(f"{name:<32} {cells}  {first if first else 'none'}")
     return 0
