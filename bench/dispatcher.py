@@ -34,8 +34,8 @@ class StandInModel:
         self.batch_s, self.item_s, self.sizes = batch_s, item_s, []
         self.spike_every, self.spike_s = spike_every, spike_s
 
-    def warm_up(self) -> None:
-        pass
+    def warm_up(self) -> list:
+        return []
 
     def run(self, items: list, stats: dict) -> tuple[np.ndarray, np.ndarray]:
         self.sizes.append(len(items))
@@ -55,7 +55,7 @@ async def closed_loop(args: argparse.Namespace) -> dict:
     model = StandInModel(
         args.batch_ms / 1000, args.item_ms / 1000, args.spike_every, args.spike_ms / 1000
     )
-    batch = Batcher(model, args.max_batch_size, args.max_latency_ms)
+    batch = Batcher(model, args.max_batch_size, args.timeout_s, None, args.max_queue_items)
     latencies, shed = [], 0
     stop = time.perf_counter() + args.seconds
 
@@ -65,7 +65,7 @@ async def closed_loop(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             spin(args.decode_ms / 1000)  # pre-processing blocks the event loop
             try:
-                await batch([object()])
+                await batch([object()] * args.items)
                 latencies.append(time.perf_counter() - t0)
             except InputError:  # 503 overloaded
                 shed += 1
@@ -89,7 +89,11 @@ def main() -> int:
     p.add_argument("--item-ms", type=float, default=0.1, help="added time per item, ms")
     p.add_argument("--decode-ms", type=float, default=4.0, help="event-loop CPU per request")
     p.add_argument("--max-batch-size", type=int, default=32, help="as TUNESERVE_MAX_BATCH_SIZE")
-    p.add_argument("--max-latency-ms", type=int, default=2000, help="as TUNESERVE_MAX_LATENCY_MS")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="as TUNESERVE_REQUEST_TIMEOUT_S")
+    p.add_argument(
+        "--max-queue-items", type=int, default=4096, help="as TUNESERVE_MAX_QUEUE_ITEMS"
+    )
+    p.add_argument("--items", type=int, default=1, help="items per request")
     p.add_argument("--spike-every", type=int, default=0, help="every Nth batch is slow; 0: none")
     p.add_argument("--spike-ms", type=float, default=3000.0, help="extra time of a slow batch")
     p.add_argument("--seconds", type=float, default=8.0, help="load duration")

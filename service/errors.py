@@ -21,6 +21,8 @@ class InputError(ServiceError):
     def __init__(self, reason: str, detail: str, status: int = 400):
         super().__init__(detail)
         self.reason, self.detail, self.status = reason, detail, status
+        self.retry_after = 1  # seconds, for 503: the estimated time the queue needs to drain
+        self.shed_reason = ""  # 503: queue_full, deadline or timeout (service/batching.py)
 
     def body(self) -> dict:
         return {"error": self.reason, "detail": self.detail}
@@ -28,6 +30,6 @@ class InputError(ServiceError):
     def headers(self) -> dict[str, str]:
         if self.status == 401:
             return {"WWW-Authenticate": "Bearer"}
-        if self.status == 503:  # load shedding: the queue drains within a second or two
-            return {"Retry-After": "1"}
+        if self.status == 503:
+            return {"Retry-After": str(self.retry_after)}
         return {}

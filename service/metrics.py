@@ -100,6 +100,23 @@ _drift_time = bentoml.metrics.Gauge(
     labelnames=LABELS,
     multiprocess_mode="liveall",
 )
+_drift_capacity = bentoml.metrics.Gauge(
+    name="tuneserve_drift_window_capacity",
+    documentation="Samples a drift evaluation needs (the calibrated window size)",
+    labelnames=LABELS,
+    multiprocess_mode="liveall",
+)
+_shed = bentoml.metrics.Counter(
+    name="tuneserve_requests_shed",
+    documentation="Requests answered 503 by admission control (queue_full, deadline, timeout)",
+    labelnames=LABELS + ["reason"],
+)
+_queue = bentoml.metrics.Gauge(
+    name="tuneserve_queue_items",
+    documentation="Items admitted to this worker's model queue and not yet answered",
+    labelnames=LABELS,
+    multiprocess_mode="liveall",
+)
 _errors = bentoml.metrics.Counter(
     name="tuneserve_request_errors",
     documentation="Rejected requests by reason",
@@ -159,9 +176,23 @@ def error(rt, reason: str) -> None:
     _errors.labels(model=rt.name, version=rt.version, reason=reason).inc()
 
 
+def shed(rt, reason: str) -> None:
+    _shed.labels(model=rt.name, version=rt.version, reason=reason).inc()
+
+
+def queue(rt, items: int) -> None:
+    _queue.labels(model=rt.name, version=rt.version).set(items)
+
+
+def drift_capacity(rt, window: int) -> None:
+    _drift_capacity.labels(model=rt.name, version=rt.version).set(window)
+
+
 def drift(rt, samples: int, scores: dict[str, float] | None, when: float) -> None:
+    """The window size always; scores and time only from a fresh evaluation of a full window
+    (the alert rules ignore workers whose window is below capacity)."""
     _drift_samples.labels(model=rt.name, version=rt.version).set(samples)
-    if scores is None:  # the window is not full yet
+    if scores is None:
         return
     for check, score in scores.items():
         _drift_score.labels(model=rt.name, version=rt.version, check=check).set(score)

@@ -18,6 +18,7 @@ import ctypes
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,9 @@ class Runtime:
         self.max_image_pixels, self.max_text_chars = max_image_pixels, max_text_chars
         self.max_batch_size = max_batch_size
         self.pad_to_pow2 = False  # set on GPUs for images, see run()
+        # Inputs whose preparation is CPU-heavy (image decoding): the service runs it off the
+        # event loop. Text preparation is a type check; tokenizing runs with the batch.
+        self.heavy_inputs = self.task == "image-classification"
         self.tokenizer = self._tokenizer() if self.task == "text-classification" else None
         if self.task == "image-classification":
             self.mean = np.asarray(self.pre["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
@@ -176,10 +180,13 @@ class Runtime:
         self.unk_id = tok.token_to_id(unk) if unk else None
         return tok
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> list[tuple[int, float]]:
         """Calls across the batch range, up to the largest batch of the longest inputs, so the
         first requests are not slow and ONNX Runtime's memory arena is at its peak size from
-        the start (it otherwise grew RSS by a fifth in the first minute of load)."""
+        the start (it otherwise grew RSS by a fifth in the first minute of load). Returns
+        (batch size, seconds) of the short-input calls, timed after a first untimed one."""
+        import time
+
         if self.task == "image-classification":
             c = int(self.pre["crop_size"])
             short = long = Prepared(np.full((c, c, 3), 127, dtype=np.uint8))
@@ -188,9 +195,14 @@ class Runtime:
         sizes = [1, 8]
         if self.pad_to_pow2:
             sizes = sorted({self.padded(k) for k in range(1, self.max_batch_size + 1)})
+        self.predict([short])
+        timings = []
         for n in sizes:
+            t0 = time.perf_counter()
             self.predict([short] * n)
+            timings.append((n, time.perf_counter() - t0))
         self.predict([long] * self.max_batch_size)
+        return timings
 
     # ------------------------------------------------------------------ inputs
 
@@ -220,11 +232,18 @@ class Runtime:
         return Prepared(value)
 
     def decode_image(self, data: bytes) -> Prepared:
-        from PIL import Image, UnidentifiedImageError
+        """Header first (size checked before any pixel is decoded), then pixels; every decoder
+        failure is an InputError, never an exception of PIL's own."""
+        from PIL import Image
 
         try:
-            im = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+            with warnings.catch_warnings():
+                # PIL warns above its own limit and raises above twice that: ours applies.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise InputError("image_too_large", f"image refused: {e}", status=413) from None
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, struct.error
             raise InputError("undecodable_image", f"cannot decode the image: {e}") from None
         with im:
             w, h = im.size
@@ -234,18 +253,25 @@ class Runtime:
                     f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_image_pixels}",
                     status=413,
                 )
+            if min(w, h) < 1:
+                raise InputError("undecodable_image", f"image has no pixels ({w}x{h})")
             try:
-                im = im.convert("RGB")
-            except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+                crop_px = self._resize_crop(im)
+            except Exception as e:  # truncated or corrupt pixel data, any decoder's error
                 raise InputError("undecodable_image", f"cannot decode the image: {e}") from None
-            resize, crop = int(self.pre["resize"]), int(self.pre["crop_size"])
-            scale = resize / min(w, h)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            im = im.resize(size, _RESAMPLE[self.pre["interpolation"]])
-            left = int(round((size[0] - crop) / 2.0))
-            top = int(round((size[1] - crop) / 2.0))
-            crop_px = np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
             return Prepared(crop_px, pixels=w * h)
+
+    def _resize_crop(self, im) -> np.ndarray:
+        """Shorter side to `resize`, then the centre `crop_size` square, as in training."""
+        w, h = im.size
+        im = im.convert("RGB")
+        resize, crop = int(self.pre["resize"]), int(self.pre["crop_size"])
+        scale = resize / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        im = im.resize(size, _RESAMPLE[self.pre["interpolation"]])
+        left = int(round((size[0] - crop) / 2.0))
+        top = int(round((size[1] - crop) / 2.0))
+        return np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
     def feeds(self, items: list[Prepared], stats: dict | None = None) -> dict[str, np.ndarray]:
         """Model inputs for a batch; `stats`, when given, receives the cheap input statistics
