@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from service import metrics
 from service.errors import InputError
 
 HEADER = "Inference-Header-Content-Length"
@@ -25,6 +26,14 @@ def _service():
     import bentoml
 
     return bentoml.get_current_service()
+
+
+def error_response(rt, e: InputError) -> JSONResponse:
+    """The error response of the OIP routes, whose clients (tritonclient) show only the
+    "error" field: it carries the reason and the detail."""
+    metrics.error(rt, e.reason)
+    body = {"error": f"{e.reason}: {e.detail}", "detail": e.detail}
+    return JSONResponse(body, status_code=e.status, headers=e.headers())
 
 
 def _fail(status: int, reason: str, detail: str) -> JSONResponse:
@@ -48,11 +57,11 @@ def _model_or_404(name: str, version: str | None = None):
 @oip_app.get("/v2")
 @oip_app.get("/v2/")
 async def server_metadata():
-    from importlib.metadata import version
+    from service import __version__
 
     return {
         "name": "tuneserve",
-        "version": version("tuneserve"),
+        "version": __version__,
         "extensions": ["binary_tensor_data"],
     }
 
@@ -110,38 +119,108 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
     return out
 
 
-async def _parse(request: Request) -> tuple[dict, list]:
-    body = await request.body()
-    header_len = request.headers.get(HEADER)
+def _field(obj: dict, key: str, kind: type, where: str, required: bool = False):
+    """obj[key] when it has the right JSON type; InputError naming the field otherwise."""
+    if key not in obj or obj[key] is None:
+        if required:
+            raise InputError("bad_request", f"{where}: '{key}' is required")
+        return None
+    value = obj[key]
+    if not isinstance(value, kind):
+        want = {dict: "an object", list: "a list", str: "a string"}[kind]
+        raise InputError(
+            "bad_request", f"{where}: '{key}' must be {want}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError("bad_request", f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def parse_request(body: bytes, header_len: str | None) -> tuple[dict, list]:
+    """The JSON head and the input values of an inference request, every field checked."""
     try:
         if header_len is not None:
+            if not header_len.strip().isdigit() or int(header_len) > len(body):
+                raise InputError(
+                    "bad_request",
+                    f"{HEADER} {header_len!r} must be a byte count within the body "
+                    f"({len(body)} bytes)",
+                )
             n = int(header_len)
             head, binary = json.loads(body[:n]), body[n:]
         else:
             head, binary = json.loads(body), b""
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(
             "bad_json", f"request body is not a valid inference request: {e}"
         ) from None
-    if (
-        not isinstance(head, dict)
-        or not isinstance(head.get("inputs"), list)
-        or len(head["inputs"]) != 1
-    ):
+    if not isinstance(head, dict):
+        raise InputError("bad_request", "the inference request must be a JSON object")
+    _field(head, "id", str, "request")
+    params = _field(head, "parameters", dict, "request") or {}
+    if "binary_data_output" in params and not isinstance(params["binary_data_output"], bool):
+        raise InputError("bad_request", "parameters.binary_data_output must be true or false")
+    outputs = _field(head, "outputs", list, "request") or []
+    for i, o in enumerate(outputs):
+        where = f"outputs[{i}]"
+        if not isinstance(o, dict):
+            raise InputError("bad_request", f"{where} must be an object with a 'name'")
+        _field(o, "name", str, where, required=True)
+        p = _field(o, "parameters", dict, where) or {}
+        if "binary_data" in p and not isinstance(p["binary_data"], bool):
+            raise InputError("bad_request", f"{where}.parameters.binary_data must be a boolean")
+    inputs = _field(head, "inputs", list, "request", required=True)
+    if len(inputs) != 1:
         raise InputError("bad_request", "send exactly one input tensor in 'inputs'")
-    tensor = head["inputs"][0]
-    if not isinstance(tensor, dict) or tensor.get("datatype") != "BYTES":
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise InputError("bad_request", "inputs[0] must be a tensor object")
+    _field(tensor, "name", str, "inputs[0]")
+    if tensor.get("datatype") != "BYTES":
         raise InputError(
             "wrong_type", "the input tensor must have datatype BYTES (texts or encoded images)"
         )
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    shape = _field(tensor, "shape", list, "inputs[0]")
+    tparams = _field(tensor, "parameters", dict, "inputs[0]") or {}
+    size = tparams.get("binary_data_size")
     if size is not None:
-        values: list = _bytes_elements(binary[: int(size)])
+        size = _count(size, "inputs[0].parameters.binary_data_size")
+        if size > len(binary):
+            raise InputError(
+                "bad_tensor", f"binary_data_size {size} exceeds the {len(binary)} bytes sent"
+            )
+        values: list = _bytes_elements(binary[:size])
     elif isinstance(tensor.get("data"), list):
-        values = list(np.asarray(tensor["data"], dtype=object).reshape(-1))
+        values = _flatten(tensor["data"])
+        for v in values:
+            if not isinstance(v, str):
+                raise InputError(
+                    "wrong_type",
+                    f"BYTES data elements are strings (texts or base64), got {type(v).__name__}",
+                )
     else:
         raise InputError("bad_tensor", "the input tensor has neither 'data' nor binary data")
+    if shape is not None:
+        dims = [_count(d, "inputs[0].shape dimension") for d in shape]
+        if int(np.prod(dims)) != len(values):
+            raise InputError(
+                "bad_tensor", f"shape {dims} does not hold the {len(values)} elements sent"
+            )
     return head, values
+
+
+def _flatten(data: list, depth: int = 0) -> list:
+    """Row-major elements of a nested JSON list (at most 8 levels deep)."""
+    if depth > 8:
+        raise InputError("bad_tensor", "tensor data is nested more than 8 levels deep")
+    out = []
+    for v in data:
+        out.extend(_flatten(v, depth + 1) if isinstance(v, list) else [v])
+    return out
 
 
 def _as_inputs(values: list, task: str) -> list:
@@ -167,34 +246,92 @@ def _binary_response(head: dict, chunks: list[bytes]) -> Response:
     )
 
 
-@oip_app.post("/v2/models/{name}/infer")
-@oip_app.post("/v2/models/{name}/versions/{version}/infer")
+OUTPUT_NAMES = ("logits", "probabilities", "label")
+# The request body of `infer` as the OpenAPI document describes it (the route reads the raw
+# body itself, for the binary extension), so that clients and fuzzers see its fields.
+INFER_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"binary_data_output": {"type": "boolean"}},
+                    },
+                    "inputs": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "datatype", "shape", "data"],
+                            "properties": {
+                                "name": {"type": "string", "example": "INPUT"},
+                                "datatype": {"type": "string", "enum": ["BYTES"]},
+                                "shape": {"type": "array", "items": {"type": "integer"}},
+                                "data": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": "texts, or base64-encoded images",
+                                },
+                                "parameters": {
+                                    "type": "object",
+                                    "properties": {"binary_data_size": {"type": "integer"}},
+                                },
+                            },
+                        },
+                    },
+                    "outputs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string", "enum": list(OUTPUT_NAMES)},
+                                "parameters": {
+                                    "type": "object",
+                                    "properties": {"binary_data": {"type": "boolean"}},
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        }
+    },
+}
+
+
+@oip_app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": INFER_BODY})
+@oip_app.post(
+    "/v2/models/{name}/versions/{version}/infer", openapi_extra={"requestBody": INFER_BODY}
+)
 async def infer(name: str, request: Request, version: str | None = None):
     from service.runtime import softmax
-    from service.service import check_request, error_response
 
     svc, missing = _model_or_404(name, version)
     if missing:
         return missing
     rt = svc.rt
     try:
-        check_request(request)
-        head, values = await _parse(request)
+        head, values = parse_request(await request.body(), request.headers.get(HEADER))
+        wanted = head.get("outputs") or [{"name": k} for k in OUTPUT_NAMES]
+        unknown = [o["name"] for o in wanted if o["name"] not in OUTPUT_NAMES]
+        if unknown:
+            raise InputError(
+                "unknown_output",
+                f"unknown output(s) {unknown}; outputs are {', '.join(OUTPUT_NAMES)}",
+            )
         logits = await svc.logits(_as_inputs(values, rt.task))
     except InputError as e:
         return error_response(rt, e)
     probs = softmax(logits).astype(np.float32)
     labels = [rt.labels[i] for i in probs.argmax(1)]
     tensors = {"logits": logits.astype(np.float32), "probabilities": probs, "label": labels}
-    wanted = head.get("outputs") or [{"name": k} for k in tensors]
-    unknown = [o.get("name") for o in wanted if o.get("name") not in tensors]
-    if unknown:
-        return error_response(
-            rt,
-            InputError(
-                "unknown_output", f"unknown output(s) {unknown}; outputs are {', '.join(tensors)}"
-            ),
-        )
     all_binary = bool((head.get("parameters") or {}).get("binary_data_output"))
     outputs, chunks = [], []
     for o in wanted:

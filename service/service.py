@@ -8,20 +8,22 @@ path (`service.batching.Batcher`), which runs the ONNX Runtime session once per 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
 import numpy as np
 from pydantic import BaseModel
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from service import metrics
 from service.accept import accept_one_per_turn
+from service.apidocs import ApiDocs
 from service.batching import Batcher
 from service.drift import Monitor
 from service.errors import ArtifactError, InputError
@@ -31,7 +33,11 @@ from service.runtime import Runtime, listed_precisions, softmax, usable_provider
 from service.settings import Settings
 
 log = logging.getLogger("tuneserve")
-settings = Settings.from_env()
+try:
+    settings = Settings.from_env()
+except SystemExit as e:  # a bad setting: one line, before BentoML starts any worker
+    print(e.code, file=sys.stderr)
+    raise SystemExit(2) from None
 accept_one_per_turn()  # before uvicorn starts serving in this worker
 
 
@@ -112,7 +118,9 @@ class PredictResponse(BaseModel):
 @bentoml.service(
     name="tuneserve",
     workers=settings.worker_count(ON_GPU),
-    traffic={"timeout": 60, "max_concurrency": 1024},
+    # BentoML's own timeout stays above ours, so that a request past ours gets our 503 with
+    # Retry-After rather than BentoML's bare 504.
+    traffic={"timeout": settings.request_timeout_s + 30, "max_concurrency": 4096},
     logging={"access": {"enabled": settings.access_log}},
     # No spans unless asked for: BentoML's tracing middleware otherwise runs on every request.
     tracing={} if settings.tracing else {"excluded_urls": [".*"]},
@@ -125,10 +133,19 @@ class Tuneserve:
         self.rt = _runtime()
         path = self.rt.folder / "reference.json"
         reference = json.loads(path.read_text()) if path.is_file() else {}
-        self.monitor = drift_monitor(self.rt, reference.get("drift", {}), settings.drift_interval_s)
+        self.monitor = drift_monitor(self.rt, reference.get("drift", {}), settings)
         # Warms the session up: /readyz answers once __init__ returns.
         self.batch = Batcher(
-            self.rt, settings.max_batch_size, settings.max_latency_ms, self.monitor
+            self.rt,
+            settings.max_batch_size,
+            settings.request_timeout_s,
+            self.monitor,
+            settings.max_queue_items,
+        )
+        # Image decoding and resizing (tens of ms for a large photo) runs here, off the event
+        # loop, so that probes and /metrics answer while it works; PIL releases the GIL.
+        self.decoders = ThreadPoolExecutor(
+            settings.decode_thread_count(), thread_name_prefix="decode"
         )
         metrics.model_info(self.rt)
         metrics.reference(self.rt, reference.get("class_prior", {}))
@@ -144,17 +161,26 @@ class Tuneserve:
                 status=413,
             )
         t0 = time.perf_counter()
-        prepared = []
-        for i, value in enumerate(raw):
-            try:
-                prepared.append(self.rt.prepare(value))
-            except InputError as e:
-                raise InputError(e.reason, f"inputs[{i}]: {e.detail}", e.status) from None
+        if self.rt.heavy_inputs:
+            loop = asyncio.get_running_loop()
+            jobs = [loop.run_in_executor(self.decoders, self.rt.prepare, v) for v in raw]
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+        else:
+            results = []
+            for value in raw:
+                try:
+                    results.append(self.rt.prepare(value))
+                except InputError as e:
+                    results.append(e)
+        for i, result in enumerate(results):
+            if isinstance(result, InputError):
+                raise InputError(result.reason, f"inputs[{i}]: {result.detail}", result.status)
+            if isinstance(result, BaseException):
+                raise result
         metrics.preprocess(self.rt, time.perf_counter() - t0)
-        return await self.batch(prepared)
+        return await self.batch(results)
 
-    async def classify(self, raw: list, top_k: int, request: Request | None) -> list[dict]:
-        check_request(request)
+    async def classify(self, raw: list, top_k: int) -> list[dict]:
         if not isinstance(top_k, int) or top_k < 1:
             raise InputError("bad_top_k", f"top_k must be a positive integer, got {top_k!r}")
         logits = await self.logits(raw)
@@ -175,7 +201,7 @@ class Tuneserve:
     ) -> PredictResponse:
         """Classify texts or base64-encoded images: {"inputs": [...], "top_k": k}."""
         try:
-            return self.response(await self.classify(inputs, top_k, ctx.request))
+            return self.response(await self.classify(inputs, top_k))
         except InputError as e:
             return reject(self.rt, e, ctx)
 
@@ -185,33 +211,58 @@ class Tuneserve:
     ) -> PredictResponse:
         """Classify uploaded image files (multipart/form-data, field `files`)."""
         try:
-            check_request(ctx.request)
-            if self.rt.task != "image-classification":
+            if not self.rt.heavy_inputs:
                 raise InputError(
                     "wrong_route",
                     "/predict_file takes images; this model classifies text: use /predict",
                 )
             raw = [Path(f).read_bytes() for f in files]
-            return self.response(await self.classify(raw, top_k, ctx.request))
+            return self.response(await self.classify(raw, top_k))
         except InputError as e:
             return reject(self.rt, e, ctx)
 
 
-Tuneserve.add_asgi_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+def served_runtime() -> Runtime | None:
+    """This worker's runtime, once the service is instantiated."""
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        return getattr(bentoml.get_current_service(), "rt", None)
+    except BentoMLException:
+        return None
 
 
-def drift_monitor(rt: Runtime, drift: dict, interval_s: int) -> Monitor | None:
+def count_rejection(reason: str) -> None:
+    """tuneserve_request_errors_total for a request the middleware refused."""
+    rt = served_runtime()
+    if rt is not None:
+        metrics.error(rt, reason)
+
+
+# The first added is the outermost: the guard sees every request first.
+Tuneserve.add_asgi_middleware(
+    RequestGuard,
+    max_body_bytes=settings.max_body_bytes,
+    api_keys=settings.api_keys,
+    on_reject=count_rejection,
+)
+Tuneserve.add_asgi_middleware(ApiDocs, runtime=served_runtime)
+
+
+def drift_monitor(rt: Runtime, drift: dict, settings: Settings) -> Monitor | None:
     """The drift window of this worker (`drift`: reference.json's calibration), evaluated by a
-    background thread every `interval_s` seconds, off the request path; None when off or when
-    the artifact has no calibration."""
+    background thread every `drift_interval_s` seconds, off the request path; None when off or
+    when the artifact has no calibration."""
     import threading
 
+    interval_s = settings.drift_interval_s
     if interval_s <= 0 or "thresholds" not in drift:
         if interval_s > 0:
             why = drift.get("disabled", "no drift calibration; re-export the artifact")
             log.warning("drift monitoring off for %s: %s", rt.folder, why)
         return None
-    monitor = Monitor(drift)
+    monitor = Monitor(drift, settings.drift_max_age_s)
+    metrics.drift_capacity(rt, monitor.window)
 
     def evaluate() -> None:
         while True:
@@ -225,38 +276,8 @@ def drift_monitor(rt: Runtime, drift: dict, interval_s: int) -> Monitor | None:
     return monitor
 
 
-def check_request(request: Request | None) -> None:
-    """API key and body-size checks shared by every prediction route."""
-    if request is None:
-        return
-    if settings.api_keys:
-        auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else None
-        if token not in settings.api_keys:
-            raise InputError(
-                "unauthorized",
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                status=401,
-            )
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_body_bytes:
-        raise InputError(
-            "body_too_large",
-            f"request body is {length} bytes; the limit is {settings.max_body_bytes}",
-            status=413,
-        )
-
-
 def reject(rt: Runtime, e: InputError, ctx: bentoml.Context) -> JSONResponse:
     """The error response of a BentoML route; BentoML sets the status from the context."""
     metrics.error(rt, e.reason)
     ctx.response.status_code = e.status
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
-
-
-def error_response(rt: Runtime, e: InputError) -> JSONResponse:
-    """The error response for the mounted Open Inference Protocol routes, whose clients show
-    only the "error" field: it carries the reason and the detail."""
-    metrics.error(rt, e.reason)
-    body = {"error": f"{e.reason}: {e.detail}", "detail": e.detail}
-    return JSONResponse(body, status_code=e.status, headers=e.headers())
