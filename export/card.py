@@ -79,11 +79,23 @@ def load_card(folder: str | Path) -> dict:
     return card
 
 
+def support_files(folder: str | Path) -> list[dict]:
+    """Every file of an artifact besides the models and the card (reference.json, tokenizer
+    files) with its sha256: each changes predictions or their monitoring."""
+    folder = Path(folder)
+    return [
+        {"file": p.relative_to(folder).as_posix(), "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CARD and p.suffix != ".onnx"
+    ]
+
+
 def verify_files(folder: str | Path, card: dict) -> None:
-    """Every file the card lists exists and has the sha256 the card records."""
+    """Every file the card lists (models, variants, support files) exists and has the sha256
+    the card records."""
     folder = Path(folder)
     problems = []
-    for entry in [card["files"]["model"], *card["variants"]]:
+    for entry in [card["files"]["model"], *card["variants"], *card["files"].get("support", [])]:
         path = folder / entry["file"]
         if not path.is_file():
             problems.append(f"'{path}' is missing")

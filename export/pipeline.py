@@ -315,7 +315,8 @@ def _build(
                 "precision": "fp32",
                 "sha256": card_mod.sha256_file(path),
                 "weights_sha256": weights,
-            }
+            },
+            "support": card_mod.support_files(work),
         },
         "variants": variants,
         "rejected_variants": rejected,
