@@ -53,6 +53,22 @@ def make_texts(n_per_class: int, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
+def bomb_png(width: int = 20_000, height: int = 20_000, rows: int = 16) -> bytes:
+    """A valid PNG header claiming width x height grey pixels, followed by `rows` rows of zero
+    pixel data: decoders that trust the header allocate width x height bytes (400 MB here)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1) * rows, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory) -> Path:
     return make_images(tmp_path_factory.mktemp("images") / "colors", per_class=10)

@@ -102,6 +102,23 @@ def test_injected_shifts_fire_within_one_window(world, shift, check):
     assert alarms >= 19 and check in fired, (alarms, fired)
 
 
+def test_window_expires_and_a_quiet_window_is_not_rescored(world):
+    """Samples older than the maximum age leave the window; with no fresh samples the same
+    window is not scored again (an alert must not hold on stale data)."""
+    w, basis, drift = world
+    rng = np.random.default_rng(5)
+    monitor = Monitor(drift, max_age_s=60)
+    monitor.observe(*w.sample(WINDOW // 2, rng), now=0.0)
+    monitor.observe(*w.sample(WINDOW // 2, rng), now=30.0)
+    assert monitor.samples(now=31.0) == WINDOW
+    assert set(monitor.scores(now=31.0)) == set(CHECKS)
+    assert monitor.scores(now=40.0) is None, "re-scored a window without new samples"
+    assert monitor.samples(now=61.0) == WINDOW // 2  # the first half is older than 60 s
+    monitor.observe(*w.sample(10, rng), now=62.0)
+    assert monitor.scores(now=62.0) is None, "scored a window below its size"
+    assert monitor.samples(now=200.0) == 0
+
+
 # ------------------------------------------------------------------ a real (tiny) model
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from PIL import Image
 
 from service.errors import ArtifactError, InputError
 from service.runtime import Prepared, Runtime, softmax
-from tests.conftest import WORDS
+from tests.conftest import WORDS, bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,12 +90,22 @@ def test_precision_choice(image_artifact_dir, text_artifact_dir):
     assert Runtime(image_artifact_dir).provider == "CPUExecutionProvider"
 
 
+def _garbled(png: bytes) -> bytes:
+    """A PNG whose header is fine and whose pixel data is not zlib."""
+    i = png.index(b"IDAT") + 4
+    return png[:i] + b"\x00garbage" + png[i + 8 :]
+
+
 @pytest.mark.parametrize(
     "value,reason,status",
     [
         ("not base64!", "invalid_base64", 400),
         (base64.b64encode(b"GIF89a junk").decode(), "undecodable_image", 400),
         (base64.b64encode(_png(size=(3000, 3000))).decode(), "image_too_large", 413),
+        # PIL raised DecompressionBombError (a 500) before the pixel limit was checked
+        (base64.b64encode(bomb_png()).decode(), "image_too_large", 413),
+        (_garbled(bomb_png(300, 200, rows=3)), "undecodable_image", 400),
+        (bomb_png(0, 10), "undecodable_image", 400),
         (42, "wrong_type", 400),
     ],
 )
@@ -237,3 +249,42 @@ def test_switch_settings_parse_or_refuse(monkeypatch):
     monkeypatch.setenv("TUNESERVE_TRACING", "sometimes")
     with pytest.raises(SystemExit, match="TUNESERVE_TRACING='sometimes' must be 1/true or 0/false"):
         st.Settings.from_env()
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        (
+            {"TUNESERVE_MAX_BATCH_SIZE": "0"},
+            "TUNESERVE_MAX_BATCH_SIZE='0' must be an integer from 1",
+        ),
+        ({"TUNESERVE_WORKERS": "-1"}, "TUNESERVE_WORKERS='-1' must be an integer from 0 to 256"),
+        ({"TUNESERVE_REQUEST_TIMEOUT_S": "-5"}, "TUNESERVE_REQUEST_TIMEOUT_S='-5'"),
+        ({"TUNESERVE_MAX_QUEUE_ITEMS": "lots"}, "TUNESERVE_MAX_QUEUE_ITEMS='lots'"),
+        ({"TUNESERVE_PRECISION": "fp8"}, "TUNESERVE_PRECISION='fp8' must be one of auto"),
+    ],
+)
+def test_out_of_range_settings_stop_start_up_naming_the_variable(monkeypatch, env, needle):
+    from service import settings as st
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as e:
+        st.Settings.from_env()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["tokenizer/tokenizer.json", "reference.json"])
+def test_every_file_that_changes_a_prediction_is_hashed(text_artifact_dir, tmp_path, name):
+    """A changed tokenizer or reference passed the start-up check when only the ONNX files
+    were hashed; now the card lists every file and the runtime refuses, naming it."""
+    import shutil
+
+    folder = tmp_path / "art"
+    shutil.copytree(text_artifact_dir, folder)
+    listed = {f["file"] for f in json.loads((folder / "card.json").read_text())["files"]["support"]}
+    assert {"reference.json", "tokenizer/tokenizer.json"} <= listed
+    with open(folder / name, "a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError, match=re.escape(name) + ".*does not match the sha256"):
+        Runtime(folder, load_model=False)

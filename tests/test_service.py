@@ -437,6 +437,9 @@ def test_text_model_refuses_file_uploads(text_server):
         ("missing", "neither an artifact folder nor a model"),
         ("sha", "does not match the sha256"),
         ("schema", "schema_version 7"),
+        ("reference", "reference.json' does not match the sha256"),
+        ("batch", "TUNESERVE_MAX_BATCH_SIZE='0' must be an integer from 1 to 4096"),
+        ("workers", "TUNESERVE_WORKERS='-1' must be an integer from 0 to 256"),
     ],
 )
 def test_bad_artifact_stops_start_up_with_one_line(
@@ -454,12 +457,19 @@ def test_bad_artifact_stops_start_up_with_one_line(
     if damage == "sha":
         with open(folder / "model.int8.onnx", "ab") as f:
             f.write(b"\x00")
+    if damage == "reference":
+        with open(folder / "reference.json", "a") as f:
+            f.write(" ")
     if damage == "schema":
         card = json.loads((folder / "card.json").read_text())
         (folder / "card.json").write_text(json.dumps({**card, "schema_version": 7}))
     env = {**os.environ, "TUNESERVE_MODEL": str(folder), "PYTHONPATH": str(ROOT)}
     if damage == "precision":
         env["TUNESERVE_PRECISION"] = "fp16"  # the tiny artifact has no fp16 variant
+    if damage == "batch":
+        env["TUNESERVE_MAX_BATCH_SIZE"] = "0"
+    if damage == "workers":
+        env["TUNESERVE_WORKERS"] = "-1"
     proc = subprocess.run(
         [sys.executable, "-m", "bentoml", "serve", "--port", str(_free_port())],
         cwd=ROOT,
@@ -543,3 +553,231 @@ def test_demo_starts_predicts_reuses_and_stops(image_artifact_dir, tmp_path):
         stopped = demo("--stop")
     assert stopped.stdout.strip() == "stopped"
     assert not (tmp_path / "runs/serve/server.json").exists()
+
+
+# --------------------------------------------------------------------------- hostile clients
+
+
+def _raw_request(url: str, head: str, chunks=(), timeout: float = 20) -> tuple[bytes, int]:
+    """Send `head`, then `chunks` until the server answers; (the answer, body bytes sent)."""
+    import select
+
+    host, port = url.removeprefix("http://").split(":")
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head.encode())
+        for chunk in chunks:
+            if select.select([s], [], [], 0)[0]:
+                break  # the server answered before the body was sent
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = b""
+        try:
+            while not _complete(answer):
+                part = s.recv(65536)
+                if not part:
+                    break
+                answer += part
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer, sent
+
+
+def _complete(answer: bytes) -> bool:
+    """A whole HTTP response: its headers and Content-Length bytes of body."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    return bool(sep) and length is not None and len(body) >= int(length.group(1))
+
+
+def test_decompression_bombs_are_413_on_every_route(image_server):
+    """A 20,000 x 20,000 PNG of a few KB: PIL's own bomb check answered it with 500."""
+    from tests.conftest import bomb_png
+
+    bomb = bomb_png()
+    r = httpx.post(image_server + "/predict", json={"inputs": [_b64(bomb)]})
+    assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
+    r = httpx.post(image_server + "/predict_file", files=[("files", ("b.png", bomb, "image/png"))])
+    assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 4 + len(bomb)},
+                }
+            ]
+        }
+    ).encode()
+    r = httpx.post(
+        image_server + "/v2/models/colors/infer",
+        content=head + len(bomb).to_bytes(4, "little") + bomb,
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+    assert r.status_code == 413 and r.json()["error"].startswith("image_too_large"), r.text
+
+
+def test_a_chunked_body_is_refused_while_it_streams(image_server):
+    """30 MiB without Content-Length against a 3 MB limit: refused with 413 once the limit
+    is passed, long before the whole body is sent (it was read and parsed in full)."""
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    piece = b"A" * 65536
+    chunks = [b'10\r\n{"inputs": ["AAA\r\n'] + [
+        f"{len(piece):x}\r\n".encode() + piece + b"\r\n" for _ in range(480)
+    ]
+    answer, sent = _raw_request(image_server, head, chunks)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"body_too_large" in answer
+    assert sent < 12 * 2**20, f"{sent} bytes sent before the answer: the body was read whole"
+
+
+def test_a_wrong_key_is_refused_before_the_body_is_read(text_server):
+    """Headers announcing a 1 MB body, and no body: the 401 must come without reading it
+    (the key was checked after BentoML had read the whole body)."""
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        "Authorization: Bearer wrong\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    answer, _ = _raw_request(text_server, head, timeout=10)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+def test_the_api_key_comparison_is_constant_time_in_form():
+    from service.guard import key_matches
+
+    keys = ("alpha-key", "beta-key")
+    assert key_matches("beta-key", keys) and not key_matches("beta-ke", keys)
+    assert not key_matches(None, keys) and not key_matches("", keys)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "outputs": "x",
+        },
+        {
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "outputs": [1],
+        },
+        {
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "outputs": [{"name": 5}],
+        },
+        {
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "parameters": "x",
+        },
+        {"inputs": [{"name": "I", "datatype": "BYTES", "shape": "x", "data": ["x"]}]},
+        {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [2], "data": ["x"]}]},
+        {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": [7]}]},
+        {
+            "inputs": [
+                {"name": "I", "datatype": "BYTES", "shape": [1], "data": [[[[[[[[[["x"]]]]]]]]]]}
+            ]
+        },
+        {
+            "inputs": [
+                {
+                    "name": "I",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": "abc"},
+                }
+            ]
+        },
+        {
+            "inputs": [
+                {
+                    "name": "I",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 99},
+                }
+            ]
+        },
+        {"inputs": [{"name": 3, "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+        {"inputs": ["x"]},
+        {"inputs": {}},
+        {"id": 5, "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+        [1, 2],
+    ],
+)
+def test_malformed_oip_fields_are_400(image_server, body):
+    r = httpx.post(image_server + "/v2/models/colors/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error", "detail"}
+
+
+def test_malformed_oip_binary_header_is_400(image_server):
+    for length in ("abc", "999999", "-1"):
+        r = httpx.post(
+            image_server + "/v2/models/colors/infer",
+            content=b'{"inputs": []}',
+            headers={"Inference-Header-Content-Length": length},
+        )
+        assert r.status_code == 400, (length, r.text)
+
+
+def test_probes_answer_while_large_images_are_decoded(image_server):
+    """Decoding ran on the event loop: /livez waited behind it. Now it runs on the decode
+    threads, and the probe answers while 8 clients send one-megapixel JPEGs (up to 16 each)."""
+    rng = np.random.default_rng(0)
+    px = np.linspace(0, 255, 1000)[None, :, None] + rng.integers(0, 40, (1000, 1000, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    image = _b64(buf.getvalue())
+    body = {"inputs": [image] * min(16, 2_900_000 // len(image))}  # the server's body limit
+    probes: list[float] = []
+    done = False
+
+    def probe():
+        while not done:
+            t0 = time.perf_counter()
+            assert httpx.get(image_server + "/livez", timeout=30).status_code == 200
+            probes.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+
+    with ThreadPoolExecutor(9) as pool:
+        watcher = pool.submit(probe)
+        codes = list(
+            pool.map(
+                lambda _: httpx.post(image_server + "/predict", json=body, timeout=120).status_code,
+                range(16),
+            )
+        )
+        done = True
+        watcher.result()
+    assert codes == [200] * 16
+    assert len(probes) >= 5 and max(probes) < 1.0, f"slowest /livez {max(probes):.2f} s"
+
+
+def test_docs_describe_the_served_model(image_server):
+    spec = httpx.get(image_server + "/docs.json").json()
+    assert spec["info"]["version"] == "v1" and "colors" in spec["info"]["title"]
+    assert all(label in spec["info"]["description"] for label in COLORS)
+    example = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert base64.b64decode(example["example"]["inputs"][0]).startswith(b"\x89PNG")
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
+    assert "inputs" in infer["requestBody"]["content"]["application/json"]["schema"]["required"]
+    page = httpx.get(image_server + "/").text
+    assert "colors v1" in page and "googletagmanager" not in page and "github" not in page
+
+
+def test_server_metadata_version_is_the_project_version(image_server):
+    import tomllib
+
+    from service import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == project
+    assert httpx.get(image_server + "/v2").json()["version"] == project
