@@ -90,9 +90,7 @@ def main() -> int:
     p.add_argument("--decode-ms", type=float, default=4.0, help="event-loop CPU per request")
     p.add_argument("--max-batch-size", type=int, default=32, help="as TUNESERVE_MAX_BATCH_SIZE")
     p.add_argument("--timeout-s", type=float, default=30.0, help="as TUNESERVE_REQUEST_TIMEOUT_S")
-    p.add_argument(
-        "--max-queue-items", type=int, default=4096, help="as TUNESERVE_MAX_QUEUE_ITEMS"
-    )
+    p.add_argument("--max-queue-items", type=int, default=4096, help="as TUNESERVE_MAX_QUEUE_ITEMS")
     p.add_argument("--items", type=int, default=1, help="items per request")
     p.add_argument("--spike-every", type=int, default=0, help="every Nth batch is slow; 0: none")
     p.add_argument("--spike-ms", type=float, default=3000.0, help="extra time of a slow batch")

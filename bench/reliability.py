@@ -1,4 +1,5 @@
-"""Reliability under load: `python bench/reliability.py --run runs/sms_spam [--seconds 60]`.
+"""Reliability under load: `python bench/reliability.py --run runs/sms_spam [--seconds 60]`;
+with `--hostile [--image-run runs/digits]`, hostile clients instead (bench/hostile.py).
 
 Starts the service, then (1) 64 closed-loop clients for `--warmup` + `--seconds`: counts non-200
 answers and the resident-memory growth of the server's process tree between the end of the
@@ -62,6 +63,8 @@ def main() -> int:
     # RSS climbs for about a minute of load, then stays flat (bench/RESULTS.md): the growth is
     # measured after this warm-up, and the whole curve is printed.
     p.add_argument("--warmup", type=float, default=60.0, help="seconds of load before measuring")
+    p.add_argument("--hostile", action="store_true", help="hostile clients (bench/hostile.py)")
+    p.add_argument("--image-run", default="runs/digits", help="--hostile: image checkpoint")
     args = p.parse_args()
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     from finetune import checkpoint
@@ -72,6 +75,14 @@ def main() -> int:
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
     artifact = artifact_for(run, args.artifact, tmp)
+    if args.hostile:
+        import hostile
+
+        texts = request_inputs(checkpoint.load_checkpoint(run))
+        image_run = Path(args.image_run)
+        image = artifact_for(image_run, None, tmp / "image") if image_run.is_dir() else None
+        hostile.run(artifact, texts, image, tmp, min(args.seconds, 30))
+        return 0
     bodies = [{"inputs": [t]} for t in request_inputs(checkpoint.load_checkpoint(run))]
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -41,10 +41,27 @@ except SystemExit as e:  # a bad setting: one line, before BentoML starts any wo
 accept_one_per_turn()  # before uvicorn starts serving in this worker
 
 
+def bento_model(spec: str) -> Path | None:
+    """The folder of model `name[:version]` packed in the bento this module runs from (a built
+    bento: <bento>/src/service/service.py beside <bento>/models/), or None."""
+    root = Path(__file__).resolve().parents[2]
+    name, _, version = spec.partition(":")
+    folder = root / "models" / name
+    if not (root / "bento.yaml").is_file() or not folder.is_dir():
+        return None
+    if version in ("", "latest") and (folder / "latest").is_file():
+        version = (folder / "latest").read_text().strip()
+    return folder / version if (folder / version / "card.json").is_file() else None
+
+
 def artifact_folder(spec: str) -> Path:
-    """An artifact directory, or the path of a model-store tag."""
+    """An artifact directory, a model packed in the running bento, or the path of a
+    model-store tag."""
     if Path(spec).is_dir():
         return Path(spec)
+    packed = bento_model(spec)
+    if packed is not None:  # `bentoml serve <bento folder>` does not switch the store first
+        return packed
     from bentoml.exceptions import BentoMLException
 
     try:

@@ -224,3 +224,129 @@ def test_overlays_render_and_validate_against_kubernetes_schemas(overlay, tmp_pa
     else:
         assert kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "tuneserve"
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
+
+
+# ------------------------------------------------------------------ the shipped environment
+
+
+@pytest.fixture(scope="module")
+def serve_venv(tmp_path_factory) -> Path:
+    """A fresh virtual environment with requirements/serve.txt only, as the Dockerfile makes
+    it: no editable install, no tuneserve distribution, no dev packages."""
+    venv = tmp_path_factory.mktemp("serve-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    r = subprocess.run(
+        [str(venv / "bin/python"), "-m", "pip", "install", "-q", "-r", "requirements/serve.txt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return venv
+
+
+def _check_every_route(url: str, artifact: Path) -> None:
+    """JSON, multipart and OIP (tritonclient, JSON and binary tensors) answers equal the
+    runtime's, and the metadata routes answer."""
+    import base64
+
+    import httpx
+    import numpy as np
+    import tritonclient.http as triton
+
+    from tests.conftest import COLORS
+    from tests.test_service import _expected, _png
+
+    images = [_png(c, seed=5) for c in COLORS.values()]
+    want = [p["label"] for p in _expected(artifact, images)]
+    r = httpx.post(
+        url + "/predict", json={"inputs": [base64.b64encode(i).decode() for i in images]}
+    )
+    assert r.status_code == 200 and [p["label"] for p in r.json()["predictions"]] == want, r.text
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    r = httpx.post(url + "/predict_file", files=files)
+    assert r.status_code == 200 and [p["label"] for p in r.json()["predictions"]] == want, r.text
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.get_server_metadata()["name"] == "tuneserve"
+    for binary in (True, False):
+        tensor = triton.InferInput("INPUT", [len(images)], "BYTES")
+        data = images if binary else [base64.b64encode(i) for i in images]
+        tensor.set_data_from_numpy(np.array(data, dtype=np.object_), binary_data=binary)
+        labels = client.infer(r.json()["model"], [tensor]).as_numpy("label")
+        assert [x.decode() for x in labels] == want
+    for path in ("/v2", "/livez", "/readyz", "/metrics", "/docs.json", "/"):
+        assert httpx.get(url + path).status_code == 200, path
+
+
+@pytest.mark.slow
+def test_the_image_layout_serves_every_route(serve_venv, image_artifact_dir, tmp_path):
+    """The Dockerfile's copies only (bentofile, service/, three export modules, the staged
+    store), started as its CMD: GET /v2 read an installed distribution that is not there."""
+    from export.card import load_card
+    from export.store import register
+    from service.stage import stage
+    from tests.test_service import _serve, _stop
+
+    register(image_artifact_dir, "imagetest", "v1", load_card(image_artifact_dir))
+    app = tmp_path / "app"
+    (app / "export").mkdir(parents=True)
+    shutil.copy(ROOT / "bentofile.yaml", app)
+    shutil.copytree(ROOT / "service", app / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("__init__.py", "card.py", "errors.py"):
+        shutil.copy(ROOT / "export" / name, app / "export")
+    stage("imagetest:v1", tmp_path / "models")
+    proc, url = _serve(
+        "imagetest:v1",
+        tmp_path / "image.log",
+        python=str(serve_venv / "bin/python"),
+        cwd=app,
+        store=tmp_path / "models",
+        PYTHONPATH="",
+    )
+    try:
+        _check_every_route(url, image_artifact_dir)
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.slow
+def test_the_built_bento_serves_every_route_from_its_folder(
+    serve_venv, image_artifact_dir, tmp_path
+):
+    import bentoml
+
+    from export.card import load_card
+    from export.store import register
+    from tests.test_service import _serve, _stop
+
+    register(image_artifact_dir, "bentotest", "v1", load_card(image_artifact_dir))
+    env = {**os.environ, "TUNESERVE_MODEL": "bentotest:v1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    # What is shipped: the exported bento (models packed inside), unpacked on another host.
+    archive, folder = tmp_path / "tuneserve.bento", tmp_path / "bento"
+    bentoml.export_bento(tag, str(archive))
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    proc, url = _serve(
+        "bentotest:v1",
+        tmp_path / "bento.log",
+        python=str(serve_venv / "bin/python"),
+        cwd=tmp_path,
+        target=(str(folder),),
+        store=tmp_path / "empty-store",
+        PYTHONPATH="",
+    )
+    try:
+        _check_every_route(url, image_artifact_dir)
+    finally:
+        _stop(proc)

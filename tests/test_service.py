@@ -34,12 +34,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(artifact: Path | str, log: Path, **env: str):
-    """`bentoml serve` in the background; the model store is shared, but each server gets its own
-    BENTOML_HOME: every `bentoml serve` empties `$BENTOML_HOME/prometheus_multiproc_dir` at
-    start, which would wipe the metrics of the servers already running."""
+def _serve(
+    artifact: Path | str,
+    log: Path,
+    *,
+    python: str = sys.executable,
+    cwd: Path = ROOT,
+    target: tuple[str, ...] = (),
+    store: Path | None = None,
+    **env: str,
+):
+    """`bentoml serve [target]` in the background, run by `python` from `cwd`; the model store
+    (`store`, default the session's) is shared, but each server gets its own BENTOML_HOME: every
+    `bentoml serve` empties `$BENTOML_HOME/prometheus_multiproc_dir` at start, which would wipe
+    the metrics of the servers already running."""
     port = _free_port()
-    store = Path(os.environ["BENTOML_HOME"]) / "models"
+    store = store or Path(os.environ["BENTOML_HOME"]) / "models"
     store.mkdir(parents=True, exist_ok=True)
     home = log.parent / f"bentoml-home-{port}"
     home.mkdir()
@@ -48,12 +58,12 @@ def _serve(artifact: Path | str, log: Path, **env: str):
         **os.environ,
         "BENTOML_HOME": str(home),
         "TUNESERVE_MODEL": str(artifact),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(cwd),
         **env,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
+        [python, "-m", "bentoml", "serve", *target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
         env=full_env,
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
@@ -658,27 +668,30 @@ def test_the_api_key_comparison_is_constant_time_in_form():
     assert not key_matches(None, keys) and not key_matches("", keys)
 
 
+_OK = [_b64(_png((200, 40, 40)))]
+
+
 @pytest.mark.parametrize(
     "body",
     [
         {
-            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": _OK}],
             "outputs": "x",
         },
         {
-            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": _OK}],
             "outputs": [1],
         },
         {
-            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": _OK}],
             "outputs": [{"name": 5}],
         },
         {
-            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": _OK}],
             "parameters": "x",
         },
-        {"inputs": [{"name": "I", "datatype": "BYTES", "shape": "x", "data": ["x"]}]},
-        {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [2], "data": ["x"]}]},
+        {"inputs": [{"name": "I", "datatype": "BYTES", "shape": "x", "data": _OK}]},
+        {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [2], "data": _OK}]},
         {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": [7]}]},
         {
             "inputs": [
@@ -705,10 +718,10 @@ def test_the_api_key_comparison_is_constant_time_in_form():
                 }
             ]
         },
-        {"inputs": [{"name": 3, "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+        {"inputs": [{"name": 3, "datatype": "BYTES", "shape": [1], "data": _OK}]},
         {"inputs": ["x"]},
         {"inputs": {}},
-        {"id": 5, "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+        {"id": 5, "inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": _OK}]},
         [1, 2],
     ],
 )
@@ -729,14 +742,14 @@ def test_malformed_oip_binary_header_is_400(image_server):
 
 
 def test_probes_answer_while_large_images_are_decoded(image_server):
-    """Decoding ran on the event loop: /livez waited behind it. Now it runs on the decode
-    threads, and the probe answers while 8 clients send one-megapixel JPEGs (up to 16 each)."""
-    rng = np.random.default_rng(0)
-    px = np.linspace(0, 255, 1000)[None, :, None] + rng.integers(0, 40, (1000, 1000, 3))
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    image = _b64(buf.getvalue())
-    body = {"inputs": [image] * min(16, 2_900_000 // len(image))}  # the server's body limit
+    """Decoding ran on the event loop: /livez waited behind it (6.6 s for 36-MP JPEGs). Now it
+    runs on the decode threads. Flat one-megapixel PNGs are a few KB to send but 10-15 ms each
+    to inflate and resize: 32 requests of 16 are seconds of decoding, tiny to parse."""
+    images = []
+    for i in range(16):
+        buf = io.BytesIO()
+        Image.new("RGB", (1000, 1000), (10 * i, 200 - 10 * i, 90)).save(buf, "PNG")
+        images.append(_b64(buf.getvalue()))
     probes: list[float] = []
     done = False
 
@@ -747,18 +760,25 @@ def test_probes_answer_while_large_images_are_decoded(image_server):
             probes.append(time.perf_counter() - t0)
             time.sleep(0.02)
 
-    with ThreadPoolExecutor(9) as pool:
+    with ThreadPoolExecutor(33) as pool:
         watcher = pool.submit(probe)
         codes = list(
             pool.map(
-                lambda _: httpx.post(image_server + "/predict", json=body, timeout=120).status_code,
-                range(16),
+                lambda _: (
+                    httpx.post(
+                        image_server + "/predict", json={"inputs": images}, timeout=120
+                    ).status_code
+                ),
+                range(32),
             )
         )
         done = True
         watcher.result()
-    assert codes == [200] * 16
-    assert len(probes) >= 5 and max(probes) < 1.0, f"slowest /livez {max(probes):.2f} s"
+    assert codes == [200] * 32
+    probes.sort()
+    # Measured on 2 busy cores: before, the slowest probe took 2.7 s; after, 0.9 s (typically
+    # under 0.2 s; bench/RESULTS.md has the p99 under 64 clients).
+    assert len(probes) >= 5 and probes[-1] < 1.5, f"slowest /livez {probes[-1]:.2f} s"
 
 
 def test_docs_describe_the_served_model(image_server):

@@ -1,0 +1,315 @@
+"""Hostile clients against a live server, the `--hostile` mode of bench/reliability.py:
+
+    python bench/reliability.py --hostile --run runs/sms_spam --image-run runs/digits
+
+Text server (fp32, as users first serve it): closed-loop bursts of 64 clients x 8 and x 32
+texts (every answer checked against the in-process runtime), malformed OIP and JSON on every
+route, a 30 MiB chunked body (413 before it is read whole: the server's RSS must not grow by
+the body's size), a worker SIGKILL under load. Image server: decompression bombs on every
+route, and /livez latency while 64 clients send 6-megapixel JPEGs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from serve import free_port, python_path, rss_mb, start, stop, wait_ready
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A real decompression bomb: width x height grey zeros, zlib-compressed (a few hundred KB
+    that decode to width x height bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def photo_jpeg(megapixels: float = 6.0, seed: int = 0) -> bytes:
+    """A photo-like JPEG (smooth gradients and noise) of about `megapixels`."""
+    from PIL import Image
+
+    h = int((megapixels * 1e6 * 3 / 4) ** 0.5)
+    w = int(h * 4 / 3)
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    px = np.clip(x * 0.6 + rng.normal(60, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "JPEG", quality=88)
+    return buf.getvalue()
+
+
+MALFORMED_OIP = [
+    {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": "x"},
+    {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [1]},
+    {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [{}]},
+    {"inputs": [{"name": "I", "datatype": "BYTES", "shape": "x", "data": ["x"]}]},
+    {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [3], "data": ["x"]}]},
+    {"inputs": [{"name": "I", "datatype": "BYTES", "shape": [1], "data": [None]}]},
+    {"inputs": [{"name": "I", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+    {"inputs": [{"name": "I", "datatype": "BYTES", "parameters": {"binary_data_size": -4}}]},
+    {"inputs": [{"name": "I", "datatype": "BYTES", "parameters": "big"}]},
+    {"inputs": "x"},
+    {"parameters": {"binary_data_output": "yes"}, "inputs": []},
+    [],
+    "inputs",
+]
+
+
+async def bursts(
+    url: str, texts: list[str], expected: list[str], clients: int, items: int, seconds: float
+) -> dict:
+    """Closed loop: each client posts `items` texts, checks every label, and posts again."""
+    import aiohttp
+
+    statuses: dict = {}
+    wrong = answered = 0
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=clients), timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+
+        async def client(k: int) -> None:
+            nonlocal wrong, answered
+            i = k * items
+            while time.perf_counter() < stop_at:
+                idx = [(i + j) % len(texts) for j in range(items)]
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, json={"inputs": [texts[j] for j in idx]}) as r:
+                        body = await r.json(content_type=None)
+                        code = r.status
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    code, body = type(e).__name__, None
+                statuses[code] = statuses.get(code, 0) + 1
+                if code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                    got = [p["label"] for p in body["predictions"]]
+                    wrong += sum(g != expected[j] for g, j in zip(got, idx, strict=True))
+                    answered += len(got)
+                i += clients * items
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    latencies.sort()
+    return {
+        "statuses": statuses,
+        "items_answered": answered,
+        "wrong": wrong,
+        "p50_s": latencies[len(latencies) // 2] if latencies else None,
+        "max_s": latencies[-1] if latencies else None,
+    }
+
+
+def chunked_body(url: str, pid: int, mib: int = 30) -> dict:
+    """`mib` MiB of JSON in 64 KiB chunks with no Content-Length; stops sending once the
+    server answers. RSS of the server's process tree before and after."""
+    host, port = url.removeprefix("http://").split(":")
+    before = rss_mb(pid)
+    piece = b"A" * 65536
+    sent, answer = 0, b""
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b'10\r\n{"inputs": ["AAA\r\n'
+        )
+        for _ in range(mib * 16):
+            if select.select([s], [], [], 0)[0]:
+                break
+            try:
+                s.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            except OSError:
+                break
+            sent += len(piece)
+        try:
+            answer = s.recv(65536)
+        except OSError:
+            pass
+    return {
+        "status": answer[9:12].decode(errors="replace"),
+        "sent_mib": sent / 2**20,
+        "rss_growth_mib": rss_mb(pid) - before,
+    }
+
+
+def malformed(url: str, model: str) -> dict:
+    """Every malformed body on every prediction route; the statuses seen."""
+    import httpx
+
+    statuses: dict = {}
+
+    def count(r) -> None:
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+    for body in MALFORMED_OIP:
+        count(httpx.post(f"{url}/v2/models/{model}/infer", json=body))
+        count(httpx.post(f"{url}/predict", json=body))
+    for raw, ctype in [
+        (b"{not json", "application/json"),
+        (b"\xff\xfe\x00", "application/json"),
+        (b"--x\r\nContent-Disposition: form-data\r\n\r\n", "multipart/form-data; boundary=x"),
+        (b"junk", "multipart/form-data"),
+    ]:
+        for route in ("/predict", "/predict_file", f"/v2/models/{model}/infer"):
+            count(httpx.post(url + route, content=raw, headers={"content-type": ctype}))
+    count(
+        httpx.post(
+            f"{url}/v2/models/{model}/infer",
+            content=b'{"inputs": []}',
+            headers={"Inference-Header-Content-Length": "99999"},
+        )
+    )
+    return statuses
+
+
+def bombs(url: str, model: str) -> dict:
+    import httpx
+
+    bomb = bomb_png()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": 4 + len(bomb)},
+                }
+            ]
+        }
+    ).encode()
+    answers = {
+        "/predict": httpx.post(
+            url + "/predict", json={"inputs": [base64.b64encode(bomb).decode()]}, timeout=60
+        ),
+        "/predict_file": httpx.post(
+            url + "/predict_file", files=[("files", ("b.png", bomb, "image/png"))], timeout=60
+        ),
+        "infer": httpx.post(
+            f"{url}/v2/models/{model}/infer",
+            content=head + struct.pack("<I", len(bomb)) + bomb,
+            headers={"Inference-Header-Content-Length": str(len(head))},
+            timeout=60,
+        ),
+    }
+    return {"bomb_kib": len(bomb) // 1024, **{k: r.status_code for k, r in answers.items()}}
+
+
+def probes_under_photos(url: str, clients: int, seconds: float) -> dict:
+    """/livez every 50 ms while `clients` closed-loop clients send one 6-MP JPEG each."""
+    import httpx
+
+    photo = base64.b64encode(photo_jpeg()).decode()
+    probes: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client() as c:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                c.get(url + "/livez", timeout=60)
+                probes.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+
+    from load import closed_loop
+
+    watcher = threading.Thread(target=probe)
+    watcher.start()
+    load = asyncio.run(closed_loop(url + "/predict", [{"inputs": [photo]}], clients, seconds))
+    done.set()
+    watcher.join()
+    probes.sort()
+    return {
+        "photo_kib": len(photo) * 3 // 4 // 1024,
+        "load_rps": load["rps"],
+        "load_statuses": load["statuses"],
+        "livez_n": len(probes),
+        "livez_p50_ms": 1000 * probes[len(probes) // 2],
+        "livez_p99_ms": 1000 * probes[int(len(probes) * 0.99) - 1],
+        "livez_max_ms": 1000 * probes[-1],
+    }
+
+
+def kill_under_load(url: str, pid: int, texts: list[str], expected: list[str]) -> dict:
+    """SIGKILL one worker 5 s into 20 s of 64 clients x 8 texts."""
+    import psutil
+
+    workers = [
+        p.pid
+        for p in psutil.Process(pid).children(recursive=True)
+        if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    ]
+    threading.Timer(5, lambda: os.kill(workers[0], signal.SIGKILL)).start()
+    r = asyncio.run(bursts(url + "/predict", texts, expected, 64, 8, 20))
+    return {"killed": workers[0], **r}
+
+
+def serve(artifact: Path, tmp: Path, name: str, **env: str):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    home = tmp / f"home-{name}"
+    home.mkdir()
+    proc = start(
+        [sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
+        {
+            "TUNESERVE_MODEL": str(artifact),
+            "PYTHONPATH": python_path(),
+            "BENTOML_HOME": str(home),
+            **env,
+        },
+        tmp / f"{name}.log",
+    )
+    wait_ready(url + "/readyz", proc)
+    return proc, url
+
+
+def run(
+    text_artifact: Path, texts: list[str], image_artifact: Path | None, tmp: Path, seconds: float
+) -> None:
+    from export.card import load_card
+    from service.runtime import Runtime
+
+    rt = Runtime(text_artifact, precision="fp32")
+    expected = [p["label"] for p in rt.predict([rt.prepare(t) for t in texts])]
+    del rt
+    proc, url = serve(text_artifact, tmp, "text", TUNESERVE_PRECISION="fp32")
+    try:
+        for items in (8, 32):
+            r = asyncio.run(bursts(url + "/predict", texts, expected, 64, items, seconds))
+            print(f"burst 64 clients x {items} texts, {seconds:.0f} s: {r}", flush=True)
+        name = load_card(text_artifact)["name"]
+        print(f"malformed OIP / JSON / multipart, every route: {malformed(url, name)}")
+        print(f"30 MiB chunked body: {chunked_body(url, proc.pid)}", flush=True)
+        print(f"worker SIGKILL under load: {kill_under_load(url, proc.pid, texts, expected)}")
+    finally:
+        stop(proc)
+    if image_artifact is None:
+        print("no image checkpoint: bombs and probes under photos skipped")
+        return
+    name = load_card(image_artifact)["name"]
+    proc, url = serve(image_artifact, tmp, "image")
+    try:
+        print(f"decompression bombs: {bombs(url, name)}", flush=True)
+        print(f"/livez under 64 clients x one 6-MP JPEG: {probes_under_photos(url, 64, seconds)}")
+    finally:
+        stop(proc)
