@@ -144,12 +144,13 @@ def test_stage_lays_out_one_store_version(image_artifact_dir, tmp_path):
 # ------------------------------------------------------------------ bento
 
 
-def test_bentoml_build_packs_the_service_and_the_chosen_model(image_artifact_dir, tmp_path):
+def _build_bento(artifact: Path, name: str) -> tuple[str, dict]:
+    """`bentoml build` with `artifact` registered as `name:v1`: (the bento tag, the env)."""
     from export.card import load_card
     from export.store import register
 
-    register(image_artifact_dir, "buildtest", "v1", load_card(image_artifact_dir))
-    env = {**os.environ, "TUNESERVE_MODEL": "buildtest:v1", "PYTHONPATH": str(ROOT)}
+    register(artifact, name, "v1", load_card(artifact))
+    env = {**os.environ, "TUNESERVE_MODEL": f"{name}:v1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
         cwd=ROOT,
@@ -159,7 +160,11 @@ def test_bentoml_build_packs_the_service_and_the_chosen_model(image_artifact_dir
         timeout=300,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    return r.stdout.strip().splitlines()[-1].removeprefix("__tag__:"), env
+
+
+def test_bentoml_build_packs_the_service_and_the_chosen_model(image_artifact_dir, tmp_path):
+    tag, env = _build_bento(image_artifact_dir, "buildtest")
     archive = tmp_path / "tuneserve.bento"
     r = subprocess.run(
         [sys.executable, "-m", "bentoml", "export", tag, str(archive)],
@@ -316,22 +321,9 @@ def test_the_built_bento_serves_every_route_from_its_folder(
 ):
     import bentoml
 
-    from export.card import load_card
-    from export.store import register
     from tests.test_service import _serve, _stop
 
-    register(image_artifact_dir, "bentotest", "v1", load_card(image_artifact_dir))
-    env = {**os.environ, "TUNESERVE_MODEL": "bentotest:v1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    tag, _ = _build_bento(image_artifact_dir, "bentotest")
     # What is shipped: the exported bento (models packed inside), unpacked on another host.
     archive, folder = tmp_path / "tuneserve.bento", tmp_path / "bento"
     bentoml.export_bento(tag, str(archive))

@@ -449,7 +449,6 @@ def test_text_model_refuses_file_uploads(text_server):
         ("schema", "schema_version 7"),
         ("reference", "reference.json' does not match the sha256"),
         ("batch", "TUNESERVE_MAX_BATCH_SIZE='0' must be an integer from 1 to 4096"),
-        ("workers", "TUNESERVE_WORKERS='-1' must be an integer from 0 to 256"),
     ],
 )
 def test_bad_artifact_stops_start_up_with_one_line(
@@ -478,8 +477,6 @@ def test_bad_artifact_stops_start_up_with_one_line(
         env["TUNESERVE_PRECISION"] = "fp16"  # the tiny artifact has no fp16 variant
     if damage == "batch":
         env["TUNESERVE_MAX_BATCH_SIZE"] = "0"
-    if damage == "workers":
-        env["TUNESERVE_WORKERS"] = "-1"
     proc = subprocess.run(
         [sys.executable, "-m", "bentoml", "serve", "--port", str(_free_port())],
         cwd=ROOT,
