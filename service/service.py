@@ -162,7 +162,7 @@ class Tuneserve:
         # Image decoding and resizing (tens of ms for a large photo) runs here, off the event
         # loop, so that probes and /metrics answer while it works; PIL releases the GIL.
         self.decoders = ThreadPoolExecutor(
-            settings.decode_thread_count(), thread_name_prefix="decode"
+            settings.decode_thread_count(ON_GPU), thread_name_prefix="decode"
         )
         metrics.model_info(self.rt)
         metrics.reference(self.rt, reference.get("class_prior", {}))

@@ -231,6 +231,8 @@ def test_worker_and_thread_defaults(monkeypatch):
     assert (auto.worker_count(True), auto.thread_count(True)) == (4, 1)
     assert st.Settings(workers=2).thread_count(False) == 4
     assert st.Settings(workers=2, threads=3).thread_count(True) == 3
+    assert (auto.decode_thread_count(False), auto.decode_thread_count(True)) == (1, 2)
+    assert st.Settings(decode_threads=3).decode_thread_count(False) == 3
     monkeypatch.undo()
     assert 1 <= st.cpu_cores() <= (os.cpu_count() or 1)
 
