@@ -44,8 +44,7 @@ def examples(rt) -> tuple[dict, dict]:
     return request, response
 
 
-def describe(rt) -> str:
-    request, response = examples(rt)
+def describe(rt, request: dict, response: dict) -> str:
     labels = ", ".join(rt.labels)
     return (
         f"**{rt.name}** version **{rt.version}**, task `{rt.task}`, served by tuneserve "
@@ -62,7 +61,7 @@ def patch_spec(spec: dict, rt) -> dict:
     spec["info"] = {
         "title": f"{rt.name} ({rt.task})",
         "version": rt.version,
-        "description": describe(rt),
+        "description": describe(rt, request, response),
     }
     predict = spec.get("paths", {}).get("/predict", {}).get("post", {})
     body = predict.get("requestBody", {}).get("content", {}).get("application/json")
