@@ -33,6 +33,7 @@ RUN python3 -m venv /opt/venv \
 
 COPY bentofile.yaml ./
 COPY service/ service/
+COPY tasks/ tasks/
 COPY export/__init__.py export/card.py export/errors.py export/
 COPY build/models/ /opt/bentoml/models/
 # BentoML writes its multiprocess metrics here (an emptyDir where the root is read-only).

@@ -28,7 +28,7 @@ tools:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 test: $(VENV)/.installed tools
-	$(PY) -m ruff check finetune export service tests bench
+	$(PY) -m ruff check finetune export service tasks tests bench
 	$(PY) -m pytest
 
 test-slow: $(VENV)/.installed

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from export.errors import CardError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: postprocessing, the task's outputs and metrics (DESIGN.md §0)
+READS = (1, 2)  # version 1: image and text classification cards, served as before
+V1_TASKS = ("image-classification", "text-classification")
 CARD = "card.json"
 MODEL = "model.onnx"
 REFERENCE = "reference.json"
@@ -68,10 +70,15 @@ def load_card(folder: str | Path) -> dict:
     if not isinstance(card, dict):
         raise CardError(f"artifact card '{path}' must hold a JSON object")
     version = card.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READS:
         raise CardError(
-            f"artifact card '{path}' has schema_version {version!r}; "
-            f"this tuneserve reads schema_version {SCHEMA_VERSION}"
+            f"artifact card '{path}' has schema_version {version!r}; this tuneserve reads "
+            f"schema_version {', '.join(map(str, READS))}: re-export the checkpoint"
+        )
+    if version == 1 and card.get("task") not in V1_TASKS:
+        raise CardError(
+            f"artifact card '{path}' has schema_version 1 with task {card.get('task')!r}, "
+            f"which needs schema_version 2: re-export the checkpoint with this tuneserve"
         )
     missing = [k for k in REQUIRED if k not in card]
     if missing:

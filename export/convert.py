@@ -1,7 +1,8 @@
 """PyTorch → ONNX: the current `torch.onnx.export` (dynamo), falling back to the TorchScript
 exporter only where it fails, then ONNX Runtime's graph optimisation saved to the file.
 
-Outputs: `logits` [batch, classes] and `pooled_embedding` [batch, dim] (drift monitoring).
+Outputs: the task's (DESIGN.md §0), e.g. `logits` [batch, classes] and `pooled_embedding`
+[batch, dim] (drift monitoring; "embedding" clashes with a dynamo node name in BERT).
 """
 
 from __future__ import annotations
@@ -15,38 +16,34 @@ import torch
 from torch import nn
 
 from export.preprocess import IMAGE_INPUT
+from tasks.common import INPUT_ORDER
 
-OUTPUTS = ("logits", "pooled_embedding")  # "embedding" clashes with a dynamo node name in BERT
+OUTPUTS = ("logits", "pooled_embedding")  # classification; each task names its own (tasks/)
 DEFAULT_OPSET = 18
 
 
-class ImageGraph(nn.Module):
+class Graph(nn.Module):
+    """The model's export outputs (the task's ONNX outputs, in order) from named inputs."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values):
-        features = self.model.backbone(pixel_values)
-        return self.model.head(features), features
+    def forward(self, *inputs):
+        return self.model.export_outputs(*inputs)
 
 
-class TextGraph(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        features = self.model.backbone(input_ids, attention_mask, token_type_ids)
-        return self.model.head(features), features
+def positional(feeds: dict) -> tuple:
+    """Feeds (numpy) as the graph's positional torch arguments."""
+    return tuple(torch.from_numpy(feeds[n]) for n in INPUT_ORDER if n in feeds)
 
 
-def graph_for(model: nn.Module, task: str) -> nn.Module:
-    return (ImageGraph(model) if task == "image-classification" else TextGraph(model)).eval()
+def graph_for(model: nn.Module, task: str | None = None) -> nn.Module:
+    return Graph(model).eval()
 
 
-def _dynamic_axes(names: list[str], task: str) -> dict[str, dict[int, str]]:
-    axes = {0: "batch"} if task == "image-classification" else {0: "batch", 1: "sequence"}
-    return {n: dict(axes) for n in names} | {o: {0: "batch"} for o in OUTPUTS}
+def _axes(names: list[str]) -> dict[int, str]:
+    return {0: "batch"} if names == [IMAGE_INPUT] else {0: "batch", 1: "sequence"}
 
 
 def to_onnx(
@@ -56,22 +53,25 @@ def to_onnx(
     path: Path,
     opset: int = DEFAULT_OPSET,
 ) -> dict:
-    """Export to one self-contained file; returns the exporter path used and why."""
+    """Export to one self-contained file with the task's outputs (`tasks` registry, their
+    dynamic axes included); returns the exporter path used and why."""
+    import tasks
+
+    outputs = tasks.get(task).onnx_outputs
     # Positional order must follow the graph's forward() signature, not the tokenizer's.
-    order = [IMAGE_INPUT, "input_ids", "attention_mask", "token_type_ids"]
-    names = [n for n in order if n in example]
-    args = tuple(torch.from_numpy(example[n]) for n in names)
+    names = [n for n in INPUT_ORDER if n in example]
+    args = positional(example)
     try:
         batch = torch.export.Dim("batch", min=1, max=65536)
         dims = {0: batch}
-        if task != "image-classification":
+        if _axes(names) != {0: "batch"}:
             dims = {0: batch, 1: torch.export.Dim("sequence", min=1, max=8192)}
         torch.onnx.export(
             graph,
             args,
             str(path),
             input_names=names,
-            output_names=list(OUTPUTS),
+            output_names=list(outputs),
             dynamic_shapes={n: dims for n in names},
             opset_version=opset,
             dynamo=True,
@@ -86,8 +86,8 @@ def to_onnx(
         args,
         str(path),
         input_names=names,
-        output_names=list(OUTPUTS),
-        dynamic_axes=_dynamic_axes(names, task),
+        output_names=list(outputs),
+        dynamic_axes={n: _axes(names) for n in names} | outputs,
         opset_version=opset,
         dynamo=False,
     )

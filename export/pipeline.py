@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+import tasks
 from export import card as card_mod
 from export import convert, quantize
 from export.errors import CheckpointInvalid, ExportError, VariantError, VersionExists
@@ -67,7 +68,7 @@ def export_checkpoint(
     try:
         ckpt = ckpt_mod.load_checkpoint(run)
         model = ckpt_mod.build_model(ckpt)
-        tokenizer = ckpt_mod.load_tokenizer(ckpt) if ckpt.task != "image-classification" else None
+        tokenizer = ckpt_mod.load_tokenizer(ckpt) if tasks.uses_tokenizer(ckpt.task) else None
     except FinetuneError as e:
         raise CheckpointInvalid(str(e), getattr(e, "path", None)) from e
     if ckpt.config.get("status") != "complete":
@@ -202,9 +203,10 @@ def _build(
         f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {tolerance:g}), top-1 "
         f"agreement {parity.top1_agreement:.4f}, {parity.checks} checks"
     )
-    logits, embeddings = quantize.predict(_session(path), feeder)
-    fp32_pred = logits.argmax(1)
-    fp32_acc = float((fp32_pred == feeder.labels).mean())
+    outputs, embeddings, stats = quantize.predict(_session(path), feeder)
+    metric = feeder.contract.metric  # the task's own metric gates the variants
+    fp32_metrics = feeder.contract.score(outputs, feeder.targets)
+    fp32_value = fp32_metrics[metric]
 
     variants, rejected = [], []
     for precision in ("int8",) * int8 + ("fp16",) * fp16:
@@ -217,7 +219,7 @@ def _build(
             else:
                 method = quantize.fp16(path, file)
                 providers = quantize.cuda_providers()
-            scores = quantize.score(_session(file, providers), feeder, fp32_pred)
+            scores = quantize.score(_session(file, providers), feeder, outputs)
         except VariantError:
             raise
         except Exception as e:  # a converter bug must not cost the fp32 artifact
@@ -226,20 +228,21 @@ def _build(
             rejected.append({"precision": precision, "reason": reason})
             log(f"{precision} variant not written: {reason}")
             continue
-        drop = fp32_acc - scores["holdout_accuracy"]
+        value = scores[f"holdout_{metric}"]
+        drop = fp32_value - value
         entry = {
             "precision": precision,
             "file": file.name,
             "method": method,
             "validated_on": providers[0],
             **scores,
-            "accuracy_drop": drop,
+            f"{metric}_drop": drop,
         }
         if drop > max_drop:
             file.unlink()
             reason = (
-                f"holdout accuracy {scores['holdout_accuracy']:.4f} is {drop:.4f} below "
-                f"fp32 {fp32_acc:.4f} (allowed {max_drop:g})"
+                f"holdout {metric.replace('_', ' ')} {value:.4f} is {drop:.4f} below "
+                f"fp32 {fp32_value:.4f} (allowed {max_drop:g})"
             )
             rejected.append({"precision": precision, "method": method, "reason": reason})
             log(f"{precision} variant not written: {reason}")
@@ -247,20 +250,20 @@ def _build(
         entry["sha256"] = card_mod.sha256_file(file)
         variants.append(entry)
         log(
-            f"{precision} variant: holdout accuracy {scores['holdout_accuracy']:.4f} "
-            f"(fp32 {fp32_acc:.4f}), agreement {scores['agreement_with_fp32']:.4f}"
+            f"{precision} variant: holdout {metric.replace('_', ' ')} {value:.4f} "
+            f"(fp32 {fp32_value:.4f}), agreement {scores['agreement_with_fp32']:.4f}"
         )
 
     stage()
     reference = build_reference(
-        logits, embeddings, feeder, ckpt.labels, ckpt.config["data"]["train_per_class"]
+        outputs, embeddings, stats, feeder, ckpt.config["data"].get("train_per_class", {})
     )
     ckpt_mod.write_json(work / card_mod.REFERENCE, reference)
     if tokenizer is not None:
         tokenizer.save_pretrained(work / card_mod.TOKENIZER)
 
     stage()
-    inputs, outputs = convert.io_signature(path)
+    inputs, output_sig = convert.io_signature(path)
     weights = convert.weights_sha256(path)
     convert.set_metadata(
         path,
@@ -283,14 +286,18 @@ def _build(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": inputs,
         "input_names": input_names(ckpt.task, ckpt.config["preprocessing"]),
-        "outputs": outputs,
+        "outputs": output_sig,
         "preprocessing": ckpt.config["preprocessing"],
+        "postprocessing": feeder.contract.post,
         "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
         "training": {
             "strategy": ckpt.config["training"]["strategy"],
             "best_epoch": metrics_best.get("epoch"),
-            "val_accuracy": metrics_best.get("val_accuracy"),
-            "val_macro_f1": metrics_best.get("val_macro_f1"),
+            **{
+                k: v
+                for k, v in metrics_best.items()
+                if k.startswith("val_") and isinstance(v, int | float)
+            },
             "train_size": ckpt.config["data"]["train_size"],
             "val_size": ckpt.config["data"]["val_size"],
             "checkpoint": str(ckpt.path.resolve()),
@@ -308,7 +315,11 @@ def _build(
             },
         },
         "parity": parity.to_dict(),
-        "holdout": {"size": len(feeder), "fp32_accuracy": fp32_acc},
+        "holdout": {
+            "size": len(feeder),
+            "metric": metric,
+            **{f"fp32_{k}": v for k, v in fp32_metrics.items()},
+        },
         "files": {
             "model": {
                 "file": path.name,

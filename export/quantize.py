@@ -70,7 +70,7 @@ def int8(fp32: Path, out: Path, feeder: Feeder, tmp: Path) -> str:
         # Shape inference and graph clean-up; the symbolic pass cannot resolve the dynamic
         # axes of dynamo-exported graphs and is not needed for these ops.
         quant_pre_process(str(stripped), str(prepared), skip_symbolic_shape=True)
-        if feeder.task == "image-classification":
+        if feeder.contract.heavy_inputs:  # CNNs on images; text models are transformers
             n = min(CALIBRATION_SAMPLES, len(feeder))
             quantize_static(
                 str(prepared),
@@ -107,20 +107,17 @@ def fp16(fp32: Path, out: Path) -> str:
     return "float16 weights and compute, float32 inputs and outputs"
 
 
-def predict(session, feeder: Feeder, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, pooled embedding) for the whole holdout."""
-    logits, embeddings = [], []
-    for _idx, feeds in feeder.batches(batch_size):
-        lo, emb = session.run(None, feeds)
-        logits.append(lo)
-        embeddings.append(emb)
-    return np.concatenate(logits), np.concatenate(embeddings)
+def predict(session, feeder: Feeder):
+    """(per-item outputs, embeddings, input statistics) for the whole holdout."""
+    return feeder.run(session)
 
 
-def score(session, feeder: Feeder, reference_pred: np.ndarray) -> dict:
-    """Holdout accuracy of a session and its top-1 agreement with the fp32 predictions."""
-    pred = predict(session, feeder)[0].argmax(1)
+def score(session, feeder: Feeder, reference_outputs) -> dict:
+    """The task's metrics of a session on the holdout (`holdout_<metric>`) and the share of
+    answers equal to the fp32 model's."""
+    outputs = predict(session, feeder)[0]
+    metrics = feeder.contract.score(outputs, feeder.targets)
     return {
-        "holdout_accuracy": float((pred == feeder.labels).mean()),
-        "agreement_with_fp32": float((pred == reference_pred).mean()),
+        **{f"holdout_{k}": v for k, v in metrics.items()},
+        "agreement_with_fp32": feeder.contract.agreement(outputs, reference_outputs),
     }

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
@@ -42,7 +43,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from finetune.train import fine_tune
 
@@ -60,11 +60,12 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(
-        f"best epoch {result['epoch']}: val_accuracy {result['val_accuracy']:.4f}  "
-        f"val_macro_f1 {result['val_macro_f1']:.4f}"
+    shown = "  ".join(
+        f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float)
     )
-    print(f"checkpoint: {out}/  (report: {out}/report/curves.png, confusion.png)")
+    print(f"best epoch {result['epoch']}: {shown}")
+    pictures = ", ".join(p.name for p in sorted((Path(out) / "report").glob("*.png")))
+    print(f"checkpoint: {out}/  (report: {out}/report/: {pictures})")
     return 0
 
 

@@ -116,19 +116,27 @@ def image_prep(spec: BackboneSpec, image_size: int | None) -> tuple[ImagePrep, t
 
 
 class TextEncoder(nn.Module):
-    """A Hugging Face encoder with mean pooling over real tokens (sentence-transformers)."""
+    """A Hugging Face encoder pooled over real tokens: the mean (sentence-transformers), or
+    the last real token (decoders, whose last position has seen the whole text)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, pooling: str = "mean"):
         super().__init__()
-        self.model = model
+        self.model, self.pooling = model, pooling
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def encode(self, input_ids, attention_mask, token_type_ids=None):
+        """(hidden states [B, T, D], pooled [B, D])."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.model(**kwargs).last_hidden_state
+        if self.pooling == "last":  # right padding: the last real token is at length - 1
+            last = attention_mask.sum(1).clamp(min=1) - 1
+            return hidden, hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return hidden, (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return self.encode(input_ids, attention_mask, token_type_ids)[1]
 
 
 class Classifier(nn.Module):
@@ -145,6 +153,11 @@ class Classifier(nn.Module):
 
     def forward(self, *inputs, **kw) -> torch.Tensor:
         return self.head(self.dropout(self.backbone(*inputs, **kw)))
+
+    def export_outputs(self, *inputs):
+        """The ONNX outputs of classification: logits and the pooled embedding."""
+        features = self.backbone(*inputs)
+        return self.head(features), features
 
 
 def _last_linear(model: nn.Module) -> str:
@@ -227,7 +240,7 @@ def _lite_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
     return model, dim
 
 
-def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None):
+def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None, pooling: str | None):
     from transformers import AutoConfig, AutoModel
 
     location = hf_location(spec) if weights in ("pretrained", "random") else weights
@@ -243,17 +256,33 @@ def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None):
         raise UnsupportedBackbone(
             f"cannot load Hugging Face encoder '{location}': {str(e).splitlines()[0]}"
         ) from e
-    return TextEncoder(model), int(model.config.hidden_size)
+    if pooling is None:  # decoders see the whole text only at its last token
+        pooling = "last" if is_decoder(model.config) else "mean"
+    return TextEncoder(model, pooling), int(model.config.hidden_size)
+
+
+def is_decoder(config) -> bool:
+    """A causal (GPT-style) language model: Llama, GPT-2, Qwen, SmolLM..."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    return (
+        bool(getattr(config, "is_decoder", False))
+        or "CausalLM" in archs
+        or (config.model_type in ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"))
+    )
 
 
 def build_encoder(
-    spec: BackboneSpec, weights: str, prep: ImagePrep | None = None, hf_config: dict | None = None
+    spec: BackboneSpec,
+    weights: str,
+    prep: ImagePrep | None = None,
+    hf_config: dict | None = None,
+    pooling: str | None = None,
 ) -> tuple[nn.Module, int]:
     """The backbone as an encoder to pooled features, and the feature dimension."""
     builders: dict[str, Callable] = {
         "torchvision": lambda: _torchvision_encoder(spec, weights, prep),
         "efficientnet_lite": lambda: _lite_encoder(spec, weights, prep),
-        "hf": lambda: _hf_encoder(spec, weights, hf_config),
+        "hf": lambda: _hf_encoder(spec, weights, hf_config, pooling),
     }
     return builders[spec.family]()
 

@@ -2,7 +2,8 @@
 
 model.safetensors   weights only (never a pickled model object)
 config.json         task, backbone, head, labels, preprocessing, training config, data summary
-holdout.npz         `inputs` (uint8 NHWC images or strings) and `labels` from validation
+holdout.npz         `inputs` (uint8 NHWC images or strings) and `labels` from validation, and
+                    `targets` (JSON strings) for tasks whose gold is not one class
 metrics.json        per-epoch history and the best epoch
 report/             curves.png, confusion.png
 tokenizer/          text models only
@@ -36,6 +37,7 @@ class Checkpoint:
     holdout_inputs: np.ndarray
     holdout_labels: np.ndarray
     metrics: dict
+    holdout_targets: np.ndarray | None = None  # JSON per input (structured tasks' gold)
 
     @property
     def task(self) -> str:
@@ -64,9 +66,14 @@ def read_json(path: Path) -> dict:
     return obj
 
 
-def save_holdout(run: Path, inputs, labels: np.ndarray) -> None:
+def save_holdout(run: Path, inputs, labels: np.ndarray, targets: list[str] | None = None) -> None:
+    """`inputs`: uint8 images or strings; `labels`: class indices; `targets`: the gold of
+    structured tasks as JSON strings (entities' tags, answers)."""
     arr = np.asarray(inputs) if not isinstance(inputs, list) else np.array(inputs, dtype=np.str_)
-    np.savez_compressed(run / HOLDOUT, inputs=arr, labels=np.asarray(labels, dtype=np.int64))
+    extra = {} if targets is None else {"targets": np.array(targets, dtype=np.str_)}
+    np.savez_compressed(
+        run / HOLDOUT, inputs=arr, labels=np.asarray(labels, dtype=np.int64), **extra
+    )
 
 
 def save_weights(run: Path, model) -> None:
@@ -100,6 +107,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         with np.load(run / HOLDOUT, allow_pickle=False) as z:
             inputs, labels = z["inputs"], z["labels"]
+            targets = z["targets"] if "targets" in z.files else None
     except Exception as e:  # zipfile, KeyError, ValueError: all mean a corrupt file
         raise CheckpointError(
             f"checkpoint file '{run / HOLDOUT}' is corrupt: {e}", str(run / HOLDOUT)
@@ -108,7 +116,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"'{run / HOLDOUT}': {len(inputs)} inputs but {len(labels)} labels", str(run / HOLDOUT)
         )
-    return Checkpoint(run, config, inputs, labels, read_json(run / METRICS))
+    return Checkpoint(run, config, inputs, labels, read_json(run / METRICS), targets)
 
 
 def build_model(ckpt: Checkpoint):
@@ -118,6 +126,7 @@ def build_model(ckpt: Checkpoint):
 
     from finetune.backbones import BackboneSpec, Classifier, build_encoder
     from finetune.data import ImagePrep
+    from finetune.heads import HEADS
 
     cfg = ckpt.config
     b = cfg["backbone"]
@@ -130,8 +139,11 @@ def build_model(ckpt: Checkpoint):
         if "crop_size" in pre
         else None
     )
-    encoder, dim = build_encoder(spec, "random", prep, hf_config=b.get("hf_config"))
-    model = Classifier(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
+    encoder, dim = build_encoder(
+        spec, "random", prep, hf_config=b.get("hf_config"), pooling=pre.get("pooling", "mean")
+    )
+    head = HEADS.get(cfg["task"], Classifier)
+    model = head(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
     try:
         load_model(model, str(ckpt.path / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:

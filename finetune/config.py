@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 STRATEGIES = ("feature-extraction", "full", "gradual")
 AUTO_BACKBONES = {"image-classification": "efficientnet_lite0", "text-classification": "minilm"}
-MONITORS = ("val_macro_f1", "val_accuracy", "val_loss")
+MONITORS = (
+    "auto",
+    "val_macro_f1",
+    "val_accuracy",
+    "val_loss",
+    "val_entity_f1",
+    "val_exact_match",
+    "val_f1",
+)
 
 
 @dataclass(frozen=True)
@@ -24,12 +32,14 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     class_weighting: str = "none"  # 'none' or 'balanced' (inverse class frequency in the loss)
     patience: int = 3  # epochs without improvement of `monitor` before stopping
-    monitor: str = "val_macro_f1"  # val_macro_f1, val_accuracy or val_loss (minimised)
+    monitor: str = "auto"  # auto (the task's: val_macro_f1, val_entity_f1, val_f1), val_loss...
     min_delta: float = 0.0  # smallest change of `monitor` that counts as an improvement
     val_fraction: float = 0.2  # share of data held out for validation when not pre-split
     seed: int = 0  # python, numpy and torch seeds, and the split
     image_size: int | None = None  # crop size in pixels; None = the backbone's own (224 mostly)
-    max_length: int = 128  # tokens per text; longer texts are truncated
+    max_length: int = 128  # tokens per text (per window for entities and answers)
+    stride: int = 0  # entities, answers: tokens shared by consecutive windows; 0 = max_length/4
+    max_answer_length: int = 30  # question answering: the longest answer, in tokens
     augment: bool = False  # images: random resized crop + flip (disables the feature cache)
     cache_features: bool = True  # feature-extraction without augmentation: run the backbone once
     holdout_size: int = 256  # validation samples kept in holdout.npz for export

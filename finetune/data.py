@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.data_spans import load_span_dataset, span_task
 from finetune.errors import DataError
+from tasks.common import resize_crop
 
 IMAGE_TASK = "image-classification"
 TEXT_TASK = "text-classification"
@@ -44,8 +46,6 @@ LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "i
 MIN_PER_CLASS = 2  # a stratified split needs two examples of every class
 MAX_LISTED_FILES = 50  # undecodable files listed by path in the summary
 
-_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
-
 
 @dataclass(frozen=True)
 class ImagePrep:
@@ -59,7 +59,8 @@ class ImagePrep:
 @dataclass
 class Split:
     inputs: np.ndarray | list[str]  # images: uint8 [N, crop, crop, 3]; text: strings
-    labels: np.ndarray  # int64 indices into Dataset.labels
+    labels: np.ndarray  # int64 indices into Dataset.labels (zeros for span tasks)
+    targets: list[dict] | None = None  # span tasks: each input's gold (tags, answers)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,8 +86,13 @@ class _Record:
 
 
 def detect_task(path: str | Path) -> str:
-    """Tell image from text data by the layout alone (no decoding)."""
-    return _locate(Path(path))[1]
+    """Tell the task by the layout and a sniff of the files (no decoding)."""
+    path = Path(path)
+    if path.exists():
+        span = span_task(path)
+        if span is not None:
+            return span[0]
+    return _locate(path)[1]
 
 
 def _children(folder: Path) -> list[Path]:
@@ -279,15 +285,7 @@ def load_image(path: str | Path, prep: ImagePrep) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = prep.resize / min(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        im = im.resize(size, _RESAMPLE[prep.interpolation])
-        left = int(round((size[0] - prep.crop) / 2.0))
-        top = int(round((size[1] - prep.crop) / 2.0))
-        im = im.crop((left, top, left + prep.crop, top + prep.crop))
-        return np.asarray(im, dtype=np.uint8)
+        return resize_crop(im, prep.resize, prep.crop, prep.interpolation)
 
 
 def _clean(records: list[_Record], counts: Counter, task: str) -> list[_Record]:
@@ -362,6 +360,9 @@ def _stratified_split(records: list[_Record], fraction: float, seed: int):
 def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> Dataset:
     """Read, clean and split the data at `path` (`cfg` is a TrainConfig)."""
     path = Path(path)
+    span = span_task(path) if path.exists() else None
+    if span is not None:
+        return load_span_dataset(path, span[0], span[1], cfg)
     layout, task, train_src, val_src = _locate(path)
     if task == IMAGE_TASK and image_prep is None:
         raise ValueError("image data needs an ImagePrep")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from finetune.data import IMAGE_TASK
+from tasks.common import encoding_columns, text_tokenizer
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -56,13 +57,16 @@ class Inputs:
         std=None,
         tokenizer=None,
         max_length: int = 128,
+        pre: dict | None = None,
     ):
-        self.task, self.device, self.tokenizer, self.max_length = (
-            task,
-            device,
-            tokenizer,
-            max_length,
-        )
+        """`tokenizer`: the Hugging Face tokenizer; texts go through its `tokenizers` core
+        configured as export and the service configure it (tasks.common.text_tokenizer)."""
+        self.task, self.device, self.max_length = task, device, max_length
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            pre = {"max_length": max_length, **(pre or {})}
+            self.fast = text_tokenizer(tokenizer.backend_tokenizer.to_str(), pre)
+            self.names = list(tokenizer.model_input_names)
         if task == IMAGE_TASK:
             self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
             self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -71,14 +75,11 @@ class Inputs:
         if self.task == IMAGE_TASK:
             return torch.utils.data.default_collate(batch)
         texts, labels = zip(*batch, strict=True)
-        enc = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
+        feeds = encoding_columns(self.fast.encode_batch([str(t) for t in texts]), self.names)
+        return (
+            {k: torch.from_numpy(v) for k, v in feeds.items()},
+            torch.tensor(labels, dtype=torch.long),
         )
-        return dict(enc), torch.tensor(labels, dtype=torch.long)
 
     def __call__(self, model: nn.Module, x):
         if isinstance(x, dict):

@@ -16,15 +16,20 @@ def _plt():
     return plt
 
 
-def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
+def plot_curves(
+    history: list[dict], path: Path, best_epoch: int | None = None, *scores: str
+) -> None:
+    """Loss and validation scores per epoch; `scores`: the keys to draw (default: accuracy
+    and macro-F1)."""
     plt = _plt()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
-    ax_score.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val accuracy")
-    ax_score.plot(epochs, [h["val_macro_f1"] for h in history], "o-", label="val macro-F1")
+    for key in scores or ("val_accuracy", "val_macro_f1"):
+        label = key.replace("_", " ").replace("val ", "val ").replace("macro f1", "macro-F1")
+        ax_score.plot(epochs, [h[key] for h in history], "o-", label=label)
     ax_score.set(title="Validation", xlabel="epoch", ylim=(0, 1.02))
     for ax in (ax_loss, ax_score):
         if best_epoch is not None:

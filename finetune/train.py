@@ -10,6 +10,7 @@ there is no augmentation), `full` (everything trains, the backbone at a lower ra
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import shutil
 import time
@@ -22,13 +23,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+import tasks
 from finetune import backbones, checkpoint
 from finetune.config import AUTO_BACKBONES, TrainConfig
 from finetune.data import IMAGE_TASK, Dataset, describe, detect_task, load_dataset
 from finetune.errors import CheckpointError, DataError, FinetuneError, OutputExists
+from finetune.heads import HEADS
 from finetune.inputs import ImageSet, Inputs, TextSet
 from finetune.metrics import classification_metrics
 from finetune.report import plot_confusion, plot_curves
+from finetune.train_spans import train_spans
+from tasks.common import text_tokenizer
 
 STATE = "state.pt"
 LAST = "last.safetensors"
@@ -162,6 +167,26 @@ def _versions() -> dict:
     }
 
 
+def span_preprocessing(cfg: TrainConfig, tokenizer, task: str) -> dict:
+    """Windows of the span tasks: the overlap, and the padding token (decoders have none:
+    their end-of-text token pads)."""
+    out = {}
+    if tokenizer.pad_token_id is not None:
+        out["pad_id"] = int(tokenizer.pad_token_id)
+        out["pad_token"] = str(tokenizer.pad_token)
+    if task in HEADS:
+        out["stride"] = cfg.stride if cfg.stride else cfg.max_length // 4
+    return out
+
+
+def postprocessing(cfg: TrainConfig, ds: Dataset) -> dict:
+    """The answer's parameters, stored with the weights (question answering)."""
+    if ds.task != "question-answering":
+        return {}
+    unanswerable = ds.summary["train_per_class"].get("unanswerable", 0)
+    return {"max_answer_length": cfg.max_answer_length, "allow_no_answer": unanswerable > 0}
+
+
 # --------------------------------------------------------------------------- main entry
 
 
@@ -192,10 +217,16 @@ def fine_tune(
 
     task = detect_task(data)
     if cfg.backbone == "auto":
-        cfg = dataclasses.replace(cfg, backbone=AUTO_BACKBONES[task])
+        cfg = dataclasses.replace(cfg, backbone=AUTO_BACKBONES.get(task, "minilm"))
+    if cfg.monitor == "auto":  # the task's own metric (tasks registry)
+        metric = tasks.get(task).metric
+        cfg = dataclasses.replace(
+            cfg, monitor="val_macro_f1" if metric == "accuracy" else f"val_{metric}"
+        )
     spec = backbones.resolve(cfg.backbone)
-    if task != spec.task:
+    if tasks.uses_tokenizer(task) != tasks.uses_tokenizer(spec.task):
         raise DataError(f"'{data}' holds {task} data but backbone '{spec.name}' is for {spec.task}")
+    head_cls = HEADS.get(task, backbones.Classifier)
     prep = mean = std = None
     if task == IMAGE_TASK:
         prep, mean, std = backbones.image_prep(spec, cfg.image_size)
@@ -208,7 +239,7 @@ def fine_tune(
         )
 
     encoder, dim = backbones.build_encoder(spec, cfg.weights, prep)
-    model = backbones.Classifier(encoder, dim, len(ds.labels), cfg.dropout)
+    model = head_cls(encoder, dim, len(ds.labels), cfg.dropout)
     groups = backbones.parameter_groups(spec, encoder)
     tokenizer = None
     if task != IMAGE_TASK:
@@ -236,7 +267,7 @@ def fine_tune(
             **({"hf_config": encoder.model.config.to_dict()} if spec.family == "hf" else {}),
         },
         "head": {
-            "type": "linear",
+            "type": head_cls.__name__,
             "in_features": dim,
             "out_features": len(ds.labels),
             "dropout": cfg.dropout,
@@ -260,10 +291,12 @@ def fine_tune(
                 "truncation": True,
                 "padding": "longest",
                 "tokenizer": checkpoint.TOKENIZER,
-                "pooling": "mean",
+                "pooling": encoder.pooling,
                 "input_names": list(tokenizer.model_input_names),
+                **span_preprocessing(cfg, tokenizer, task),
             }
         ),
+        "postprocessing": postprocessing(cfg, ds),
         "training": cfg.to_dict(),
         "seed": cfg.seed,
         "device": str(device),
@@ -274,17 +307,33 @@ def fine_tune(
     checkpoint.write_json(out / checkpoint.CONFIG, config)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
+        # Training tokenizes as export and the service will: from the stored preprocessing.
+        inputs.fast = text_tokenizer(tokenizer.backend_tokenizer.to_str(), config["preprocessing"])
     if not resume:
         rng = np.random.default_rng(cfg.seed)
         n = min(cfg.holdout_size, len(ds.val))
         idx = np.sort(rng.choice(len(ds.val), size=n, replace=False))
         held = ds.val.inputs[idx] if task == IMAGE_TASK else [ds.val.inputs[i] for i in idx]
-        checkpoint.save_holdout(out, held, ds.val.labels[idx])
+        targets = None if ds.val.targets is None else [json.dumps(ds.val.targets[i]) for i in idx]
+        checkpoint.save_holdout(out, held, ds.val.labels[idx], targets)
 
-    result = _train(model, groups, ds, inputs, cfg, out, device, resume, on_epoch_end, log)
+    if head_cls is backbones.Classifier:
+        result = _train(model, groups, ds, inputs, cfg, out, device, resume, on_epoch_end, log)
+    else:
+        if resume:
+            raise CheckpointError(f"--resume is not available for {task} runs yet; start again")
+        contract = tasks.create(config, inputs.fast)
+        helpers = (_better, set_trainable, plot_curves)
+        result = train_spans(
+            model, groups, ds, contract, cfg, out, device, on_epoch_end, log, helpers
+        )
     config.update(
         status="complete",
-        result={k: result[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss")},
+        result={
+            k: v
+            for k, v in result.items()
+            if k == "epoch" or (k.startswith("val_") and isinstance(v, float))
+        },
     )
     checkpoint.write_json(out / checkpoint.CONFIG, config)
     shutil.rmtree(out / checkpoint.RESUME, ignore_errors=True)

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from starlette.responses import HTMLResponse, Response
 
 
-def example_input(rt) -> str:
-    """One input of the model's kind: a short text, or a small base64 PNG."""
+def example_input(rt):
+    """One input of the model's kind: the task's example, or a small base64 PNG."""
     if not rt.heavy_inputs:
-        return "an example text to classify"
+        return rt.contract.example_input
     from PIL import Image
 
     buf = io.BytesIO()
@@ -27,19 +27,11 @@ def example_input(rt) -> str:
 
 def examples(rt) -> tuple[dict, dict]:
     """An example /predict request and the shape of its answer (scores illustrative)."""
-    top = rt.labels[:2]
-    scores = [0.9, 0.1][: len(top)]
-    request = {"inputs": [example_input(rt)], "top_k": len(top)}
+    request = {"inputs": [example_input(rt)], **rt.contract.example_params()}
     response = {
         "model": rt.name,
         "version": rt.version,
-        "predictions": [
-            {
-                "label": top[0],
-                "score": scores[0],
-                "top_k": [{"label": lb, "score": s} for lb, s in zip(top, scores, strict=True)],
-            }
-        ],
+        "predictions": [rt.contract.example_answer()],
     }
     return request, response
 

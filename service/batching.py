@@ -127,7 +127,8 @@ class Batcher:
                 eta - self.timeout_s,
             )
 
-    async def __call__(self, items: list[Prepared]) -> np.ndarray:
+    async def __call__(self, items: list[Prepared]):
+        """The task's outputs for `items` (classification: their logits rows)."""
         try:
             self.admit(len(items))
         except InputError as e:
@@ -145,17 +146,17 @@ class Batcher:
             self.queued -= len(items)
             metrics.queue(self.rt, self.queued)
 
-    async def _run_batch(self, jobs: Sequence[list[Prepared]]) -> list[np.ndarray]:
+    async def _run_batch(self, jobs: Sequence[list[Prepared]]) -> list:
         flat = [item for job in jobs for item in job]
         stats: dict = {}
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        logits, embedding = await loop.run_in_executor(self._thread, self.rt.run, flat, stats)
+        outputs, embedding = await loop.run_in_executor(self._thread, self.rt.run, flat, stats)
         seconds = time.perf_counter() - t0
         self.times.add(len(flat), seconds)
         metrics.batch(self.rt, len(flat), seconds)
         metrics.inputs(self.rt, stats)
         if self.monitor is not None:  # a few numpy operations per batch
-            self.monitor.observe(logits, embedding, stats.get("brightness") or stats["tokens"])
+            self.monitor.observe_samples(self.rt.contract.drift_samples(outputs, embedding, stats))
         ends = np.cumsum([len(job) for job in jobs])
-        return [logits[end - len(job) : end] for job, end in zip(jobs, ends, strict=True)]
+        return [outputs[end - len(job) : end] for job, end in zip(jobs, ends, strict=True)]

@@ -2,9 +2,13 @@
 
 ServiceError
  ├── ArtifactError   the artifact cannot be served: missing, corrupt, unknown schema (start-up)
- └── InputError      a request cannot be answered: HTTP 400, 401, 413 (or 503 when the
-                     model queue is full) with {"error", "detail"}
+ └── InputError      a request cannot be answered (tasks.errors.InputError, re-exported:
+                     the task contracts raise it while they decode a request)
 """
+
+from tasks.errors import InputError
+
+__all__ = ["ServiceError", "ArtifactError", "InputError"]
 
 
 class ServiceError(Exception):
@@ -13,23 +17,3 @@ class ServiceError(Exception):
 
 class ArtifactError(ServiceError):
     """Start-up refuses the artifact; the message is one line naming the file."""
-
-
-class InputError(ServiceError):
-    """A request input is unusable; `reason` is a bounded metric label value."""
-
-    def __init__(self, reason: str, detail: str, status: int = 400):
-        super().__init__(detail)
-        self.reason, self.detail, self.status = reason, detail, status
-        self.retry_after = 1  # seconds, for 503: the estimated time the queue needs to drain
-        self.shed_reason = ""  # 503: queue_full, deadline or timeout (service/batching.py)
-
-    def body(self) -> dict:
-        return {"error": self.reason, "detail": self.detail}
-
-    def headers(self) -> dict[str, str]:
-        if self.status == 401:
-            return {"WWW-Authenticate": "Bearer"}
-        if self.status == 503:
-            return {"Retry-After": str(self.retry_after)}
-        return {}

@@ -168,8 +168,9 @@ def preprocess(rt, seconds: float) -> None:
 def predictions(rt, out: list[dict], postprocess_s: float) -> None:
     _duration.labels(model=rt.name, version=rt.version, stage="postprocess").observe(postprocess_s)
     for p in out:
-        _predictions.labels(model=rt.name, version=rt.version, label=p["label"]).inc()
-        _confidence.labels(model=rt.name, version=rt.version).observe(p["score"])
+        for label, score in rt.contract.scored(p):
+            _predictions.labels(model=rt.name, version=rt.version, label=label).inc()
+            _confidence.labels(model=rt.name, version=rt.version).observe(score)
 
 
 def error(rt, reason: str) -> None:

@@ -2,8 +2,9 @@
 clients such as `tritonclient.http` work unchanged, including its binary tensor extension.
 Mounted at the root: BentoML's passive mount only takes requests one of these routes matches.
 
-Input: one BYTES tensor of texts or encoded images. Outputs: `logits` and `probabilities`
-(FP32, [n, classes]) and `label` (BYTES, [n]).
+Inputs and outputs are the task's (`tasks/`): classification takes one BYTES tensor of texts
+or encoded images and answers `logits`, `probabilities` (FP32, [n, classes]) and `label`
+(BYTES, [n]); question answering takes BYTES `question` and `context`; and so on.
 """
 
 from __future__ import annotations
@@ -83,16 +84,15 @@ async def model_metadata(name: str, version: str | None = None):
     if missing:
         return missing
     rt = svc.rt
-    n = len(rt.labels)
+    task = rt.contract
     return {
         "name": rt.name,
         "versions": [rt.version],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1]}],
+        "inputs": [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in task.oip_input_names],
         "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, n]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": o.name, "datatype": o.datatype, "shape": [-1, *o.shape]}
+            for o in task.oip_outputs()
         ],
         "parameters": {"task": rt.task, "labels": rt.labels},
     }
@@ -174,26 +174,41 @@ def parse_request(body: bytes, header_len: str | None) -> tuple[dict, list]:
         if "binary_data" in p and not isinstance(p["binary_data"], bool):
             raise InputError("bad_request", f"{where}.parameters.binary_data must be a boolean")
     inputs = _field(head, "inputs", list, "request", required=True)
-    if len(inputs) != 1:
-        raise InputError("bad_request", "send exactly one input tensor in 'inputs'")
-    tensor = inputs[0]
-    if not isinstance(tensor, dict):
-        raise InputError("bad_request", "inputs[0] must be a tensor object")
-    _field(tensor, "name", str, "inputs[0]")
+    if not inputs:
+        raise InputError("bad_request", "'inputs' holds no tensor")
+    tensors: dict[str, list] = {}
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict):
+            raise InputError("bad_request", f"{where} must be a tensor object")
+        name = _field(tensor, "name", str, where) or "INPUT"
+        if name in tensors:
+            raise InputError("bad_request", f"{where}: input '{name}' sent twice")
+        values, offset = _tensor_values(tensor, where, binary, offset)
+        tensors[name] = values
+    return head, tensors
+
+
+def _tensor_values(tensor: dict, where: str, binary: bytes, offset: int) -> tuple[list, int]:
+    """The elements of one BYTES input tensor, from JSON data or the binary extension (tensors
+    sent as binary follow one another in the body, in the order of 'inputs')."""
     if tensor.get("datatype") != "BYTES":
         raise InputError(
-            "wrong_type", "the input tensor must have datatype BYTES (texts or encoded images)"
+            "wrong_type", f"{where} must have datatype BYTES (texts or encoded images)"
         )
-    shape = _field(tensor, "shape", list, "inputs[0]")
-    tparams = _field(tensor, "parameters", dict, "inputs[0]") or {}
+    shape = _field(tensor, "shape", list, where)
+    tparams = _field(tensor, "parameters", dict, where) or {}
     size = tparams.get("binary_data_size")
     if size is not None:
-        size = _count(size, "inputs[0].parameters.binary_data_size")
-        if size > len(binary):
+        size = _count(size, f"{where}.parameters.binary_data_size")
+        if offset + size > len(binary):
             raise InputError(
-                "bad_tensor", f"binary_data_size {size} exceeds the {len(binary)} bytes sent"
+                "bad_tensor",
+                f"binary_data_size {size} exceeds the {len(binary) - offset} bytes sent",
             )
-        values: list = _bytes_elements(binary[:size])
+        values: list = _bytes_elements(binary[offset : offset + size])
+        offset += size
     elif isinstance(tensor.get("data"), list):
         values = _flatten(tensor["data"])
         for v in values:
@@ -203,14 +218,14 @@ def parse_request(body: bytes, header_len: str | None) -> tuple[dict, list]:
                     f"BYTES data elements are strings (texts or base64), got {type(v).__name__}",
                 )
     else:
-        raise InputError("bad_tensor", "the input tensor has neither 'data' nor binary data")
+        raise InputError("bad_tensor", f"{where} has neither 'data' nor binary data")
     if shape is not None:
-        dims = [_count(d, "inputs[0].shape dimension") for d in shape]
+        dims = [_count(d, f"{where}.shape dimension") for d in shape]
         if int(np.prod(dims)) != len(values):
             raise InputError(
                 "bad_tensor", f"shape {dims} does not hold the {len(values)} elements sent"
             )
-    return head, values
+    return values, offset
 
 
 def _flatten(data: list, depth: int = 0) -> list:
@@ -223,20 +238,6 @@ def _flatten(data: list, depth: int = 0) -> list:
     return out
 
 
-def _as_inputs(values: list, task: str) -> list:
-    if task == "image-classification":
-        return values  # raw bytes (binary) or base64 strings (JSON): Runtime.prepare takes both
-    out = []
-    for v in values:
-        if isinstance(v, bytes | bytearray):
-            try:
-                v = bytes(v).decode("utf-8")
-            except UnicodeDecodeError:
-                raise InputError("bad_text", "a BYTES text element is not UTF-8") from None
-        out.append(v)
-    return out
-
-
 def _binary_response(head: dict, chunks: list[bytes]) -> Response:
     header = json.dumps(head).encode()
     return Response(
@@ -246,7 +247,6 @@ def _binary_response(head: dict, chunks: list[bytes]) -> Response:
     )
 
 
-OUTPUT_NAMES = ("logits", "probabilities", "label")
 # The request body of `infer` as the OpenAPI document describes it (the route reads the raw
 # body itself, for the binary extension), so that clients and fuzzers see its fields.
 INFER_BODY = {
@@ -265,7 +265,6 @@ INFER_BODY = {
                     "inputs": {
                         "type": "array",
                         "minItems": 1,
-                        "maxItems": 1,
                         "items": {
                             "type": "object",
                             "required": ["name", "datatype", "shape", "data"],
@@ -291,7 +290,7 @@ INFER_BODY = {
                             "type": "object",
                             "required": ["name"],
                             "properties": {
-                                "name": {"type": "string", "enum": list(OUTPUT_NAMES)},
+                                "name": {"type": "string"},
                                 "parameters": {
                                     "type": "object",
                                     "properties": {"binary_data": {"type": "boolean"}},
@@ -311,49 +310,53 @@ INFER_BODY = {
     "/v2/models/{name}/versions/{version}/infer", openapi_extra={"requestBody": INFER_BODY}
 )
 async def infer(name: str, request: Request, version: str | None = None):
-    from service.runtime import softmax
-
     svc, missing = _model_or_404(name, version)
     if missing:
         return missing
     rt = svc.rt
+    task = rt.contract
+    names = [o.name for o in task.oip_outputs()]
     try:
-        head, values = parse_request(await request.body(), request.headers.get(HEADER))
-        wanted = head.get("outputs") or [{"name": k} for k in OUTPUT_NAMES]
-        unknown = [o["name"] for o in wanted if o["name"] not in OUTPUT_NAMES]
+        head, tensors = parse_request(await request.body(), request.headers.get(HEADER))
+        wanted = head.get("outputs") or [{"name": k} for k in names]
+        unknown = [o["name"] for o in wanted if o["name"] not in names]
         if unknown:
             raise InputError(
-                "unknown_output",
-                f"unknown output(s) {unknown}; outputs are {', '.join(OUTPUT_NAMES)}",
+                "unknown_output", f"unknown output(s) {unknown}; outputs are {', '.join(names)}"
             )
-        logits = await svc.logits(_as_inputs(values, rt.task))
+        params = task.check_params({})
+        outputs = await svc.outputs(task.oip_items(tensors))
     except InputError as e:
         return error_response(rt, e)
-    probs = softmax(logits).astype(np.float32)
-    labels = [rt.labels[i] for i in probs.argmax(1)]
-    tensors = {"logits": logits.astype(np.float32), "probabilities": probs, "label": labels}
+    responses = [task.postprocess(outputs[i], params) for i in range(len(outputs))]
+    metrics.predictions(rt, responses, 0.0)
+    tensors_out = task.oip_tensors(outputs, responses)
+    datatypes = {o.name: o.datatype for o in task.oip_outputs()}
     all_binary = bool((head.get("parameters") or {}).get("binary_data_output"))
-    outputs, chunks = [], []
+    outputs_json, chunks = [], []
     for o in wanted:
-        value = tensors[o["name"]]
-        is_bytes = o["name"] == "label"
+        value, datatype = tensors_out[o["name"]], datatypes[o["name"]]
+        is_bytes = datatype == "BYTES"
         entry = {
             "name": o["name"],
-            "datatype": "BYTES" if is_bytes else "FP32",
+            "datatype": datatype,
             "shape": [len(value)] if is_bytes else list(value.shape),
         }
         if (o.get("parameters") or {}).get("binary_data", all_binary):
             data = (
                 b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in value)
                 if is_bytes
-                else value.astype("<f4").tobytes()
+                else value.astype(NUMPY_TYPES[datatype]).tobytes()
             )
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
             entry["data"] = value if is_bytes else value.reshape(-1).tolist()
-        outputs.append(entry)
-    result = {"model_name": rt.name, "model_version": rt.version, "outputs": outputs}
+        outputs_json.append(entry)
+    result = {"model_name": rt.name, "model_version": rt.version, "outputs": outputs_json}
     if "id" in head:
         result["id"] = head["id"]
     return _binary_response(result, chunks) if chunks else result
+
+
+NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8"}

@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
-import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from service import metrics
@@ -29,7 +28,7 @@ from service.drift import Monitor
 from service.errors import ArtifactError, InputError
 from service.guard import RequestGuard
 from service.oip import oip_app
-from service.runtime import Runtime, listed_precisions, softmax, usable_providers
+from service.runtime import Runtime, listed_precisions, usable_providers
 from service.settings import Settings
 
 log = logging.getLogger("tuneserve")
@@ -122,13 +121,35 @@ class Prediction(Score):
     top_k: list[Score]  # the k most probable labels, best first (k = the request's top_k)
 
 
+class Entity(BaseModel):
+    text: str  # the original text from start to end
+    label: str  # entity type
+    start: int  # character offsets into the input text
+    end: int
+    score: float  # mean of the words' probabilities
+
+
+class Entities(BaseModel):
+    entities: list[Entity]
+
+
+class Answer(BaseModel):
+    answer: str  # the span of the context ("" for no answer)
+    score: float
+    start: int  # character offsets into the context
+    end: int
+
+
 class PredictResponse(BaseModel):
     """A typed response: BentoML otherwise derives a JSON schema per response to pick its
     media type (8% of a worker's request-handling CPU under load, bench/RESULTS.md)."""
 
     model: str
     version: str
-    predictions: list[Prediction]
+    # One list per task (classification, token classification, question answering).
+    predictions: list[Prediction] | list[Entities] | list[Answer] = Field(
+        union_mode="left_to_right"
+    )
 
 
 @bentoml.asgi_app(oip_app, path="/")
@@ -167,8 +188,9 @@ class Tuneserve:
         metrics.model_info(self.rt)
         metrics.reference(self.rt, reference.get("class_prior", {}))
 
-    async def logits(self, raw: list) -> np.ndarray:
-        """Validate every input, then one call into the batching path (InputError on misuse)."""
+    async def outputs(self, raw: list):
+        """Validate every input, then one call into the batching path (InputError on misuse);
+        the task's per-input outputs."""
         if not isinstance(raw, list) or not raw:
             raise InputError("no_inputs", "'inputs' must be a non-empty list")
         if len(raw) > settings.max_items:
@@ -197,12 +219,13 @@ class Tuneserve:
         metrics.preprocess(self.rt, time.perf_counter() - t0)
         return await self.batch(results)
 
-    async def classify(self, raw: list, top_k: int) -> list[dict]:
-        if not isinstance(top_k, int) or top_k < 1:
-            raise InputError("bad_top_k", f"top_k must be a positive integer, got {top_k!r}")
-        logits = await self.logits(raw)
+    async def answer(self, raw: list, params: dict) -> list[dict]:
+        """The API's answers: request fields checked, inputs run, the task's post-processing."""
+        task = self.rt.contract
+        params = task.check_params(params)
+        outputs = await self.outputs(raw)
         t1 = time.perf_counter()
-        out = [self.rt.describe(p, top_k) for p in softmax(logits)]
+        out = [task.postprocess(outputs[i], params) for i in range(len(outputs))]
         metrics.predictions(self.rt, out, time.perf_counter() - t1)
         return out
 
@@ -214,27 +237,29 @@ class Tuneserve:
     # Errors leave as a JSONResponse (`reject`), which BentoML passes through unchanged.
     @bentoml.api(route="/predict")
     async def predict(
-        self, inputs: list, top_k: int = 1, ctx: bentoml.Context = None
+        self, inputs: list, top_k: int | None = None, ctx: bentoml.Context = None
     ) -> PredictResponse:
-        """Classify texts or base64-encoded images: {"inputs": [...], "top_k": k}."""
+        """Predict for texts, base64-encoded images or {"question", "context"} objects:
+        {"inputs": [...]}, with "top_k": k for classification."""
         try:
-            return self.response(await self.classify(inputs, top_k))
+            return self.response(await self.answer(inputs, {"top_k": top_k}))
         except InputError as e:
             return reject(self.rt, e, ctx)
 
     @bentoml.api(route="/predict_file")
     async def predict_file(
-        self, files: list[Path], top_k: int = 1, ctx: bentoml.Context = None
+        self, files: list[Path], top_k: int | None = None, ctx: bentoml.Context = None
     ) -> PredictResponse:
         """Classify uploaded image files (multipart/form-data, field `files`)."""
         try:
             if not self.rt.heavy_inputs:
                 raise InputError(
                     "wrong_route",
-                    "/predict_file takes images; this model classifies text: use /predict",
+                    f"/predict_file takes image files; this {self.rt.task} model takes JSON: "
+                    "use /predict",
                 )
             raw = [Path(f).read_bytes() for f in files]
-            return self.response(await self.classify(raw, top_k))
+            return self.response(await self.answer(raw, {"top_k": top_k}))
         except InputError as e:
             return reject(self.rt, e, ctx)
 

@@ -1,0 +1,51 @@
+"""The task registry (DESIGN.md §0): every stage looks a task up here by its name in
+config.json / card.json, and never branches on task names itself. Torch-free.
+
+    task = tasks.create(card, tokenizer=tasks.load_tokenizer(folder / "tokenizer", card))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+from tasks.base import Limits, Task
+from tasks.errors import UnknownTask
+
+# name → "module:class"; modules import lazily, so a service loads only its own task.
+REGISTRY = {
+    "image-classification": "tasks.classification:ImageClassification",
+    "text-classification": "tasks.classification:TextClassification",
+    "token-classification": "tasks.token_classification:TokenClassification",
+    "question-answering": "tasks.question_answering:QuestionAnswering",
+}
+TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
+
+
+def get(name: str) -> type[Task]:
+    if name not in REGISTRY:
+        raise UnknownTask(f"unknown task {name!r}. Known: {', '.join(REGISTRY)}")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(import_module(module), cls)
+
+
+def uses_tokenizer(name: str) -> bool:
+    return name in TEXT_TASKS
+
+
+def load_tokenizer(folder: str | Path, spec: dict):
+    """The `tokenizers` tokenizer in `folder`/tokenizer.json, configured from the card."""
+    from tasks.common import text_tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file '{path}' is missing")
+    return text_tokenizer(path, spec["preprocessing"])
+
+
+def create(spec: dict, tokenizer=None, limits: Limits | None = None) -> Task:
+    """The task of a card or checkpoint config (`spec["task"]`)."""
+    return get(spec["task"])(spec, tokenizer, limits)
+
+
+__all__ = ["REGISTRY", "Limits", "Task", "create", "get", "load_tokenizer", "uses_tokenizer"]

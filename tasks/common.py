@@ -1,0 +1,175 @@
+"""What several tasks compute identically, numpy only: probabilities, length buckets, the
+image crop and its brightness, the text tokenizer as every stage configures it."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import InputError
+
+RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
+# Positional order of a model's inputs (the encoders' forward() signatures): ONNX export
+# and the PyTorch models called through a task contract both follow it.
+INPUT_ORDER = ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class Prepared:
+    """One validated request input: a uint8 HWC crop, a text, or a task's structured value."""
+
+    value: object
+    pixels: int = 0  # images: width x height as sent, for the input-size statistics
+
+
+def softmax(logits) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def length_buckets(lengths: np.ndarray, waste: float = 0.25) -> list[np.ndarray]:
+    """Indices sorted by length, cut into chunks whose padding stays under `waste` of the
+    chunk's real tokens."""
+    order = np.argsort(lengths, kind="stable")
+    chunks, current, tokens = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if current and (len(current) + 1) * n > (1 + waste) * (tokens + n):
+            chunks.append(np.asarray(current))
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    if current:
+        chunks.append(np.asarray(current))
+    return chunks
+
+
+def quantile_hist(values: np.ndarray, bins: int = 10) -> dict:
+    """Quantile bins: equal mass on the reference, so every bin is informative."""
+    values = np.asarray(values, dtype=np.float64)
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:  # a constant statistic: one bin around it
+        edges = np.array([values.min() - 0.5, values.max() + 0.5])
+    inner = edges[1:-1]
+    counts = np.bincount(np.searchsorted(inner, values, side="right"), minlength=len(edges) - 1)
+    return {
+        "edges": edges.tolist(),
+        "probs": (counts / counts.sum()).tolist(),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+    }
+
+
+# --------------------------------------------------------------------------- images
+
+
+def resize_crop(im, resize: int, crop: int, interpolation: str) -> np.ndarray:
+    """Shorter side to `resize`, then the centre `crop` square: uint8 HWC RGB. Training,
+    export and serving all cut images here."""
+    im = im.convert("RGB")
+    w, h = im.size
+    scale = resize / min(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    im = im.resize(size, RESAMPLE[interpolation])
+    left = int(round((size[0] - crop) / 2.0))
+    top = int(round((size[1] - crop) / 2.0))
+    return np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+
+def decode_image(data: bytes, max_pixels: int, resize: int, crop: int, interp: str) -> Prepared:
+    """Header first (size checked before any pixel is decoded), then pixels; every decoder
+    failure is an InputError, never an exception of PIL's own."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its own limit and raises above twice that: ours applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise InputError("image_too_large", f"image refused: {e}", status=413) from None
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, struct.error
+        raise InputError("undecodable_image", f"cannot decode the image: {e}") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise InputError(
+                "image_too_large",
+                f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
+                status=413,
+            )
+        if min(w, h) < 1:
+            raise InputError("undecodable_image", f"image has no pixels ({w}x{h})")
+        try:
+            crop_px = resize_crop(im, resize, crop, interp)
+        except Exception as e:  # truncated or corrupt pixel data, any decoder's error
+            raise InputError("undecodable_image", f"cannot decode the image: {e}") from None
+        return Prepared(crop_px, pixels=w * h)
+
+
+def brightness(crops: np.ndarray) -> np.ndarray:
+    """Mean value of every 4th pixel of each uint8 crop [N, H, W, C], 0 to 1: the drift input
+    statistic of images, the same at export and in the service."""
+    return crops[:, ::4, ::4].reshape(len(crops), -1).mean(1) / 255.0
+
+
+def normalize(crops: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 NHWC crops → float32 NCHW, `(x / 255 - mean) / std`, as the backbone was trained."""
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    x = crops.transpose(0, 3, 1, 2).astype(np.float32)
+    return ((x / 255.0 - m) / s).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def text_tokenizer(source: str | Path, pre: dict):
+    """The `tokenizers` tokenizer of a run or artifact (a tokenizer.json path, or its JSON
+    text), truncating at `max_length` and padding to the longest in a batch."""
+    from tokenizers import Tokenizer
+
+    src = str(source)
+    tok = Tokenizer.from_str(src) if src.lstrip().startswith("{") else Tokenizer.from_file(src)
+    tok.no_truncation()
+    tok.enable_truncation(int(pre["max_length"]))
+    pad = tok.padding or {}
+    pad_token = pre.get("pad_token") or pad.get("pad_token") or "[PAD]"
+    pad_id = pre.get("pad_id", pad.get("pad_id", tok.token_to_id(pad_token) or 0))
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    return tok
+
+
+def unknown_id(tok) -> int | None:
+    unk = getattr(tok.model, "unk_token", None)
+    return tok.token_to_id(unk) if unk else None
+
+
+def encoding_columns(encs, names: list[str]) -> dict[str, np.ndarray]:
+    """`tokenizers` encodings (padded alike) → int64 model inputs by name."""
+    columns = {
+        "input_ids": lambda: [e.ids for e in encs],
+        "attention_mask": lambda: [e.attention_mask for e in encs],
+        "token_type_ids": lambda: [e.type_ids for e in encs],
+    }
+    return {n: np.asarray(columns[n](), dtype=np.int64) for n in names}
+
+
+def check_text(value, max_chars: int, what: str = "text") -> str:
+    if not isinstance(value, str):
+        raise InputError("wrong_type", f"{what} inputs are strings, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError("empty_text", f"{what} input is empty")
+    if len(value) > max_chars:
+        raise InputError(
+            "text_too_long",
+            f"{what} has {len(value)} characters; the limit is {max_chars}",
+            status=413,
+        )
+    return value

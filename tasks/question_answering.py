@@ -1,0 +1,292 @@
+"""Extractive question answering, DESIGN.md §0.
+
+The question and the context go in as a pair; a context longer than `max_length` is cut
+into windows overlapping by `stride` tokens, each with the whole question. The answer is the
+best span over all windows (start <= end, at most `max_answer_length` tokens, inside the
+context) by the windows' start and end log-probabilities; with `allow_no_answer` (SQuAD v2)
+the empty answer wins when its score beats every span. Offsets index the context.
+
+ONNX outputs `start_logits`, `end_logits` [batch, sequence] and `pooled_embedding`; the API
+answers {"answer", "score", "start", "end"}; OIP inputs `question` and `context` (BYTES),
+outputs `answer` (BYTES), `score` (FP32), `start` and `end` (INT64).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.base import Output, Task, utf8
+from tasks.common import Prepared, check_text, unknown_id
+from tasks.drift import Samples
+from tasks.errors import InputError
+from tasks.text_windows import run_windows, window_feeds, window_tokenizer, windows
+
+TOP_N = 20  # start and end candidates per window (Hugging Face's pipeline uses 20 too)
+
+
+@dataclass
+class Span:
+    answer: str
+    score: float
+    start: int  # character offsets into the context
+    end: int
+    tokens: int  # content tokens of the context
+    truncated: bool
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def best_span(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, max_len: int):
+    """(score, s, e) of the best span of allowed positions, s <= e < s + max_len, by
+    start[s] + end[e] (log-probabilities); None when no span is allowed."""
+    idx = np.flatnonzero(allowed)
+    if not len(idx):
+        return None
+    starts = idx[np.argsort(-start[idx])[:TOP_N]]
+    ends = idx[np.argsort(-end[idx])[:TOP_N]]
+    best = None
+    for s in starts:
+        for e in ends:
+            if s <= e < s + max_len:
+                score = start[s] + end[e]
+                if best is None or score > best[0]:
+                    best = (float(score), int(s), int(e))
+    return best
+
+
+class QuestionAnswering(Task):
+    name = "question-answering"
+    metric = "f1"
+    checks = ("confidence", "embedding", "input")
+    oip_input_names = ("question", "context")
+    onnx_outputs = {
+        "start_logits": {0: "batch", 1: "sequence"},
+        "end_logits": {0: "batch", 1: "sequence"},
+        "pooled_embedding": {0: "batch"},
+    }
+    example_input = {
+        "question": "Where do water droplets collide with ice crystals?",
+        "context": "Precipitation forms as smaller droplets coalesce via collision with other "
+        "rain drops or ice crystals within a cloud.",
+    }
+
+    def __init__(self, spec, tokenizer=None, limits=None):
+        super().__init__(spec, tokenizer, limits)
+        if tokenizer is not None:
+            window_tokenizer(tokenizer, self.pre, pair=True)
+            self.unk_id = unknown_id(tokenizer)
+            self.pad_id = int(self.pre.get("pad_id", tokenizer.token_to_id("[PAD]") or 0))
+
+    def default_postprocessing(self) -> dict:
+        return {"max_answer_length": 30, "allow_no_answer": False}
+
+    def names(self) -> list[str]:
+        return self.input_names or list(self.pre["input_names"])
+
+    # ------------------------------------------------------------------ inputs
+
+    def decode(self, value) -> Prepared:
+        if not isinstance(value, dict):
+            raise InputError(
+                "wrong_type",
+                'question-answering inputs are objects {"question": ..., "context": ...}, '
+                f"got {type(value).__name__}",
+            )
+        missing = [k for k in ("question", "context") if k not in value]
+        if missing:
+            raise InputError("missing_field", f"input has no {' and no '.join(missing)}")
+        extra = sorted(set(value) - {"question", "context"})
+        if extra:
+            raise InputError("bad_request", f"unknown field(s) {', '.join(extra)}")
+        q = check_text(value["question"], self.limits.max_text_chars, "question")
+        c = check_text(value["context"], self.limits.max_text_chars, "context")
+        return Prepared((q, c))
+
+    def from_holdout(self, value) -> Prepared:
+        return self.decode(json.loads(str(value)))
+
+    def input_text(self, item: Prepared) -> str:
+        return item.value[1]
+
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list]:
+        return [windows(e) for e in self.tokenizer.encode_batch(list(pairs))]
+
+    # ------------------------------------------------------------------ model
+
+    def run(self, session_run, items, stats=None):
+        pairs = [tuple(i.value) for i in items]
+        per_item = self.encode(pairs)
+        flat = [w for wins in per_item for w in wins]
+        results = run_windows(session_run, flat, self.names(), self.pad_id)
+        outputs, embedding, k = [], [], 0
+        for (_, context), wins in zip(pairs, per_item, strict=True):
+            outs = results[k : k + len(wins)]
+            k += len(wins)
+            outputs.append(self.read(context, wins, outs))
+            weights = np.array([sum(w.attention_mask) for w in wins], dtype=np.float64)
+            pooled = np.stack([o[2] for o in outs])
+            embedding.append((pooled * weights[:, None]).sum(0) / weights.sum())
+        if stats is not None:
+            stats["tokens"] = [s.tokens for s in outputs]
+            stats["truncated"] = sum(s.truncated for s in outputs)
+            stats["unknown_ratio"] = [
+                sum(w.ids.count(self.unk_id) for w in wins) / max(1, s.tokens)
+                for wins, s in zip(per_item, outputs, strict=True)
+            ]
+        return outputs, np.asarray(embedding, dtype=np.float32)
+
+    def read(self, context: str, wins: Sequence, outs: Sequence) -> Span:
+        max_len = int(self.post["max_answer_length"])
+        best, null = None, None
+        for enc, (start_logits, end_logits, _) in zip(wins, outs, strict=True):
+            n = len(enc.ids)
+            in_context = np.array([s == 1 for s in enc.sequence_ids])
+            allowed = in_context.copy()
+            allowed[0] = True  # the first token ([CLS]) stands for "no answer"
+            start = np.where(allowed, start_logits[:n], -np.inf)
+            end = np.where(allowed, end_logits[:n], -np.inf)
+            start, end = log_softmax(start), log_softmax(end)
+            window_null = float(start[0] + end[0])
+            null = window_null if null is None else min(null, window_null)
+            span = best_span(start, end, in_context, max_len)
+            if span is not None and (best is None or span[0] > best[0]):
+                best = (*span, enc)
+        tokens = len({e.offsets[p] for e in wins for p, q in enumerate(e.sequence_ids) if q == 1})
+        truncated = len(wins) > 1
+        no_answer = best is None or (
+            self.post["allow_no_answer"] and null is not None and null > best[0]
+        )
+        if no_answer:
+            return Span(
+                "", float(np.exp(null)) if null is not None else 0.0, 0, 0, tokens, truncated
+            )
+        score, s, e, enc = best
+        a, b = enc.offsets[s][0], enc.offsets[e][1]
+        return Span(context[a:b], float(np.exp(score)), a, b, tokens, truncated)
+
+    def training_windows(self, raw: str, target: dict):
+        """Windows labelled with the first gold answer (SQuAD trains on one answer)."""
+        item = json.loads(raw)
+        answers, starts = target["answers"], target.get("starts", [])
+        if not answers:
+            return self.label_windows(item["question"], item["context"], None, "")
+        return self.label_windows(item["question"], item["context"], starts[0], answers[0])
+
+    def label_windows(self, question: str, context: str, answer_start: int | None, answer: str):
+        """Training: each window with the token positions of the answer, or (0, 0) (the first
+        token) when the answer is not wholly inside the window or there is none."""
+        out = []
+        a = answer_start
+        b = None if a is None else a + len(answer)
+        for enc in windows(self.tokenizer.encode(question, context)):
+            s_tok = e_tok = 0
+            if a is not None:
+                ctx = [i for i, q in enumerate(enc.sequence_ids) if q == 1]
+                if ctx and enc.offsets[ctx[0]][0] <= a and enc.offsets[ctx[-1]][1] >= b:
+                    s_tok = next(i for i in ctx if enc.offsets[i][1] > a)
+                    e_tok = next(i for i in reversed(ctx) if enc.offsets[i][0] < b)
+            out.append((enc, (s_tok, e_tok)))
+        return out
+
+    # ------------------------------------------------------------------ answers
+
+    def postprocess(self, output: Span, params: dict) -> dict:
+        return {
+            "answer": output.answer,
+            "score": output.score,
+            "start": output.start,
+            "end": output.end,
+        }
+
+    def scored(self, response: dict) -> list[tuple[str, float]]:
+        return [("answer" if response["answer"] else "no_answer", response["score"])]
+
+    def example_answer(self) -> dict:
+        return {"answer": "within a cloud", "score": 0.62, "start": 103, "end": 117}
+
+    def answer_key(self, output: Span):
+        return (output.start, output.end)
+
+    def target(self, label: int, raw_target: str | None):
+        return json.loads(raw_target)["answers"]
+
+    def score(self, outputs: Sequence[Span], targets: Sequence[list[str]]) -> dict:
+        from tasks.metrics import squad_scores
+
+        return squad_scores([o.answer for o in outputs], [list(t) for t in targets])
+
+    # ------------------------------------------------------------------ drift
+
+    def drift_samples(self, outputs: Sequence[Span], embedding, stats) -> Samples:
+        n = len(outputs)
+        return Samples(
+            np.zeros(n, dtype=np.int64),
+            np.array([o.score for o in outputs]),
+            embedding,
+            np.asarray(stats["tokens"], dtype=np.float64),
+        )
+
+    def drift_categories(self) -> int:
+        return 1
+
+    # ------------------------------------------------------------------ export and OIP
+
+    def parity_feeds(self, items, length=None) -> dict:
+        encs = [w[0] for w in self.encode([tuple(i.value) for i in items])]
+        feeds = window_feeds(encs, self.names(), self.pad_id)
+        if length is not None:
+            from tasks.token_classification import _fit
+
+            feeds = {
+                k: _fit(v, length, self.pad_id if k == "input_ids" else 0) for k, v in feeds.items()
+            }
+        return feeds
+
+    def parity_lengths(self) -> list[int | None]:
+        max_len = int(self.pre["max_length"])
+        return [None] + sorted({min(16, max_len), max_len})
+
+    def warm_items(self):
+        short = Prepared(("what?", "warm up"))
+        return short, Prepared(("what is warm?", " ".join(["warm up"] * 512)))
+
+    def oip_outputs(self) -> list[Output]:
+        return [
+            Output("answer", "BYTES"),
+            Output("score", "FP32"),
+            Output("start", "INT64"),
+            Output("end", "INT64"),
+        ]
+
+    def oip_items(self, tensors: dict[str, list]) -> list:
+        names = set(tensors)
+        if names != {"question", "context"}:
+            raise InputError(
+                "bad_request",
+                f"send two BYTES inputs named 'question' and 'context'; got {sorted(names)}",
+            )
+        q, c = tensors["question"], tensors["context"]
+        if len(q) != len(c):
+            raise InputError(
+                "bad_tensor", f"{len(q)} questions but {len(c)} contexts; send one per context"
+            )
+        return [
+            {"question": utf8(a, "question"), "context": utf8(b, "context")}
+            for a, b in zip(q, c, strict=True)
+        ]
+
+    def oip_tensors(self, outputs, responses) -> dict:
+        return {
+            "answer": [r["answer"] for r in responses],
+            "score": np.array([r["score"] for r in responses], dtype=np.float32),
+            "start": np.array([r["start"] for r in responses], dtype=np.int64),
+            "end": np.array([r["end"] for r in responses], dtype=np.int64),
+        }
