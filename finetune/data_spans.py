@@ -52,7 +52,7 @@ def is_conll(path: Path) -> bool:
         return False
     rows = [ln.split() for ln in _sniff_lines(path) if ln.strip()]
     rows = [r for r in rows if r[0] != "-DOCSTART-"]
-    return len(rows) >= 2 and sum(
+    return len(rows) >= 1 and sum(
         len(r) >= 2 and bool(TAG.match(r[-1])) for r in rows
     ) >= 0.9 * len(rows)
 

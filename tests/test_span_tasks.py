@@ -1,0 +1,478 @@
+"""The span tasks (token classification, question answering) through every stage: data
+formats, metrics against their references, fine-tune → export (parity at several batch
+sizes and lengths) → Runtime (offsets into the original strings, long inputs in windows) →
+a live BentoML server (JSON, Open Inference Protocol with tritonclient, bad inputs, drift
+gauges). Tiny random BERT and tiny data made here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import quiet
+from tests.test_service import _serve, _stop
+
+PER = ["alice", "bob", "carol", "dave"]
+LOC = ["paris", "london", "rome", "oslo"]
+ORG = ["acme", "globex", "initech"]
+FILLER = [
+    "met",
+    "in",
+    "at",
+    "visited",
+    "works",
+    "for",
+    "today",
+    "and",
+    "lives",
+    "where",
+    "does",
+    "who",
+    "live",
+    "work",
+    "?",
+    ".",
+    "the",
+]
+
+
+@pytest.fixture(scope="module")
+def span_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) whose word-level vocabulary holds the tiny data's words."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("span-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(PER + LOC + ORG + FILLER))
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def _sentence(rng) -> tuple[list[str], list[str]]:
+    """'alice met bob in paris today .' with IOB2 tags; some sentences are long (windows)."""
+    tokens, tags = [], []
+    for _ in range(int(rng.integers(1, 4))):
+        a, b = rng.choice(PER, 2, replace=False)
+        where, org = rng.choice(LOC), rng.choice(ORG)
+        part = [
+            (a, "B-PER"),
+            ("met", "O"),
+            (b, "B-PER"),
+            ("in", "O"),
+            (where, "B-LOC"),
+            ("at", "O"),
+            (org, "B-ORG"),
+            (".", "O"),
+        ]
+        tokens += [t for t, _ in part]
+        tags += [g for _, g in part]
+    return tokens, tags
+
+
+def make_conll(folder: Path, n: int = 160, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train.txt", n), ("valid.txt", n // 2)):
+        lines = ["-DOCSTART- -X- O", ""]
+        for _ in range(count):
+            tokens, tags = _sentence(rng)
+            lines += [f"{t} NN\t{g}" for t, g in zip(tokens, tags, strict=True)] + ["  "]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def make_squad(path: Path, articles: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    data = []
+    for a in range(articles):
+        paragraphs = []
+        for _ in range(2):
+            people = rng.choice(PER, 3, replace=False)
+            places, orgs = rng.choice(LOC, 3), rng.choice(ORG, 3)
+            parts = [
+                f"{p} lives in {c} and works for {o} ."
+                for p, c, o in zip(people, places, orgs, strict=True)
+            ]
+            context = " ".join(parts)
+            qas = []
+            for i, p in enumerate(people):
+                ans = str(places[i])
+                start = context.index(f"{p} lives in ") + len(f"{p} lives in ")
+                qas.append(
+                    {
+                        "id": f"{a}-{len(paragraphs)}-{i}",
+                        "question": f"where does {p} live ?",
+                        "answers": [{"text": ans, "answer_start": start}],
+                    }
+                )
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"article {a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    return path
+
+
+# --------------------------------------------------------------------------- data and metrics
+
+
+def test_conll_formats_and_tag_schemes(tmp_path):
+    from collections import Counter
+
+    from finetune.data_spans import load_sentences, span_task, to_iob2
+
+    f = tmp_path / "train.txt"
+    f.write_text(
+        "-DOCSTART- -X- O\n\nAlice NNP\tI-PER\nSmith NNP I-PER\nwins VBZ O\n \t\n"
+        "New S-LOC\n\nRio B-LOC\nde I-LOC\nJaneiro E-LOC\n"
+    )
+    counts = Counter()
+    rows = load_sentences(f, counts)
+    assert rows == [
+        ("Alice Smith wins", ["B-PER", "I-PER", "O"]),
+        ("New", ["B-LOC"]),
+        ("Rio de Janeiro", ["B-LOC", "I-LOC", "I-LOC"]),
+    ]
+    assert counts["tags_converted"] == 3  # IOB1 I- → B-, S- → B-, E- → I-
+    assert to_iob2(["I-ORG", "I-ORG", "B-ORG", "O", "I-PER"], Counter()) == [
+        "B-ORG",
+        "I-ORG",
+        "B-ORG",
+        "O",
+        "B-PER",
+    ]
+    (tmp_path / "valid.txt").write_text("Bob B-PER\n")
+    assert span_task(tmp_path) == (
+        "token-classification",
+        {"train": f, "val": tmp_path / "valid.txt"},
+    )
+    j = tmp_path / "x.jsonl"
+    j.write_text(json.dumps({"tokens": ["Bob", "runs"], "tags": ["B-PER", "O"]}) + "\n")
+    assert span_task(j)[0] == "token-classification"
+    bad = tmp_path / "bad" / "train.txt"
+    bad.parent.mkdir()
+    bad.write_text("Bob B-PER\nruns X-Y\n")
+    from finetune.errors import DataError
+
+    with pytest.raises(DataError, match="line 2"):
+        load_sentences(bad, Counter())
+
+
+def test_entity_merge_follows_seqeval():
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    from tasks.token_classification import merge
+
+    rng = np.random.default_rng(0)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    for _ in range(300):
+        seq = list(rng.choice(tags, int(rng.integers(1, 12))))
+        assert merge(seq) == get_entities(seq), seq
+
+
+def test_squad_metrics_and_cleaning(tmp_path):
+    from collections import Counter
+
+    from finetune.data_spans import load_squad
+    from tasks.metrics import squad_scores
+
+    scores = squad_scores(["The Eiffel Tower!", "in Paris", ""], [["Eiffel tower"], ["Paris"], []])
+    assert scores["exact_match"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+    doc = {
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": "a cat and a dog and a cat",
+                        "qas": [
+                            {
+                                "id": "1",
+                                "question": "what?",
+                                "answers": [{"text": "cat", "answer_start": 20}],
+                            },
+                            {
+                                "id": "2",
+                                "question": "who?",
+                                "answers": [{"text": "cow", "answer_start": 0}],
+                            },
+                            {
+                                "id": "3",
+                                "question": "ok?",
+                                "answers": [{"text": "dog", "answer_start": 12}],
+                            },
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(doc))
+    counts = Counter()
+    rows = load_squad(f, counts)
+    assert [r["answers"][0]["start"] for r in rows] == [22, 12]  # nearest "cat"; cow dropped
+    assert counts["answers_realigned"] == 1 and counts["answers_dropped"] == 1
+
+
+def test_question_answering_split_is_by_article(tmp_path):
+    from finetune.config import TrainConfig
+    from finetune.data import load_dataset
+
+    ds = load_dataset(make_squad(tmp_path / "s.json"), TrainConfig())
+    contexts = [{json.loads(x)["context"] for x in s.inputs} for s in (ds.train, ds.val)]
+    assert contexts[0] and contexts[1] and not contexts[0] & contexts[1]
+    assert ds.summary["groups"]["val"] >= 1
+
+
+# --------------------------------------------------------------------------- every stage
+
+
+CASES = {
+    "ner": ("token-classification", 16, "alice met bob in paris at acme ."),
+    "qa": (
+        "question-answering",
+        24,
+        {
+            "question": "where does alice live ?",
+            "context": "alice lives in rome and works for acme .",
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def span_artifact(request, span_bert, tmp_path_factory):
+    """(kind, run folder, artifact folder) for each span task, int8 variant kept."""
+    from export.pipeline import export_checkpoint
+    from finetune.config import TrainConfig
+    from finetune.train import fine_tune
+
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(kind)
+    data = make_conll(tmp / "conll") if kind == "ner" else make_squad(tmp / "squad.json")
+    cfg = TrainConfig(
+        backbone=str(span_bert),
+        strategy="full",
+        epochs=2,
+        batch_size=16,
+        lr=5e-3,
+        backbone_lr=5e-3,
+        max_length=CASES[kind][1],
+        stride=4,
+        holdout_size=1000,
+        val_fraction=0.4,
+    )
+    run = tmp / "run"
+    result = fine_tune(data, run, cfg, log=quiet)
+    art = export_checkpoint(
+        run,
+        tmp / "art",
+        name=f"tiny-{kind}",
+        int8=True,
+        max_accuracy_drop=1.0,
+        register=False,
+        log=quiet,
+    )
+    return kind, run, art, result
+
+
+def test_finetune_writes_the_task_metrics(span_artifact):
+    from finetune import checkpoint
+
+    kind, run, _, result = span_artifact
+    keys = {"ner": ["val_entity_f1"], "qa": ["val_exact_match", "val_f1"]}[kind]
+    best = checkpoint.read_json(run / "metrics.json")["best"]
+    assert all(0.0 <= best[k] <= 1.0 for k in keys + ["val_loss"] if k != "val_loss")
+    assert best["val_loss"] > 0 and (run / "report/curves.png").stat().st_size > 1000
+    ckpt = checkpoint.load_checkpoint(run)
+    assert ckpt.holdout_targets is not None and len(ckpt.holdout_targets) == len(
+        ckpt.holdout_inputs
+    )
+
+
+def test_export_card_parity_and_gate(span_artifact):
+    from export.card import SCHEMA_VERSION, load_card
+
+    kind, _, art, _ = span_artifact
+    card = load_card(art)
+    assert card["schema_version"] == SCHEMA_VERSION == 2
+    assert card["parity"]["passed"] and len(card["parity"]["batch_sizes"]) >= 3
+    assert len(card["parity"]["sequence_lengths"]) >= 3  # longest, a short and the max length
+    names = [o["name"] for o in card["outputs"]]
+    assert names[-1] == "pooled_embedding" and len(names) == (2 if kind == "ner" else 3)
+    metric = card["holdout"]["metric"]
+    assert f"fp32_{metric}" in card["holdout"]
+    for v in card["variants"]:
+        assert f"holdout_{metric}" in v and f"{metric}_drop" in v
+    ref = json.loads((art / "reference.json").read_text())
+    assert ref["drift"]["checks"] == ref["checks"] and "thresholds" in ref["drift"]
+
+
+def test_perturbed_weights_fail_parity(span_artifact):
+    import onnxruntime as ort
+    import torch
+
+    from export.errors import ParityError
+    from export.parity import check_parity
+    from export.preprocess import Feeder
+    from finetune import checkpoint
+
+    _, run, art, _ = span_artifact
+    ckpt = checkpoint.load_checkpoint(run)
+    model = checkpoint.build_model(ckpt)
+    from export.convert import graph_for
+
+    graph = graph_for(model)
+    with torch.no_grad():
+        model.head.weight.add_(0.5)
+    sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(ParityError):
+        check_parity(graph, sess, Feeder(ckpt))
+
+
+def _long_input(kind: str):
+    if kind == "ner":
+        return " ".join(["alice  met bob in paris at acme ."] * 6)  # double space: offsets
+    ctx = " ".join(f"{p} lives in {c} and works for acme ." for p, c in zip(PER, LOC, strict=True))
+    return {"question": "where does carol live ?", "context": ctx * 2}
+
+
+def test_runtime_offsets_index_the_original_strings(span_artifact):
+    from service.runtime import Runtime
+
+    kind, _, art, _ = span_artifact
+    rt = Runtime(art)
+    short, long = CASES[kind][2], _long_input(kind)
+    items = [rt.prepare(short), rt.prepare(long)]
+    out = rt.predict(items)
+    alone = [rt.predict([i])[0] for i in items]  # batching changes nothing but rounding
+    assert all(_same(a, b) for a, b in zip(out, alone, strict=True))
+    if kind == "ner":
+        assert rt.contract.encode([long])[0][1:], "the long text must need windows"
+        for text, answer in zip((short, long), out, strict=True):
+            for e in answer["entities"]:
+                assert text[e["start"] : e["end"]] == e["text"] and e["label"] in (
+                    "PER",
+                    "LOC",
+                    "ORG",
+                )
+    else:
+        assert len(rt.contract.encode([tuple(items[1].value)])[0]) > 1
+        for item, answer in zip((short, long), out, strict=True):
+            assert item["context"][answer["start"] : answer["end"]] == answer["answer"]
+            assert 0.0 <= answer["score"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def span_server(span_artifact, tmp_path_factory):
+    kind, _, art, _ = span_artifact
+    proc, url = _serve(
+        art,
+        tmp_path_factory.mktemp("log") / f"{kind}.log",
+        TUNESERVE_WORKERS="1",
+        TUNESERVE_DRIFT_INTERVAL_S="1",
+    )
+    yield kind, art, url
+    _stop(proc)
+
+
+def test_service_json_oip_bad_inputs_and_drift(span_server):
+    import tritonclient.http as triton
+
+    from service.runtime import Runtime
+
+    kind, art, url = span_server
+    rt = Runtime(art)
+    inputs = [CASES[kind][2], _long_input(kind)]
+    expected = rt.predict([rt.prepare(v) for v in inputs])
+    r = httpx.post(url + "/predict", json={"inputs": inputs}, timeout=30)
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"]
+    assert json.dumps(got) == json.dumps(expected) or all(
+        _same(a, b) for a, b in zip(got, expected, strict=True)
+    )
+
+    name = art.parent.name
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    meta = client.get_model_metadata(name)
+    if kind == "ner":
+        assert [i["name"] for i in meta["inputs"]] == ["INPUT"]
+        t = triton.InferInput("INPUT", [2], "BYTES")
+        t.set_data_from_numpy(np.array([s.encode() for s in inputs], dtype=np.object_))
+        res = client.infer(name, [t])
+        assert [json.loads(x) for x in res.as_numpy("entities")] == [p["entities"] for p in got]
+    else:
+        assert [i["name"] for i in meta["inputs"]] == ["question", "context"]
+        tensors = []
+        for field in ("question", "context"):
+            t = triton.InferInput(field, [2], "BYTES")
+            t.set_data_from_numpy(np.array([v[field].encode() for v in inputs], dtype=np.object_))
+            tensors.append(t)
+        res = client.infer(name, tensors)
+        assert [a.decode() for a in res.as_numpy("answer")] == [p["answer"] for p in got]
+        assert res.as_numpy("start").tolist() == [p["start"] for p in got]
+        with pytest.raises(Exception, match="question"):
+            client.infer(name, tensors[1:])
+
+    bad = {
+        "ner": [
+            {"inputs": [""]},
+            {"inputs": [{"question": "q", "context": "c"}]},
+            {"inputs": ["x"], "top_k": 2},
+        ],
+        "qa": [
+            {"inputs": [{"context": "alice lives in rome ."}]},
+            {"inputs": ["alice met bob"]},
+            {"inputs": [{"question": "", "context": "c"}]},
+            {"inputs": [{"question": "q", "context": "c", "extra": 1}]},
+        ],
+    }[kind]
+    for body in bad:
+        r = httpx.post(url + "/predict", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"], (body, r.text)
+
+    # A full drift window (200) of the holdout's kind of input: every check of the task scored.
+    many = [inputs[0]] * 50
+    for _ in range(5):
+        assert httpx.post(url + "/predict", json={"inputs": many}, timeout=60).status_code == 200
+    checks = set(json.loads((art / "reference.json").read_text())["checks"])
+    import time
+
+    deadline, seen = time.time() + 30, set()
+    while time.time() < deadline and seen != checks:
+        text = httpx.get(url + "/metrics").text
+        seen = {
+            line.split('check="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith("tuneserve_drift_score{")
+        }
+        time.sleep(1)
+    assert seen == checks
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal answers up to float rounding of the scores."""
+    if "entities" in a:
+        return len(a["entities"]) == len(b["entities"]) and all(
+            {k: v for k, v in x.items() if k != "score"}
+            == {k: v for k, v in y.items() if k != "score"}
+            and abs(x["score"] - y["score"]) < 2e-3
+            for x, y in zip(a["entities"], b["entities"], strict=True)
+        )
+    return {k: v for k, v in a.items() if k != "score"} == {
+        k: v for k, v in b.items() if k != "score"
+    } and abs(a["score"] - b["score"]) < 2e-3
