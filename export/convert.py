@@ -22,15 +22,27 @@ OUTPUTS = ("logits", "pooled_embedding")  # classification; each task names its 
 DEFAULT_OPSET = 18
 
 
-class Graph(nn.Module):
-    """The model's export outputs (the task's ONNX outputs, in order) from named inputs."""
+class ImageGraph(nn.Module):
+    """The model's export outputs (the task's ONNX outputs, in order) from pixels. Named
+    arguments, so that the dynamo exporter matches `dynamic_shapes` to them."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *inputs):
-        return self.model.export_outputs(*inputs)
+    def forward(self, pixel_values):
+        return self.model.export_outputs(pixel_values)
+
+
+class TextGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        if token_type_ids is None:
+            return self.model.export_outputs(input_ids, attention_mask)
+        return self.model.export_outputs(input_ids, attention_mask, token_type_ids)
 
 
 def positional(feeds: dict) -> tuple:
@@ -38,8 +50,10 @@ def positional(feeds: dict) -> tuple:
     return tuple(torch.from_numpy(feeds[n]) for n in INPUT_ORDER if n in feeds)
 
 
-def graph_for(model: nn.Module, task: str | None = None) -> nn.Module:
-    return Graph(model).eval()
+def graph_for(model: nn.Module, task: str) -> nn.Module:
+    import tasks
+
+    return (TextGraph(model) if tasks.uses_tokenizer(task) else ImageGraph(model)).eval()
 
 
 def _axes(names: list[str]) -> dict[int, str]:

