@@ -40,6 +40,7 @@ def bench_run(run: Path, tmp: Path, seconds: float, rounds: int) -> list[dict]:
     import onnxruntime as ort
     import torch
 
+    import tasks
     from export import card as card_mod
     from export.convert import graph_for
     from export.pipeline import export_checkpoint
@@ -49,7 +50,7 @@ def bench_run(run: Path, tmp: Path, seconds: float, rounds: int) -> list[dict]:
     folder = export_checkpoint(run, tmp, int8=True, register=False, log=lambda _s: None)
     card = card_mod.load_card(folder)
     ckpt = checkpoint.load_checkpoint(run)
-    tok = checkpoint.load_tokenizer(ckpt) if ckpt.task != "image-classification" else None
+    tok = checkpoint.load_tokenizer(ckpt) if tasks.uses_tokenizer(ckpt.task) else None
     feeder = Feeder(ckpt, tok)
     graph = graph_for(checkpoint.build_model(ckpt), ckpt.task)
     sessions = {

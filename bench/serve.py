@@ -96,21 +96,13 @@ def artifact_for(run: Path, artifact: str | None, tmp: Path) -> Path:
     return export_checkpoint(run, tmp / "art", int8=True, register=False, log=lambda _s: None)
 
 
-def request_inputs(ckpt) -> list[str]:
-    """The holdout as the service receives it: texts, or crops as base64 PNG."""
-    if ckpt.config["task"] == "text-classification":
-        return [str(t) for t in ckpt.holdout_inputs]
-    import base64
-    import io
+def request_inputs(ckpt) -> list:
+    """The holdout as the service receives it: texts, crops as base64 PNG, questions with
+    their contexts (the task contract's `holdout_request`)."""
+    import tasks
 
-    from PIL import Image
-
-    out = []
-    for crop in ckpt.holdout_inputs:
-        buf = io.BytesIO()
-        Image.fromarray(crop).save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
+    contract = tasks.get(ckpt.config["task"])
+    return [contract.holdout_request(x) for x in ckpt.holdout_inputs]
 
 
 def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:

@@ -28,7 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max-accuracy-drop",
         type=float,
         default=0.01,
-        help="a variant losing more holdout accuracy than this is not written",
+        help="a variant losing more than this of the task's holdout metric (accuracy, entity F1, "
+        "SQuAD F1) is not written",
     )
     p.add_argument(
         "--skip-existing",

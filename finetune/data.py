@@ -456,7 +456,7 @@ def describe(summary: dict) -> str:
         f"data: {summary['path']} ({summary['layout']}, "
         f"{'pre-split' if summary['pre_split'] else 'stratified split'}): "
         f"{summary['train_size']} train, {summary['val_size']} val, "
-        f"{len(summary['train_per_class'])} classes",
+        f"{len(summary['train_per_class'])} {summary.get('counted', 'classes')}",
         "cleaning: "
         + ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in c if k != "undecodable_files"),
     ]

@@ -339,6 +339,7 @@ def load_span_dataset(path: Path, task: str, files: dict[str, Path], cfg):
         "train_size": len(ds.train),
         "val_size": len(ds.val),
         "train_per_class": per_class,
+        "counted": "entity types" if task == NER_TASK else "kinds of question",
         "cleaning": {**{k: int(v) for k, v in sorted(counts.items())}, "undecodable_files": []},
     }
     if task == QA_TASK:

@@ -79,6 +79,11 @@ class Task:
         """A holdout input (checkpoint holdout.npz) as a prepared item."""
         return self.decode(str(value))
 
+    @staticmethod
+    def holdout_request(value):
+        """A holdout input as a client sends it in `inputs` (benchmarks, replays)."""
+        return str(value)
+
     def run(
         self, session_run: SessionRun, items: Sequence[Prepared], stats: dict | None = None
     ) -> tuple[Sequence, np.ndarray]:

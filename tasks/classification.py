@@ -133,6 +133,17 @@ class ImageClassification(Classification):
     def from_holdout(self, value) -> Prepared:
         return Prepared(np.asarray(value, dtype=np.uint8))  # already resized and cropped
 
+    @staticmethod
+    def holdout_request(value) -> str:
+        """The crop as a base64 PNG."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(value, dtype=np.uint8)).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
     def feeds(self, items: Sequence[Prepared], stats: dict | None = None) -> dict:
         crops = np.stack([i.value for i in items])
         if stats is not None:

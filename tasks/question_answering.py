@@ -113,6 +113,10 @@ class QuestionAnswering(Task):
     def from_holdout(self, value) -> Prepared:
         return self.decode(json.loads(str(value)))
 
+    @staticmethod
+    def holdout_request(value) -> dict:
+        return json.loads(str(value))
+
     def input_text(self, item: Prepared) -> str:
         return item.value[1]
 

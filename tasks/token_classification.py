@@ -60,6 +60,24 @@ def merge(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     return out
 
 
+def tags_from_entities(text: str, entities: list[dict]) -> list[str]:
+    """IOB2 tags of the whitespace-separated tokens of `text` from an API answer's entities
+    (a token inside an entity continues it; the one where it starts begins it)."""
+    spans = sorted((e["start"], e["end"], e["label"]) for e in entities)
+    out, pos = [], 0
+    for token in text.split(" "):
+        if token:
+            tag = "O"
+            for start, end, label in spans:
+                if start == pos:
+                    tag = "B-" + label
+                elif start < pos < end:
+                    tag = "I-" + label
+            out.append(tag)
+        pos += len(token) + 1
+    return out
+
+
 class TokenClassification(Task):
     name = "token-classification"
     metric = "entity_f1"

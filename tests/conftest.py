@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -225,3 +226,157 @@ def calibrated(image_cfg, tmp_path_factory):
     run = tmp / "run"
     fine_tune(data, run, dataclasses.replace(image_cfg, epochs=2), log=quiet)
     return export_checkpoint(run, tmp / "art", name="colors", register=False, log=quiet)
+
+
+# --------------------------------------------------------------------------- span tasks
+
+PER = ["alice", "bob", "carol", "dave"]
+LOC = ["paris", "london", "rome", "oslo"]
+ORG = ["acme", "globex", "initech"]
+FILLER = [
+    "met",
+    "in",
+    "at",
+    "visited",
+    "works",
+    "for",
+    "today",
+    "and",
+    "lives",
+    "where",
+    "does",
+    "who",
+    "live",
+    "work",
+    "?",
+    ".",
+    "the",
+]
+
+
+@pytest.fixture(scope="session")
+def span_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) whose word-level vocabulary holds the tiny data's words."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("span-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(PER + LOC + ORG + FILLER))
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def _sentence(rng) -> tuple[list[str], list[str]]:
+    """'alice met bob in paris today .' with IOB2 tags; some sentences are long (windows)."""
+    tokens, tags = [], []
+    for _ in range(int(rng.integers(1, 4))):
+        a, b = rng.choice(PER, 2, replace=False)
+        where, org = rng.choice(LOC), rng.choice(ORG)
+        part = [
+            (a, "B-PER"),
+            ("met", "O"),
+            (b, "B-PER"),
+            ("in", "O"),
+            (where, "B-LOC"),
+            ("at", "O"),
+            (org, "B-ORG"),
+            (".", "O"),
+        ]
+        tokens += [t for t, _ in part]
+        tags += [g for _, g in part]
+    return tokens, tags
+
+
+def make_conll(folder: Path, n: int = 160, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train.txt", n), ("valid.txt", n // 2)):
+        lines = ["-DOCSTART- -X- O", ""]
+        for _ in range(count):
+            tokens, tags = _sentence(rng)
+            lines += [f"{t} NN\t{g}" for t, g in zip(tokens, tags, strict=True)] + ["  "]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def make_squad(path: Path, articles: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    data = []
+    for a in range(articles):
+        paragraphs = []
+        for _ in range(2):
+            people = rng.choice(PER, 3, replace=False)
+            places, orgs = rng.choice(LOC, 3), rng.choice(ORG, 3)
+            parts = [
+                f"{p} lives in {c} and works for {o} ."
+                for p, c, o in zip(people, places, orgs, strict=True)
+            ]
+            context = " ".join(parts)
+            qas = []
+            for i, p in enumerate(people):
+                ans = str(places[i])
+                start = context.index(f"{p} lives in ") + len(f"{p} lives in ")
+                qas.append(
+                    {
+                        "id": f"{a}-{len(paragraphs)}-{i}",
+                        "question": f"where does {p} live ?",
+                        "answers": [{"text": ans, "answer_start": start}],
+                    }
+                )
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"article {a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    return path
+
+
+def _span_run(kind: str, data: Path, bert: Path, tmp: Path, max_length: int):
+    from export.pipeline import export_checkpoint
+    from finetune.train import fine_tune
+
+    cfg = TrainConfig(
+        backbone=str(bert),
+        strategy="full",
+        epochs=2,
+        batch_size=16,
+        lr=5e-3,
+        backbone_lr=5e-3,
+        max_length=max_length,
+        stride=4,
+        holdout_size=1000,
+        val_fraction=0.4,
+    )
+    result = fine_tune(data, tmp / "run", cfg, log=quiet)
+    art = export_checkpoint(
+        tmp / "run",
+        tmp / "art",
+        name=f"tiny-{kind}",
+        int8=True,
+        max_accuracy_drop=1.0,
+        register=False,
+        log=quiet,
+    )
+    return tmp / "run", art, result
+
+
+@pytest.fixture(scope="session")
+def ner_artifact(span_bert, tmp_path_factory):
+    """A tiny entity tagger (windows of 16 tokens): (run, artifact, best metrics)."""
+    tmp = tmp_path_factory.mktemp("ner")
+    return _span_run("ner", make_conll(tmp / "conll"), span_bert, tmp, 16)
+
+
+@pytest.fixture(scope="session")
+def qa_artifact(span_bert, tmp_path_factory):
+    """A tiny extractive reader (windows of 24 tokens): (run, artifact, best metrics)."""
+    tmp = tmp_path_factory.mktemp("qa")
+    return _span_run("qa", make_squad(tmp / "squad.json"), span_bert, tmp, 24)

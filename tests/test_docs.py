@@ -24,13 +24,23 @@ def _blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(\w+)\n(.*?)```", GUIDE.read_text(), re.S)
 
 
-def _curl_examples() -> list[tuple[str, dict, dict]]:
+def _section(number: int) -> str:
+    """The text of '## <number>. ...' up to the next section."""
+    text = GUIDE.read_text()
+    start = text.index(f"\n## {number}. ")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def _curl_examples(text: str | None = None) -> list[tuple[str, dict, dict]]:
     """(path, request body, documented response) for each curl with a JSON body."""
-    blocks, out = _blocks(), []
+    blocks = _blocks() if text is None else re.findall(r"```(\w+)\n(.*?)```", text, re.S)
+    out = []
     for (lang, code), (next_lang, next_code) in zip(blocks, blocks[1:], strict=False):
         if lang == "bash" and "curl" in code and " -d '" in code:
             path = re.search(re.escape(DOC_URL) + r"(\S+)", code).group(1)
-            body = json.loads(re.search(r"-d '(.*?)'", code, re.S).group(1))
+            raw = re.search(r"-d '(.*?)'$", code, re.S | re.M).group(1)
+            body = json.loads(raw.replace("""'"'"'""", "'"))  # the shell's quote inside quotes
             assert next_lang == "json", f"the example for {path} has no response after it"
             out.append((path, body, json.loads(next_code)))
     return out
@@ -93,3 +103,61 @@ def test_python_examples_run(doc_server, index, tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert any(label in r.stdout for label in card["labels"]), r.stdout
+
+
+# --------------------------------------------------------------------------- other tasks
+
+TASK_SECTIONS = {"ner": (5, "conll", 2), "qa": (6, "xquad", 3)}
+
+
+@pytest.fixture(scope="module", params=list(TASK_SECTIONS))
+def task_doc_server(request, tmp_path_factory):
+    kind = request.param
+    _, art, _ = request.getfixturevalue(f"{kind}_artifact")
+    proc, url = _serve(art, tmp_path_factory.mktemp("log") / f"docs-{kind}.log")
+    yield kind, url, json.loads((art / "card.json").read_text())
+    _stop(proc)
+
+
+def test_task_sections_answer_as_documented(task_doc_server):
+    """Sections 5 and 6: every curl of the section against a model of that task, answers of
+    the documented shape whose offsets index the strings sent."""
+    kind, url, card = task_doc_server
+    number, doc_model, count = TASK_SECTIONS[kind]
+    examples = _curl_examples(_section(number))
+    assert len(examples) == count
+    for path, body, documented in examples:
+        r = httpx.post(url + path.replace(doc_model, card["name"]), json=body, timeout=30)
+        if "error" in documented:
+            assert r.status_code == 400 and r.json() == documented
+            continue
+        assert r.status_code == 200, r.text
+        got = json.loads(r.text)
+        if "predictions" in documented:  # the number of entities depends on the model
+            for p, item in zip(got["predictions"], body["inputs"], strict=True):
+                for e in p.get("entities", []):
+                    assert item[e["start"] : e["end"]] == e["text"]
+                if "answer" in p:
+                    assert item["context"][p["start"] : p["end"]] == p["answer"]
+            assert got["model"] == card["name"] and len(got["predictions"]) == len(body["inputs"])
+            assert set(got["predictions"][0]) == set(documented["predictions"][0])
+        else:
+            names = [(o["name"], o["datatype"]) for o in got["outputs"]]
+            assert names == [(o["name"], o["datatype"]) for o in documented["outputs"]]
+
+
+def test_documented_offsets_index_the_documented_inputs():
+    """The guide's own numbers: entity and answer offsets point at their text."""
+    for number in (5, 6):
+        for _, body, documented in _curl_examples(_section(number)):
+            predictions = documented.get("predictions", [])
+            for p, item in zip(predictions, body["inputs"] if predictions else [], strict=True):
+                for e in p.get("entities", []):
+                    assert item[e["start"] : e["end"]] == e["text"], e
+                if "answer" in p:
+                    assert item["context"][p["start"] : p["end"]] == p["answer"], p
+            for o in documented.get("outputs", []):
+                if o["name"] == "entities":
+                    text = body["inputs"][0]["data"][0]
+                    for e in json.loads(o["data"][0]):
+                        assert text[e["start"] : e["end"]] == e["text"], e

@@ -7,123 +7,13 @@ gauges). Tiny random BERT and tiny data made here."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import quiet
+from tests.conftest import LOC, PER, make_squad
 from tests.test_service import _serve, _stop
-
-PER = ["alice", "bob", "carol", "dave"]
-LOC = ["paris", "london", "rome", "oslo"]
-ORG = ["acme", "globex", "initech"]
-FILLER = [
-    "met",
-    "in",
-    "at",
-    "visited",
-    "works",
-    "for",
-    "today",
-    "and",
-    "lives",
-    "where",
-    "does",
-    "who",
-    "live",
-    "work",
-    "?",
-    ".",
-    "the",
-]
-
-
-@pytest.fixture(scope="module")
-def span_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT (hidden 32) whose word-level vocabulary holds the tiny data's words."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("span-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(PER + LOC + ORG + FILLER))
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(folder)
-    return folder
-
-
-def _sentence(rng) -> tuple[list[str], list[str]]:
-    """'alice met bob in paris today .' with IOB2 tags; some sentences are long (windows)."""
-    tokens, tags = [], []
-    for _ in range(int(rng.integers(1, 4))):
-        a, b = rng.choice(PER, 2, replace=False)
-        where, org = rng.choice(LOC), rng.choice(ORG)
-        part = [
-            (a, "B-PER"),
-            ("met", "O"),
-            (b, "B-PER"),
-            ("in", "O"),
-            (where, "B-LOC"),
-            ("at", "O"),
-            (org, "B-ORG"),
-            (".", "O"),
-        ]
-        tokens += [t for t, _ in part]
-        tags += [g for _, g in part]
-    return tokens, tags
-
-
-def make_conll(folder: Path, n: int = 160, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, count in (("train.txt", n), ("valid.txt", n // 2)):
-        lines = ["-DOCSTART- -X- O", ""]
-        for _ in range(count):
-            tokens, tags = _sentence(rng)
-            lines += [f"{t} NN\t{g}" for t, g in zip(tokens, tags, strict=True)] + ["  "]
-        (folder / name).write_text("\n".join(lines) + "\n")
-    return folder
-
-
-def make_squad(path: Path, articles: int = 40, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    data = []
-    for a in range(articles):
-        paragraphs = []
-        for _ in range(2):
-            people = rng.choice(PER, 3, replace=False)
-            places, orgs = rng.choice(LOC, 3), rng.choice(ORG, 3)
-            parts = [
-                f"{p} lives in {c} and works for {o} ."
-                for p, c, o in zip(people, places, orgs, strict=True)
-            ]
-            context = " ".join(parts)
-            qas = []
-            for i, p in enumerate(people):
-                ans = str(places[i])
-                start = context.index(f"{p} lives in ") + len(f"{p} lives in ")
-                qas.append(
-                    {
-                        "id": f"{a}-{len(paragraphs)}-{i}",
-                        "question": f"where does {p} live ?",
-                        "answers": [{"text": ans, "answer_start": start}],
-                    }
-                )
-            paragraphs.append({"context": context, "qas": qas})
-        data.append({"title": f"article {a}", "paragraphs": paragraphs})
-    path.write_text(json.dumps({"version": "1.1", "data": data}))
-    return path
-
 
 # --------------------------------------------------------------------------- data and metrics
 
@@ -255,38 +145,10 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def span_artifact(request, span_bert, tmp_path_factory):
-    """(kind, run folder, artifact folder) for each span task, int8 variant kept."""
-    from export.pipeline import export_checkpoint
-    from finetune.config import TrainConfig
-    from finetune.train import fine_tune
-
+def span_artifact(request):
+    """(kind, run folder, artifact folder, best metrics) for each span task."""
     kind = request.param
-    tmp = tmp_path_factory.mktemp(kind)
-    data = make_conll(tmp / "conll") if kind == "ner" else make_squad(tmp / "squad.json")
-    cfg = TrainConfig(
-        backbone=str(span_bert),
-        strategy="full",
-        epochs=2,
-        batch_size=16,
-        lr=5e-3,
-        backbone_lr=5e-3,
-        max_length=CASES[kind][1],
-        stride=4,
-        holdout_size=1000,
-        val_fraction=0.4,
-    )
-    run = tmp / "run"
-    result = fine_tune(data, run, cfg, log=quiet)
-    art = export_checkpoint(
-        run,
-        tmp / "art",
-        name=f"tiny-{kind}",
-        int8=True,
-        max_accuracy_drop=1.0,
-        register=False,
-        log=quiet,
-    )
+    run, art, result = request.getfixturevalue(f"{kind}_artifact")
     return kind, run, art, result
 
 
