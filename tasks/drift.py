@@ -229,15 +229,25 @@ def calibrate_samples(
         window = replay.take(rng.integers(0, len(replay), WINDOW))
         for c, v in statistics(window, ref).items():
             null[c].append(v)
-    q = 1 - false_alarm_rate / len(checks)
+    per_check = false_alarm_rate / len(checks)
     return {
         **ref,
         "basis": basis,
         "window": WINDOW,
         "target_false_alarm_rate": false_alarm_rate,
         "replays": REPLAYS,
-        "thresholds": {c: float(np.quantile(v, q)) for c, v in null.items()},
+        "thresholds": {c: _threshold(np.asarray(v), per_check) for c, v in null.items()},
     }
+
+
+def _threshold(null: np.ndarray, rate: float) -> float:
+    """The (1 - rate) quantile of the replayed statistics; when ties at it would fire more
+    often than `rate` (a discrete statistic: e.g. every text's dominant entity type the same),
+    the next float above it, so that only a larger statistic reaches the threshold."""
+    q = float(np.quantile(null, 1 - rate))
+    if (null >= q).mean() > rate:
+        q = float(np.nextafter(q, np.inf)) if q > 0 else float(np.nextafter(0.0, 1.0))
+    return q
 
 
 def calibrate(
