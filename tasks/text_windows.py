@@ -45,13 +45,18 @@ def window_feeds(encs: Sequence, names: list[str], pad_id: int) -> dict[str, np.
     return {n: pad_rows([columns[n][0](e) for e in encs], columns[n][1], width) for n in names}
 
 
+MAX_WINDOWS = 64  # windows per model call: a batch of long texts stays within memory
+
+
 def run_windows(session_run, encs: Sequence, names: list[str], pad_id: int) -> list[list]:
-    """Every window through the model, in length buckets; per window the list of its outputs
-    (each without the batch axis, cut to the window's length on the sequence axis)."""
+    """Every window through the model, in length buckets of at most MAX_WINDOWS; per window
+    the list of its outputs (each without the batch axis)."""
     lengths = np.array([len(e.ids) for e in encs])
     results: list[list] = [[] for _ in encs]
-    for idx in length_buckets(lengths):
-        outs = session_run(window_feeds([encs[i] for i in idx], names, pad_id))
-        for row, i in enumerate(idx):
-            results[i] = [o[row] for o in outs]
+    for bucket in length_buckets(lengths):
+        for start in range(0, len(bucket), MAX_WINDOWS):
+            idx = bucket[start : start + MAX_WINDOWS]
+            outs = session_run(window_feeds([encs[i] for i in idx], names, pad_id))
+            for row, i in enumerate(idx):
+                results[i] = [o[row] for o in outs]
     return results

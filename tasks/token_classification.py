@@ -171,10 +171,11 @@ class TokenClassification(Task):
                     best[w] = (context, wi, pos)
         spans = self.word_spans(wins)
         words = sorted(best)
+        probs = [softmax(lo) for lo in logits]  # [len, tags] per window, once
         tags, scores = [], []
         for w in words:
             _, wi, pos = best[w]
-            p = softmax(logits[wi][pos])
+            p = probs[wi][pos]
             tags.append(int(p.argmax()))
             scores.append(float(p.max()))
         # Distinct content tokens over the overlapping windows.
