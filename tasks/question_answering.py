@@ -23,7 +23,7 @@ from tasks.base import Output, Task, utf8
 from tasks.common import Prepared, check_text, unknown_id
 from tasks.drift import Samples
 from tasks.errors import InputError
-from tasks.text_windows import run_windows, window_feeds, window_tokenizer, windows
+from tasks.text_windows import first_window_feeds, run_windows, window_tokenizer, windows
 
 TOP_N = 20  # start and end candidates per window (Hugging Face's pipeline uses 20 too)
 
@@ -244,15 +244,9 @@ class QuestionAnswering(Task):
     # ------------------------------------------------------------------ export and OIP
 
     def parity_feeds(self, items, length=None) -> dict:
-        encs = [w[0] for w in self.encode([tuple(i.value) for i in items])]
-        feeds = window_feeds(encs, self.names(), self.pad_id)
-        if length is not None:
-            from tasks.token_classification import _fit
-
-            feeds = {
-                k: _fit(v, length, self.pad_id if k == "input_ids" else 0) for k, v in feeds.items()
-            }
-        return feeds
+        """The first window of each pair (padded to `length` tokens when given)."""
+        encs = self.tokenizer.encode_batch([tuple(i.value) for i in items])
+        return first_window_feeds(encs, self.names(), self.pad_id, length)
 
     def parity_lengths(self) -> list[int | None]:
         max_len = int(self.pre["max_length"])

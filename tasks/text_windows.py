@@ -60,3 +60,19 @@ def run_windows(session_run, encs: Sequence, names: list[str], pad_id: int) -> l
             for row, i in enumerate(idx):
                 results[i] = [o[row] for o in outs]
     return results
+
+
+def fit_length(a: np.ndarray, length: int, value: int) -> np.ndarray:
+    """Cut or pad the sequence axis to `length`."""
+    if a.shape[1] >= length:
+        return a[:, :length]
+    pad = np.full((a.shape[0], length - a.shape[1]), value, dtype=a.dtype)
+    return np.concatenate([a, pad], axis=1)
+
+
+def first_window_feeds(encodings: Sequence, names: list[str], pad_id: int, length: int | None):
+    """Parity feeds: the first window of each input, padded or cut to `length` tokens."""
+    feeds = window_feeds([windows(e)[0] for e in encodings], names, pad_id)
+    if length is None:
+        return feeds
+    return {k: fit_length(v, length, pad_id if k == "input_ids" else 0) for k, v in feeds.items()}

@@ -22,7 +22,7 @@ import numpy as np
 from tasks.base import Output, Task, utf8
 from tasks.common import Prepared, check_text, softmax, unknown_id
 from tasks.drift import Samples
-from tasks.text_windows import run_windows, window_tokenizer, windows
+from tasks.text_windows import first_window_feeds, run_windows, window_tokenizer, windows
 
 IGNORE = -100  # label of sub-tokens that are not a word's first (cross-entropy ignore_index)
 
@@ -309,15 +309,8 @@ class TokenClassification(Task):
 
     def parity_feeds(self, items, length=None) -> dict:
         """The first window of each text (padded to `length` tokens when given)."""
-        from tasks.text_windows import window_feeds
-
-        encs = [windows(e)[0] for e in self.tokenizer.encode_batch([str(i.value) for i in items])]
-        feeds = window_feeds(encs, self.names(), self.pad_id)
-        if length is not None:
-            feeds = {
-                k: _fit(v, length, self.pad_id if k == "input_ids" else 0) for k, v in feeds.items()
-            }
-        return feeds
+        encs = self.tokenizer.encode_batch([str(i.value) for i in items])
+        return first_window_feeds(encs, self.names(), self.pad_id, length)
 
     def parity_lengths(self) -> list[int | None]:
         max_len = int(self.pre["max_length"])
@@ -334,11 +327,3 @@ class TokenClassification(Task):
 
     def oip_tensors(self, outputs, responses) -> dict:
         return {"entities": [json.dumps(r["entities"]) for r in responses]}
-
-
-def _fit(a: np.ndarray, length: int, value: int) -> np.ndarray:
-    """Cut or pad the sequence axis to `length`."""
-    if a.shape[1] >= length:
-        return a[:, :length]
-    pad = np.full((a.shape[0], length - a.shape[1]), value, dtype=a.dtype)
-    return np.concatenate([a, pad], axis=1)

@@ -87,12 +87,16 @@ def text_csv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with hidden size 32 and a word-level vocabulary, saved like a hub model."""
+    words = sorted({w for ws in WORDS.values() for w in ws} | {"hello", "world", "the"})
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), words, max_positions=64)
+
+
+def save_tiny_bert(folder: Path, words: list[str], max_positions: int) -> Path:
+    """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved like a hub model."""
+    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
-        {w for ws in WORDS.values() for w in ws} | {"hello", "world", "the"}
-    )
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     cfg = BertConfig(
         vocab_size=len(vocab),
@@ -100,10 +104,8 @@ def tiny_bert(tmp_path_factory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=37,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
     )
-    import torch
-
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(folder)
     return folder
@@ -256,24 +258,9 @@ FILLER = [
 
 @pytest.fixture(scope="session")
 def span_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT (hidden 32) whose word-level vocabulary holds the tiny data's words."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("span-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(PER + LOC + ORG + FILLER))
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(folder)
-    return folder
+    """A tiny BERT whose word-level vocabulary holds the tiny span data's words."""
+    words = sorted(set(PER + LOC + ORG + FILLER))
+    return save_tiny_bert(tmp_path_factory.mktemp("span-bert"), words, max_positions=128)
 
 
 def _sentence(rng) -> tuple[list[str], list[str]]:
