@@ -132,11 +132,11 @@ def main() -> int:
         print(f"  rejected {r['precision']}: {r['reason']}")
     if args.serve:
         t0 = time.perf_counter()
-        scores = score_served(folder, values, golds, contract)
+        scores, precision = score_served(folder, values, golds, contract)
         shown = {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}
         print(
-            f"  served (bentoml serve, {card['variants'] and 'auto' or 'fp32'}) {shown}  "
-            f"({time.perf_counter() - t0:.1f} s with start-up)"
+            f"  served {precision:<5} {shown}  (bentoml serve over HTTP, "
+            f"{time.perf_counter() - t0:.1f} s with start-up)"
         )
     print(f"metric: {metric}")
     return 0
