@@ -58,15 +58,17 @@ class SpanExtractor(nn.Module):
         self.head = nn.Linear(feature_dim, 2)
 
     def export_outputs(self, input_ids, attention_mask, token_type_ids=None):
+        """Raw start and end logits: the task contract masks them to the context."""
         hidden, pooled = self.backbone.encode(input_ids, attention_mask, token_type_ids)
         start, end = self.head(self.dropout(hidden)).unbind(-1)
-        # Padding never wins a span: the service masks to the context, training sees -1e4.
-        pad = (1 - attention_mask.to(start.dtype)) * -1e4
-        return start + pad, end + pad, pooled
+        return start, end, pooled
 
-    def forward(self, *inputs):
-        start, end, _ = self.export_outputs(*inputs)
-        return torch.stack([start, end], dim=-1)
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        """Training: [B, T, 2] logits with padding out of the softmax. Not in the exported
+        graph: -1e4 plus a logit is exact only to 1e-3 in float32, which failed parity."""
+        start, end, _ = self.export_outputs(input_ids, attention_mask, token_type_ids)
+        pad = (1 - attention_mask.to(start.dtype)) * -1e4
+        return torch.stack([start + pad, end + pad], dim=-1)
 
     @staticmethod
     def loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
