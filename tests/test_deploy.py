@@ -53,6 +53,23 @@ def _copies() -> list[tuple[list[str], str]]:
     return out
 
 
+def _lay_out_workdir(app: Path) -> None:
+    """What the Dockerfile's COPY lines put in its WORKDIR (the staged store aside), so that
+    a module the image lacks fails here as it would in the image."""
+    for sources, dest in _copies():
+        if dest.startswith("/"):  # build/models/ → the store, staged by the test itself
+            continue
+        target = app / dest
+        for src in sources:
+            path = ROOT / src
+            if path.is_dir():
+                ignore = shutil.ignore_patterns("__pycache__")
+                shutil.copytree(path, target, ignore=ignore, dirs_exist_ok=True)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target / path.name)
+
+
 def test_dockerfile_copies_files_that_exist_and_are_not_dockerignored():
     ignore = (ROOT / ".dockerignore").read_text().split()
     allowed = [p[1:].rstrip("/") for p in ignore if p.startswith("!")]
@@ -288,7 +305,7 @@ def _check_every_route(url: str, artifact: Path) -> None:
 
 @pytest.mark.slow
 def test_the_image_layout_serves_every_route(serve_venv, image_artifact_dir, tmp_path):
-    """The Dockerfile's copies only (bentofile, service/, three export modules, the staged
+    """The Dockerfile's copies only (its WORKDIR as `_lay_out_workdir` makes it, the staged
     store), started as its CMD: GET /v2 read an installed distribution that is not there."""
     from export.card import load_card
     from export.store import register
@@ -297,11 +314,7 @@ def test_the_image_layout_serves_every_route(serve_venv, image_artifact_dir, tmp
 
     register(image_artifact_dir, "imagetest", "v1", load_card(image_artifact_dir))
     app = tmp_path / "app"
-    (app / "export").mkdir(parents=True)
-    shutil.copy(ROOT / "bentofile.yaml", app)
-    shutil.copytree(ROOT / "service", app / "service", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("__init__.py", "card.py", "errors.py"):
-        shutil.copy(ROOT / "export" / name, app / "export")
+    _lay_out_workdir(app)
     stage("imagetest:v1", tmp_path / "models")
     proc, url = _serve(
         "imagetest:v1",
