@@ -198,12 +198,13 @@ def _build(
         log(f"dynamo exporter failed ({details['fallback_reason']}); used the TorchScript one")
 
     stage()
-    parity = check_parity(graph, _session(path), feeder, tolerance=tolerance)
+    fp32 = _session(path)  # parity, then the holdout outputs: one load of the file
+    parity = check_parity(graph, fp32, feeder, tolerance=tolerance)
     log(
         f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {tolerance:g}), top-1 "
         f"agreement {parity.top1_agreement:.4f}, {parity.checks} checks"
     )
-    outputs, embeddings, stats = quantize.predict(_session(path), feeder)
+    outputs, embeddings, stats = quantize.predict(fp32, feeder)
     metric = feeder.contract.metric  # the task's own metric gates the variants
     fp32_metrics = feeder.contract.score(outputs, feeder.targets)
     fp32_value = fp32_metrics[metric]

@@ -248,7 +248,6 @@ def fine_tune(
         )
         tokenizer = backbones.load_tokenizer(location)
     model.to(device)
-    inputs = Inputs(task, device, mean, std, tokenizer, cfg.max_length)
 
     if not resume:
         _claim_out(out)
@@ -307,8 +306,6 @@ def fine_tune(
     checkpoint.write_json(out / checkpoint.CONFIG, config)
     if tokenizer is not None:
         tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
-        # Training tokenizes as export and the service will: from the stored preprocessing.
-        inputs.fast = text_tokenizer(tokenizer.backend_tokenizer.to_str(), config["preprocessing"])
     if not resume:
         rng = np.random.default_rng(cfg.seed)
         n = min(cfg.holdout_size, len(ds.val))
@@ -318,11 +315,14 @@ def fine_tune(
         checkpoint.save_holdout(out, held, ds.val.labels[idx], targets)
 
     if head_cls is backbones.Classifier:
+        # Texts are tokenized as export and the service will: from the stored preprocessing.
+        inputs = Inputs(task, device, mean, std, tokenizer, cfg.max_length, config["preprocessing"])
         result = _train(model, groups, ds, inputs, cfg, out, device, resume, on_epoch_end, log)
     else:
         if resume:
             raise CheckpointError(f"--resume is not available for {task} runs yet; start again")
-        contract = tasks.create(config, inputs.fast)
+        windows = text_tokenizer(tokenizer.backend_tokenizer.to_str(), config["preprocessing"])
+        contract = tasks.create(config, windows)
         helpers = (_better, set_trainable, plot_curves)
         result = train_spans(
             model, groups, ds, contract, cfg, out, device, on_epoch_end, log, helpers

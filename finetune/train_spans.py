@@ -8,7 +8,6 @@ Warm-up over the first 10% of steps, then linear decay (the schedule BERT fine-t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -89,7 +88,7 @@ def evaluate(model, contract, ds_split, val_loader, device, batch_size: int) -> 
     outputs = []
     for s in range(0, len(items), batch_size):
         outputs.extend(contract.run(run, items[s : s + batch_size])[0])
-    golds = [contract.target(0, json.dumps(t)) for t in ds_split.targets]
+    golds = [contract.gold(t) for t in ds_split.targets]
     metrics = contract.score(outputs, golds)
     return {"val_loss": total / max(1, count), **{f"val_{k}": v for k, v in metrics.items()}}
 

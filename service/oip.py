@@ -315,7 +315,8 @@ async def infer(name: str, request: Request, version: str | None = None):
         return missing
     rt = svc.rt
     task = rt.contract
-    names = [o.name for o in task.oip_outputs()]
+    datatypes = {o.name: o.datatype for o in task.oip_outputs()}
+    names = list(datatypes)
     try:
         head, tensors = parse_request(await request.body(), request.headers.get(HEADER))
         wanted = head.get("outputs") or [{"name": k} for k in names]
@@ -328,10 +329,8 @@ async def infer(name: str, request: Request, version: str | None = None):
         outputs = await svc.outputs(task.oip_items(tensors))
     except InputError as e:
         return error_response(rt, e)
-    responses = [task.postprocess(outputs[i], params) for i in range(len(outputs))]
-    metrics.predictions(rt, responses, 0.0)
+    responses = svc.postprocess(outputs, params)
     tensors_out = task.oip_tensors(outputs, responses)
-    datatypes = {o.name: o.datatype for o in task.oip_outputs()}
     all_binary = bool((head.get("parameters") or {}).get("binary_data_output"))
     outputs_json, chunks = [], []
     for o in wanted:

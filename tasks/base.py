@@ -60,12 +60,16 @@ class Task:
     example_input: object = "a text"
 
     def __init__(self, spec: dict, tokenizer=None, limits: Limits | None = None):
-        self.spec, self.labels = spec, list(spec["labels"])
+        self.labels = list(spec["labels"])
         self.pre = spec["preprocessing"]
         self.post = {**self.default_postprocessing(), **(spec.get("postprocessing") or {})}
         self.limits = limits or Limits()
         self.tokenizer = tokenizer
         self.input_names = [i["name"] for i in spec["inputs"]] if "inputs" in spec else None
+
+    def names(self) -> list[str]:
+        """The model's input names: the card's, or the checkpoint's preprocessing."""
+        return self.input_names or list(self.pre["input_names"])
 
     # ------------------------------------------------------------------ contract
 
@@ -145,8 +149,12 @@ class Task:
         raise NotImplementedError
 
     def target(self, label: int, raw_target: str | None):
-        """A holdout target: the class index, or the task's JSON target."""
-        return json.loads(raw_target) if raw_target is not None else int(label)
+        """A holdout target: the class index, or the gold of the task's JSON target."""
+        return int(label) if raw_target is None else self.gold(json.loads(raw_target))
+
+    def gold(self, target: dict):
+        """What `score` compares with, from a data set's target (entity tags, answers)."""
+        return target
 
     # ------------------------------------------------------------------ export helpers
 

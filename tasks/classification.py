@@ -184,9 +184,6 @@ class TextClassification(Classification):
     def from_holdout(self, value) -> Prepared:
         return Prepared(str(value))
 
-    def names(self) -> list[str]:
-        return self.input_names or list(self.pre["input_names"])
-
     def feeds(self, items: Sequence[Prepared], stats: dict | None = None) -> dict:
         encs = self.tokenizer.encode_batch([i.value for i in items])
         if stats is not None:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.base import Output, Task, utf8
-from tasks.common import Prepared, check_text, unknown_id
+from tasks.base import Output, utf8
+from tasks.common import Prepared, check_text
 from tasks.drift import Samples
 from tasks.errors import InputError
-from tasks.text_windows import first_window_feeds, run_windows, window_tokenizer, windows
+from tasks.text_windows import WindowedTask, windows
 
 TOP_N = 20  # start and end candidates per window (Hugging Face's pipeline uses 20 too)
 
@@ -34,8 +34,6 @@ class Span:
     score: float
     start: int  # character offsets into the context
     end: int
-    tokens: int  # content tokens of the context
-    truncated: bool
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -62,10 +60,11 @@ def best_span(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, max_len: 
     return best
 
 
-class QuestionAnswering(Task):
+class QuestionAnswering(WindowedTask):
     name = "question-answering"
     metric = "f1"
     checks = ("confidence", "embedding", "input")
+    pair, content_sequence = True, 1  # (question, context); the context is the input's text
     oip_input_names = ("question", "context")
     onnx_outputs = {
         "start_logits": {0: "batch", 1: "sequence"},
@@ -78,18 +77,8 @@ class QuestionAnswering(Task):
         "rain drops or ice crystals within a cloud.",
     }
 
-    def __init__(self, spec, tokenizer=None, limits=None):
-        super().__init__(spec, tokenizer, limits)
-        if tokenizer is not None:
-            window_tokenizer(tokenizer, self.pre, pair=True)
-            self.unk_id = unknown_id(tokenizer)
-            self.pad_id = int(self.pre.get("pad_id", tokenizer.token_to_id("[PAD]") or 0))
-
     def default_postprocessing(self) -> dict:
         return {"max_answer_length": 30, "allow_no_answer": False}
-
-    def names(self) -> list[str]:
-        return self.input_names or list(self.pre["input_names"])
 
     # ------------------------------------------------------------------ inputs
 
@@ -120,34 +109,10 @@ class QuestionAnswering(Task):
     def input_text(self, item: Prepared) -> str:
         return item.value[1]
 
-    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list]:
-        return [windows(e) for e in self.tokenizer.encode_batch(list(pairs))]
-
     # ------------------------------------------------------------------ model
 
-    def run(self, session_run, items, stats=None):
-        pairs = [tuple(i.value) for i in items]
-        per_item = self.encode(pairs)
-        flat = [w for wins in per_item for w in wins]
-        results = run_windows(session_run, flat, self.names(), self.pad_id)
-        outputs, embedding, k = [], [], 0
-        for (_, context), wins in zip(pairs, per_item, strict=True):
-            outs = results[k : k + len(wins)]
-            k += len(wins)
-            outputs.append(self.read(context, wins, outs))
-            weights = np.array([sum(w.attention_mask) for w in wins], dtype=np.float64)
-            pooled = np.stack([o[2] for o in outs])
-            embedding.append((pooled * weights[:, None]).sum(0) / weights.sum())
-        if stats is not None:
-            stats["tokens"] = [s.tokens for s in outputs]
-            stats["truncated"] = sum(s.truncated for s in outputs)
-            stats["unknown_ratio"] = [
-                sum(w.ids.count(self.unk_id) for w in wins) / max(1, s.tokens)
-                for wins, s in zip(per_item, outputs, strict=True)
-            ]
-        return outputs, np.asarray(embedding, dtype=np.float32)
-
-    def read(self, context: str, wins: Sequence, outs: Sequence) -> Span:
+    def read(self, pair: tuple[str, str], wins: Sequence, outs: Sequence[list]) -> Span:
+        context = pair[1]
         max_len = int(self.post["max_answer_length"])
         best, null = None, None
         for enc, (start_logits, end_logits, _) in zip(wins, outs, strict=True):
@@ -163,18 +128,14 @@ class QuestionAnswering(Task):
             span = best_span(start, end, in_context, max_len)
             if span is not None and (best is None or span[0] > best[0]):
                 best = (*span, enc)
-        tokens = len({e.offsets[p] for e in wins for p, q in enumerate(e.sequence_ids) if q == 1})
-        truncated = len(wins) > 1
         no_answer = best is None or (
             self.post["allow_no_answer"] and null is not None and null > best[0]
         )
         if no_answer:
-            return Span(
-                "", float(np.exp(null)) if null is not None else 0.0, 0, 0, tokens, truncated
-            )
+            return Span("", float(np.exp(null)) if null is not None else 0.0, 0, 0)
         score, s, e, enc = best
         a, b = enc.offsets[s][0], enc.offsets[e][1]
-        return Span(context[a:b], float(np.exp(score)), a, b, tokens, truncated)
+        return Span(context[a:b], float(np.exp(score)), a, b)
 
     def training_windows(self, raw: str, target: dict):
         """Windows labelled with the first gold answer (SQuAD trains on one answer)."""
@@ -219,8 +180,8 @@ class QuestionAnswering(Task):
     def answer_key(self, output: Span):
         return (output.start, output.end)
 
-    def target(self, label: int, raw_target: str | None):
-        return json.loads(raw_target)["answers"]
+    def gold(self, target: dict) -> list[str]:
+        return target["answers"]
 
     def score(self, outputs: Sequence[Span], targets: Sequence[list[str]]) -> dict:
         from tasks.metrics import squad_scores
@@ -242,11 +203,6 @@ class QuestionAnswering(Task):
         return 1
 
     # ------------------------------------------------------------------ export and OIP
-
-    def parity_feeds(self, items, length=None) -> dict:
-        """The first window of each pair (padded to `length` tokens when given)."""
-        encs = self.tokenizer.encode_batch([tuple(i.value) for i in items])
-        return first_window_feeds(encs, self.names(), self.pad_id, length)
 
     def parity_lengths(self) -> list[int | None]:
         max_len = int(self.pre["max_length"])

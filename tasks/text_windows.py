@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tasks.common import length_buckets
+from tasks.base import Task
+from tasks.common import length_buckets, unknown_id
 
 
 def window_tokenizer(tok, pre: dict, pair: bool = False):
@@ -76,3 +77,60 @@ def first_window_feeds(encodings: Sequence, names: list[str], pad_id: int, lengt
     if length is None:
         return feeds
     return {k: fit_length(v, length, pad_id if k == "input_ids" else 0) for k, v in feeds.items()}
+
+
+def content_tokens(wins: Sequence, sequence: int) -> int:
+    """Distinct tokens of one sequence of an input over its overlapping windows."""
+    return len({e.offsets[p] for e in wins for p, q in enumerate(e.sequence_ids) if q == sequence})
+
+
+class WindowedTask(Task):
+    """A text task read in windows (entities, answers): each input's windows run in length
+    buckets, `read` turns one input's window outputs into its answer, and the input's
+    embedding is its windows' pooled embeddings (the last output) weighted by their tokens."""
+
+    pair = False  # inputs are (question, context) pairs; only the second is cut into windows
+    content_sequence = 0  # the sequence whose tokens are the input's (pairs: the context)
+
+    def __init__(self, spec, tokenizer=None, limits=None):
+        super().__init__(spec, tokenizer, limits)
+        if tokenizer is not None:
+            window_tokenizer(tokenizer, self.pre, pair=self.pair)
+            self.unk_id = unknown_id(tokenizer)
+            self.pad_id = int(self.pre.get("pad_id", tokenizer.token_to_id("[PAD]") or 0))
+
+    def encode(self, values: Sequence) -> list[list]:
+        """Per input (a text, or a (question, context) pair), its windows."""
+        return [windows(e) for e in self.tokenizer.encode_batch(list(values))]
+
+    def read(self, value, wins: Sequence, outs: Sequence[list]):
+        """One input's answer from its windows' outputs (each a list of the model outputs)."""
+        raise NotImplementedError
+
+    def run(self, session_run, items, stats=None):
+        values = [i.value for i in items]
+        per_item = self.encode(values)
+        flat = [w for wins in per_item for w in wins]
+        results = run_windows(session_run, flat, self.names(), self.pad_id)
+        outputs, embedding, tokens, k = [], [], [], 0
+        for value, wins in zip(values, per_item, strict=True):
+            outs = results[k : k + len(wins)]
+            k += len(wins)
+            outputs.append(self.read(value, wins, outs))
+            weights = np.array([sum(w.attention_mask) for w in wins], dtype=np.float64)
+            pooled = np.stack([o[-1] for o in outs])
+            embedding.append((pooled * weights[:, None]).sum(0) / weights.sum())
+            tokens.append(content_tokens(wins, self.content_sequence))
+        if stats is not None:
+            stats["tokens"] = tokens
+            stats["truncated"] = sum(len(wins) > 1 for wins in per_item)
+            stats["unknown_ratio"] = [
+                sum(w.ids.count(self.unk_id) for w in wins) / max(1, n)
+                for wins, n in zip(per_item, tokens, strict=True)
+            ]
+        return outputs, np.asarray(embedding, dtype=np.float32)
+
+    def parity_feeds(self, items, length=None) -> dict:
+        """The first window of each input (padded or cut to `length` tokens when given)."""
+        encs = self.tokenizer.encode_batch([i.value for i in items])
+        return first_window_feeds(encs, self.names(), self.pad_id, length)

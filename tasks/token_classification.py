@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.base import Output, Task, utf8
-from tasks.common import Prepared, check_text, softmax, unknown_id
+from tasks.base import Output, utf8
+from tasks.common import Prepared, check_text, softmax
 from tasks.drift import Samples
-from tasks.text_windows import first_window_feeds, run_windows, window_tokenizer, windows
+from tasks.text_windows import WindowedTask, windows
 
 IGNORE = -100  # label of sub-tokens that are not a word's first (cross-entropy ignore_index)
 
@@ -35,8 +35,6 @@ class Tagged:
     spans: list[tuple[int, int]]  # character offsets of each word
     tags: list[int]  # tag index per word
     scores: list[float]  # probability of that tag
-    tokens: int  # content tokens of the text
-    truncated: bool  # longer than one window
 
 
 def entity_type(tag: str) -> str:
@@ -78,7 +76,7 @@ def tags_from_entities(text: str, entities: list[dict]) -> list[str]:
     return out
 
 
-class TokenClassification(Task):
+class TokenClassification(WindowedTask):
     name = "token-classification"
     metric = "entity_f1"
     checks = ("prediction", "confidence", "embedding", "input", "entities")
@@ -91,14 +89,6 @@ class TokenClassification(Task):
     def __init__(self, spec, tokenizer=None, limits=None):
         super().__init__(spec, tokenizer, limits)
         self.types = sorted({entity_type(t) for t in self.labels if t != "O"})
-        self.outside = self.labels.index("O") if "O" in self.labels else -1
-        if tokenizer is not None:
-            window_tokenizer(tokenizer, self.pre)
-            self.unk_id = unknown_id(tokenizer)
-            self.pad_id = int(self.pre.get("pad_id", tokenizer.token_to_id("[PAD]") or 0))
-
-    def names(self) -> list[str]:
-        return self.input_names or list(self.pre["input_names"])
 
     # ------------------------------------------------------------------ inputs
 
@@ -107,10 +97,6 @@ class TokenClassification(Task):
 
     def from_holdout(self, value) -> Prepared:
         return Prepared(str(value))
-
-    def encode(self, texts: Sequence[str]) -> list[list]:
-        """Per text, its windows (`tokenizers` encodings)."""
-        return [windows(e) for e in self.tokenizer.encode_batch(list(texts))]
 
     @staticmethod
     def first_tokens(enc) -> dict[int, tuple[int, int]]:
@@ -137,31 +123,7 @@ class TokenClassification(Task):
 
     # ------------------------------------------------------------------ model
 
-    def run(self, session_run, items, stats=None):
-        texts = [str(i.value) for i in items]
-        per_text = self.encode(texts)
-        flat = [w for wins in per_text for w in wins]
-        results = run_windows(session_run, flat, self.names(), self.pad_id)
-        outputs, embedding, k = [], [], 0
-        for text, wins in zip(texts, per_text, strict=True):
-            outs = results[k : k + len(wins)]
-            k += len(wins)
-            outputs.append(self.read(text, wins, [o[0] for o in outs]))
-            # The text's embedding: its windows' pooled embeddings, weighted by their tokens.
-            weights = np.array([sum(w.attention_mask) for w in wins], dtype=np.float64)
-            embedding.append(
-                (np.stack([o[1] for o in outs]) * weights[:, None]).sum(0) / weights.sum()
-            )
-        if stats is not None:
-            stats["tokens"] = [t.tokens for t in outputs]
-            stats["truncated"] = sum(t.truncated for t in outputs)
-            stats["unknown_ratio"] = [
-                sum(w.ids.count(self.unk_id) for w in wins) / max(1, t.tokens)
-                for wins, t in zip(per_text, outputs, strict=True)
-            ]
-        return outputs, np.asarray(embedding, dtype=np.float32)
-
-    def read(self, text: str, wins: Sequence, logits: Sequence[np.ndarray]) -> Tagged:
+    def read(self, text: str, wins: Sequence, outs: Sequence[list]) -> Tagged:
         """Word tags from the windows' logits [len, tags]: the first sub-token's tag, from
         the window where it has the most context."""
         best: dict[int, tuple[int, int, int]] = {}  # word → (context, window, position)
@@ -171,23 +133,14 @@ class TokenClassification(Task):
                     best[w] = (context, wi, pos)
         spans = self.word_spans(wins)
         words = sorted(best)
-        probs = [softmax(lo) for lo in logits]  # [len, tags] per window, once
+        probs = [softmax(o[0]) for o in outs]  # [len, tags] per window, once
         tags, scores = [], []
         for w in words:
             _, wi, pos = best[w]
             p = probs[wi][pos]
             tags.append(int(p.argmax()))
             scores.append(float(p.max()))
-        # Distinct content tokens over the overlapping windows.
-        tokens = len(
-            {
-                enc.offsets[p]
-                for enc in wins
-                for p, q in enumerate(enc.sequence_ids)
-                if q is not None
-            }
-        )
-        return Tagged(text, [spans[w] for w in words], tags, scores, int(tokens), len(wins) > 1)
+        return Tagged(text, [spans[w] for w in words], tags, scores)
 
     def training_windows(self, raw: str, target: dict):
         return self.label_windows(raw, target["tags"])
@@ -256,8 +209,8 @@ class TokenClassification(Task):
 
     # ------------------------------------------------------------------ evaluation
 
-    def target(self, label: int, raw_target: str | None):
-        return json.loads(raw_target)["tags"]
+    def gold(self, target: dict) -> list[str]:
+        return target["tags"]
 
     def token_tags(self, t: Tagged) -> list[str]:
         """The predicted tag of each whitespace-separated token of the text (the data's
@@ -306,11 +259,6 @@ class TokenClassification(Task):
         return len(self.types) + 1
 
     # ------------------------------------------------------------------ export and OIP
-
-    def parity_feeds(self, items, length=None) -> dict:
-        """The first window of each text (padded to `length` tokens when given)."""
-        encs = self.tokenizer.encode_batch([str(i.value) for i in items])
-        return first_window_feeds(encs, self.names(), self.pad_id, length)
 
     def parity_lengths(self) -> list[int | None]:
         max_len = int(self.pre["max_length"])
