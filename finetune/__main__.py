@@ -34,10 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
             )
             continue
         kind = {int: int, float: float}.get(type(default), str)
-        if f.name in ("image_size",):
-            kind = int
-        if f.name in ("backbone_lr",):
-            kind = float
+        if default is None:  # optional fields: the type named in the annotation
+            kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
         p.add_argument(flag, type=kind, default=default, help=help_text)
     return p
 
@@ -60,10 +58,18 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    shown = "  ".join(
-        f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float)
-    )
-    print(f"best epoch {result['epoch']}: {shown}")
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: the first process reports
+        return 0
+
+    def shown(prefix: str) -> str:
+        return "  ".join(
+            f"{k} {v:.4f}"
+            for k, v in result.items()
+            if k.startswith(prefix) and isinstance(v, float)
+        )
+
+    print(f"best epoch {result['epoch']} ({result['strategy']}): {shown('val_')}")
+    print(f"test split (never used for selection): {shown('test_')}")
     pictures = ", ".join(p.name for p in sorted((Path(out) / "report").glob("*.png")))
     print(f"checkpoint: {out}/  (report: {out}/report/: {pictures})")
     return 0

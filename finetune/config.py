@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-STRATEGIES = ("feature-extraction", "full", "gradual")
+STRATEGIES = ("auto", "feature-extraction", "full", "gradual")
+SCHEDULES = ("linear", "cosine", "constant")  # after warm-up (finetune/optim.py)
 AUTO_BACKBONES = {"image-classification": "efficientnet_lite0", "text-classification": "minilm"}
 MONITORS = (
     "auto",
@@ -22,19 +23,25 @@ MONITORS = (
 class TrainConfig:
     backbone: str = "auto"  # registry name, HF hub id or local HF dir; auto: by the data
     weights: str = "pretrained"  # 'pretrained', 'random' (tests only) or a local file/directory
-    strategy: str = "feature-extraction"  # feature-extraction, full or gradual
-    epochs: int = 10  # upper bound; early stopping usually ends sooner
-    batch_size: int = 32  # samples per optimizer step
+    strategy: str = "auto"  # auto (probe vs full, measured), feature-extraction, full, gradual
+    epochs: int = 10  # upper bound of a training phase; early stopping usually ends sooner
+    batch_size: int = 32  # samples per forward pass (x grad_accum per optimizer step)
+    grad_accum: int = 1  # batches whose gradients add up to one optimizer step
     lr: float = 1e-3  # head learning rate (AdamW)
-    backbone_lr: float | None = None  # full/gradual: backbone rate; None = lr / 10 (discriminative)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    backbone_lr: float | None = None  # top backbone group's rate; None = lr / 10
+    layer_decay: float | None = None  # rate ratio per group downwards; None: 0.8 text, 1 images
+    schedule: str = "auto"  # auto (linear for text, cosine for images), linear, cosine, constant
+    warmup: float = 0.1  # share of a phase's optimizer steps with a rising learning rate
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = off
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases and norms)
     dropout: float = 0.1  # dropout before the new head
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    label_smoothing: float | None = None  # cross-entropy smoothing; None: 0.1 images, 0 text
     class_weighting: str = "none"  # 'none' or 'balanced' (inverse class frequency in the loss)
     patience: int = 3  # epochs without improvement of `monitor` before stopping
     monitor: str = "auto"  # auto (the task's: val_macro_f1, val_entity_f1, val_f1), val_loss...
     min_delta: float = 0.0  # smallest change of `monitor` that counts as an improvement
-    val_fraction: float = 0.2  # share of data held out for validation when not pre-split
+    val_fraction: float = 0.15  # share of all data carved for validation when not given
+    test_fraction: float = 0.15  # share of all data carved for the test split when not given
     seed: int = 0  # python, numpy and torch seeds, and the split
     image_size: int | None = None  # crop size in pixels; None = the backbone's own (224 mostly)
     max_length: int = 128  # tokens per text (per window for entities and answers)
@@ -42,12 +49,28 @@ class TrainConfig:
     max_answer_length: int = 30  # question answering: the longest answer, in tokens
     augment: bool = False  # images: random resized crop + flip (disables the feature cache)
     cache_features: bool = True  # feature-extraction without augmentation: run the backbone once
-    holdout_size: int = 256  # validation samples kept in holdout.npz for export
+    holdout_size: int = 256  # test samples kept in holdout.npz for export's gates
+    budget_minutes: float = 120.0  # auto: wall time it may spend; later epochs are not run
     text_column: str | None = None  # None = guessed (by name, else the longest strings)
     label_column: str | None = None  # None = guessed (by name, else the fewest distinct values)
     data_format: str = "auto"  # auto, csv, tsv, jsonl, parquet
     device: str = "auto"  # auto (cuda when usable), cpu, cuda
     num_workers: int = 0  # DataLoader workers; data sets here are small and held in memory
+
+    def for_family(self, images: bool) -> TrainConfig:
+        """The per-family defaults filled in (stored resolved, so a resume repeats them):
+        BERT-style linear decay and layer-wise rates for text, cosine decay and label
+        smoothing for images (timm's recipes)."""
+        return dataclasses.replace(
+            self,
+            schedule=("cosine" if images else "linear")
+            if self.schedule == "auto"
+            else self.schedule,
+            layer_decay=(1.0 if images else 0.8) if self.layer_decay is None else self.layer_decay,
+            label_smoothing=(0.1 if images else 0.0)
+            if self.label_smoothing is None
+            else self.label_smoothing,
+        )
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -79,8 +102,21 @@ class TrainConfig:
             out.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             out.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.val_fraction < 1.0:
-            out.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, name) < 0.5:
+                out.append(f"{name} must be between 0 and 0.5, got {getattr(self, name)}")
+        if self.schedule not in ("auto", *SCHEDULES):
+            out.append(f"schedule {self.schedule!r} must be auto, {', '.join(SCHEDULES)}")
+        if self.grad_accum < 1:
+            out.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0.0 <= self.warmup < 1.0:
+            out.append(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            out.append(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
+            out.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_grad_norm < 0 or self.budget_minutes <= 0:
+            out.append("max_grad_norm must be >= 0 and budget_minutes > 0")
         if self.lr <= 0 or (self.backbone_lr is not None and self.backbone_lr <= 0):
             out.append("learning rates must be > 0")
         if self.patience < 1:

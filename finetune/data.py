@@ -2,13 +2,16 @@
 
 Layouts, detected from the path:
 - image or text class folders: `<root>/<label>/*.jpg|*.txt`, optionally pre-split as
-  `<root>/train/<label>/...` plus `<root>/{val,dev,test}/<label>/...`;
+  `<root>/train/<label>/...` plus `<root>/{val,dev}/<label>/...` and `<root>/test/<label>/...`;
 - a text table (CSV, TSV, JSONL, Parquet, or an extension-less file sniffed as one), or a
-  folder holding `train.*` and `val.*` / `dev.*` / `test.*` tables.
+  folder holding `train.*` and `val.*` / `dev.*` and / or `test.*` tables.
+
+Splits (finetune/splits.py): train, val (selection) and test (never seen by selection); the
+ones the data gives are used as given, the others carved from training.
 
 Cleaning, counted in `Dataset.summary["cleaning"]`: exact duplicates (content hash), empty
-texts, missing labels, images that do not decode (paths listed), validation items that also
-appear in training, validation labels unknown to training.
+texts, missing labels, images that do not decode (paths listed), validation or test items
+that also appear in training (and test items in validation), labels unknown to training.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 from finetune.data_spans import load_span_dataset, span_task
 from finetune.errors import DataError
+from finetune.splits import ROLES, three_way
 from tasks.common import resize_crop
 
 IMAGE_TASK = "image-classification"
@@ -40,10 +44,10 @@ TABLE_EXTS = {
     ".pq": "parquet",
 }
 TRAIN_NAMES = ("train", "training")
-VAL_NAMES = ("val", "valid", "validation", "dev", "test", "eval")
+VAL_NAMES = ("val", "valid", "validation", "dev", "eval")
+TEST_NAMES = ("test", "testing", "holdout")
 TEXT_NAMES = ("text", "sentence", "content", "message", "sms", "review", "document", "body")
 LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "intent", "y")
-MIN_PER_CLASS = 2  # a stratified split needs two examples of every class
 MAX_LISTED_FILES = 50  # undecodable files listed by path in the summary
 
 
@@ -71,7 +75,8 @@ class Dataset:
     task: str
     labels: list[str]
     train: Split
-    val: Split
+    val: Split  # model selection and early stopping
+    test: Split  # never seen by selection: holdout, export gates, test_* figures
     summary: dict = field(default_factory=dict)
 
 
@@ -109,27 +114,34 @@ def _named(children: list[Path], names: tuple[str, ...], *, dirs: bool) -> Path 
     return None
 
 
-def _locate(path: Path) -> tuple[str, str, Path, Path | None]:
-    """Return (layout, task, train source, val source or None)."""
+def _locate(path: Path) -> tuple[str, str, dict[str, Path]]:
+    """Return (layout, task, {"train": source, and "val" / "test" where the data has them})."""
     if not path.exists():
         raise DataError(f"data path '{path}' does not exist")
     if path.is_file():
-        return "table", TEXT_TASK, path, None
+        return "table", TEXT_TASK, {"train": path}
     children = _children(path)
     if not children:
         raise DataError(f"data folder '{path}' is empty")
-    train_dir = _named(children, TRAIN_NAMES, dirs=True)
-    if train_dir is not None:
-        val_dir = _named(children, VAL_NAMES, dirs=True)
-        return "class-folders", _class_folder_task(train_dir), train_dir, val_dir
-    train_file = _named(children, TRAIN_NAMES, dirs=False)
-    if train_file is not None:
-        return "table", TEXT_TASK, train_file, _named(children, VAL_NAMES, dirs=False)
+
+    def given(dirs: bool) -> dict[str, Path]:
+        found = {
+            role: _named(children, names, dirs=dirs)
+            for role, names in (("train", TRAIN_NAMES), ("val", VAL_NAMES), ("test", TEST_NAMES))
+        }
+        return {role: p for role, p in found.items() if p is not None}
+
+    folders = given(dirs=True)
+    if "train" in folders:
+        return "class-folders", _class_folder_task(folders["train"]), folders
+    files = given(dirs=False)
+    if "train" in files:
+        return "table", TEXT_TASK, files
     if any(p.is_dir() for p in children):
-        return "class-folders", _class_folder_task(path), path, None
+        return "class-folders", _class_folder_task(path), {"train": path}
     tables = [p for p in children if p.suffix.lower() in TABLE_EXTS]
     if len(tables) == 1:
-        return "table", TEXT_TASK, tables[0], None
+        return "table", TEXT_TASK, {"train": tables[0]}
     raise DataError(
         f"cannot tell the layout of '{path}': expected class folders (<label>/*.jpg or "
         f"<label>/*.txt), one table file (.csv .tsv .jsonl .parquet), or train.* and val.* files"
@@ -316,54 +328,42 @@ def _clean(records: list[_Record], counts: Counter, task: str) -> list[_Record]:
 
 
 def _decode_images(records: list[_Record], prep: ImagePrep, undecodable: list[str]):
-    kept, arrays = [], []
+    """The records whose image decodes, each now holding its uint8 array as `item`."""
+    kept = []
     for r in records:
         try:
-            arrays.append(load_image(r.item, prep))
+            r.item = load_image(r.item, prep)
         except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
             undecodable.append(str(r.item))
             continue
         kept.append(r)
-    return kept, arrays
+    return kept
 
 
-def _check_classes(records: list[_Record], where: str) -> None:
+def _check_classes(records: list[_Record], where: str, minimum: int) -> None:
     per_class = Counter(r.label for r in records)
     if not per_class:
         raise DataError(f"no usable examples in '{where}' after cleaning")
     if len(per_class) < 2:
         only = next(iter(per_class))
         raise DataError(f"only one class ('{only}') in '{where}'; need at least 2 classes")
-    small = sorted(c for c, n in per_class.items() if n < MIN_PER_CLASS)
+    small = sorted(c for c, n in per_class.items() if n < minimum)
     if small:
         raise DataError(
             f"class(es) {', '.join(repr(c) for c in small)} in '{where}' have fewer than "
-            f"{MIN_PER_CLASS} examples; add examples or remove the class"
+            f"{minimum} examples (one for training and one per split carved from it); "
+            f"add examples or remove the class"
         )
-
-
-def _stratified_split(records: list[_Record], fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    n_classes = len({r.label for r in records})
-    n_val = max(n_classes, int(round(len(records) * fraction)))
-    if len(records) - n_val < n_classes:
-        raise DataError(
-            f"{len(records)} examples are too few to split {n_classes} classes "
-            f"with val_fraction={fraction}"
-        )
-    labels = [r.label for r in records]
-    train, val = train_test_split(records, test_size=n_val, random_state=seed, stratify=labels)
-    return train, val
 
 
 def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> Dataset:
-    """Read, clean and split the data at `path` (`cfg` is a TrainConfig)."""
+    """Read, clean and split the data at `path` into train, val and test (`cfg` is a
+    TrainConfig; finetune/splits.py says how missing splits are carved)."""
     path = Path(path)
     span = span_task(path) if path.exists() else None
     if span is not None:
         return load_span_dataset(path, span[0], span[1], cfg)
-    layout, task, train_src, val_src = _locate(path)
+    layout, task, sources = _locate(path)
     if task == IMAGE_TASK and image_prep is None:
         raise ValueError("image data needs an ImagePrep")
     counts: Counter = Counter()
@@ -376,43 +376,36 @@ def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> 
         columns.update(text_column=text_col, label_column=label_col)
         return recs
 
-    train = _clean(read(train_src), counts, task)
-    if val_src is not None:
-        val = _clean(read(val_src), counts, task)
-        train_keys = {r.key for r in train}
-        before = len(val)
-        val = [r for r in val if r.key not in train_keys]
-        counts["leaked_from_train"] = before - len(val)
+    parts = {role: _clean(read(src), counts, task) for role, src in sources.items()}
     undecodable: list[str] = []
-    arrays = {}
-    if task == IMAGE_TASK:
-        train, arrays["train"] = _decode_images(train, image_prep, undecodable)
-        if val_src is not None:
-            val, arrays["val"] = _decode_images(val, image_prep, undecodable)
-    _check_classes(train, str(train_src))
-    if val_src is None:
-        if task == IMAGE_TASK:
-            for r, a in zip(train, arrays["train"], strict=True):
-                r.item = a  # keep the decoded array with its record through the split
-        train, val = _stratified_split(train, cfg.val_fraction, cfg.seed)
-        if task == IMAGE_TASK:
-            arrays = {"train": [r.item for r in train], "val": [r.item for r in val]}
-    labels = sorted({r.label for r in train})
+    if task == IMAGE_TASK:  # the decoded array travels with its record through the split
+        parts = {
+            role: _decode_images(recs, image_prep, undecodable) for role, recs in parts.items()
+        }
+    _check_classes(parts["train"], str(sources["train"]), 1 + len(set(ROLES) - set(parts)))
+    parts = three_way(
+        parts,
+        cfg,
+        str(path),
+        key=lambda r: r.key,
+        label=lambda r: r.label,
+        counts=counts,
+    )
+    labels = sorted({r.label for r in parts["train"]})
     index = {name: i for i, name in enumerate(labels)}
-    unknown = [r for r in val if r.label not in index]
-    if unknown:
-        counts["unknown_val_label"] = len(unknown)
-        keep = [r.label in index for r in val]
-        val = [r for r, k in zip(val, keep, strict=True) if k]
-        if task == IMAGE_TASK:
-            arrays["val"] = [a for a, k in zip(arrays["val"], keep, strict=True) if k]
-    if not val:
-        raise DataError(f"no usable validation examples in '{val_src or path}' after cleaning")
+    for role in ("val", "test"):
+        before = len(parts[role])
+        parts[role] = [r for r in parts[role] if r.label in index]
+        counts[f"unknown_{role}_label"] = before - len(parts[role])
+        if not parts[role]:
+            raise DataError(
+                f"no usable {role} examples in '{sources.get(role, path)}' after cleaning"
+            )
 
-    def split(records, key) -> Split:
+    def split(records) -> Split:
         y = np.array([index[r.label] for r in records], dtype=np.int64)
         if task == IMAGE_TASK:
-            return Split(np.stack(arrays[key]).astype(np.uint8), y)
+            return Split(np.stack([r.item for r in records]).astype(np.uint8), y)
         return Split([str(r.item) for r in records], y)
 
     cleaning = {
@@ -423,39 +416,54 @@ def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> 
             "empty_text",
             "missing_label",
             "leaked_from_train",
+            "test_in_train",
+            "test_in_val",
             "unknown_val_label",
+            "unknown_test_label",
         )
     }
     cleaning["undecodable"] = len(undecodable)
     cleaning["undecodable_files"] = undecodable[:MAX_LISTED_FILES]
-    ds = Dataset(task, labels, split(train, "train"), split(val, "val"))
+    ds = Dataset(task, labels, *(split(parts[role]) for role in ROLES))
     ds.summary = {
         "path": str(path),
         "layout": layout,
-        "pre_split": val_src is not None,
+        **split_summary(sources, ds, labels),
         **columns,
-        "train_size": len(ds.train),
-        "val_size": len(ds.val),
-        "train_per_class": {
-            labels[i]: int(n)
-            for i, n in enumerate(np.bincount(ds.train.labels, minlength=len(labels)))
-        },
-        "val_per_class": {
-            labels[i]: int(n)
-            for i, n in enumerate(np.bincount(ds.val.labels, minlength=len(labels)))
-        },
         "cleaning": cleaning,
     }
     return ds
 
 
+def split_summary(sources: dict, ds: Dataset, labels: list[str] | None) -> dict:
+    """Where each split came from ("given" by the data or "carved" from training), its size
+    and, for classification, its examples per class."""
+    out = {
+        "pre_split": "val" in sources,
+        "splits": {role: "given" if role in sources else "carved" for role in ROLES},
+    }
+    for role in ROLES:
+        part = getattr(ds, role)
+        out[f"{role}_size"] = len(part)
+        if labels is not None:
+            out[f"{role}_per_class"] = {
+                labels[i]: int(n)
+                for i, n in enumerate(np.bincount(part.labels, minlength=len(labels)))
+            }
+    return out
+
+
 def describe(summary: dict) -> str:
     """Human summary of sizes and cleaning counts, a few lines."""
     c = summary["cleaning"]
+    splits = summary.get("splits", {})
+    sizes = ", ".join(
+        f"{summary.get(f'{role}_size', 0)} {role}"
+        + (" (carved)" if splits.get(role) == "carved" and role != "train" else "")
+        for role in ("train", "val", "test")
+    )
     lines = [
-        f"data: {summary['path']} ({summary['layout']}, "
-        f"{'pre-split' if summary['pre_split'] else 'stratified split'}): "
-        f"{summary['train_size']} train, {summary['val_size']} val, "
+        f"data: {summary['path']} ({summary['layout']}): {sizes}, "
         f"{len(summary['train_per_class'])} {summary.get('counted', 'classes')}",
         "cleaning: "
         + ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in c if k != "undecodable_files"),

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import DataError
+from finetune.splits import ROLES, three_way
 
 NER_TASK, QA_TASK = "token-classification", "question-answering"
 TAG = re.compile(r"^(O|[BIES]-\S+)$")
@@ -238,51 +238,34 @@ def load_squad(path: Path, counts: Counter) -> list[dict]:
 # --------------------------------------------------------------------------- datasets
 
 
-def _group_split(groups: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import GroupShuffleSplit
-
-    splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-    train, val = next(splitter.split(np.zeros(len(groups)), groups=groups))
-    return np.sort(train), np.sort(val)
-
-
 def load_span_dataset(path: Path, task: str, files: dict[str, Path], cfg):
-    """The Dataset of a span task (finetune.data.Dataset, inputs and JSON targets)."""
-    from finetune.data import Dataset, Split
+    """The Dataset of a span task (finetune.data.Dataset, inputs and JSON targets), in the
+    three splits of finetune/splits.py."""
+    from finetune.data import Dataset, Split, split_summary
 
     counts: Counter = Counter()
     if task == NER_TASK:
-        parts = {k: load_sentences(p, counts) for k, p in files.items() if k in ("train", "val")}
-        train = parts["train"]
+        parts = {k: load_sentences(p, counts) for k, p in files.items()}
         seen, kept = set(), []
-        for text, tags in train:
-            key = hashlib.sha256(text.encode()).hexdigest()
-            if key in seen:
+        for text, tags in parts["train"]:
+            if text in seen:
                 counts["duplicates"] += 1
                 continue
-            seen.add(key)
+            seen.add(text)
             kept.append((text, tags))
-        train = kept
-        if "val" in parts:
-            val = [(t, g) for t, g in parts["val"]]
-            before = len(val)
-            val = [(t, g) for t, g in val if hashlib.sha256(t.encode()).hexdigest() not in seen]
-            counts["leaked_from_train"] = before - len(val)
-        else:
-            rng = np.random.default_rng(cfg.seed)
-            order = rng.permutation(len(train))
-            n_val = max(1, int(round(len(train) * cfg.val_fraction)))
-            val = [train[i] for i in order[:n_val]]
-            train = [train[i] for i in order[n_val:]]
-        if len(train) < 2 or not val:
-            raise DataError(f"'{path}' has too few sentences ({len(train)} train, {len(val)} val)")
+        parts["train"] = kept
+        parts = three_way(parts, cfg, str(path), key=lambda row: row[0], counts=counts)
+        train = parts["train"]
+        if len(train) < 2:
+            raise DataError(f"'{path}' has too few sentences ({len(train)} train)")
         labels = sorted({t for _, tags in train for t in tags}, key=lambda t: (t != "O", t[2:], t))
         if labels == ["O"]:
             raise DataError(f"'{path}' has no entity tags (every tag is O)")
         known = set(labels)
-        before = len(val)
-        val = [(t, g) for t, g in val if set(g) <= known]
-        counts["unknown_val_tags"] = before - len(val)
+        for role in ("val", "test"):
+            before = len(parts[role])
+            parts[role] = [(t, g) for t, g in parts[role] if set(g) <= known]
+            counts[f"unknown_{role}_tags"] = before - len(parts[role])
 
         def split(rows) -> Split:
             return Split(
@@ -294,23 +277,19 @@ def load_span_dataset(path: Path, task: str, files: dict[str, Path], cfg):
         entity_counts = Counter(t[2:] for _, g in train for t in g if t.startswith("B-"))
         per_class = dict(sorted(entity_counts.items()))
     else:
-        records = load_squad(files["train"], counts)
-        if "val" in files:
-            train, val = records, load_squad(files["val"], counts)
-            contexts = {r["context"] for r in train}
-            before = len(val)
-            val = [r for r in val if r["context"] not in contexts]
-            counts["leaked_from_train"] = before - len(val)
-        else:
-            groups = [r["group"] for r in records]
-            if len(set(groups)) < 2:
-                groups = [r["context"] for r in records]
-            if len(set(groups)) < 2:
-                raise DataError(f"'{path}' has one context; a split by context needs two")
-            a, b = _group_split(groups, cfg.val_fraction, cfg.seed)
-            train, val = [records[i] for i in a], [records[i] for i in b]
-        if not train or not val:
-            raise DataError(f"'{path}' has too few questions ({len(train)} train, {len(val)} val)")
+        parts = {k: load_squad(p, counts) for k, p in files.items()}
+        if len({r["group"] for r in parts["train"]}) < 2:
+            for r in parts["train"]:
+                r["group"] = r["context"]
+        parts = three_way(
+            parts,
+            cfg,
+            str(path),
+            key=lambda r: r["context"],
+            group=lambda r: r["group"],
+            counts=counts,
+        )
+        train = parts["train"]
         labels = ["answer"]
 
         def split(rows) -> Split:
@@ -330,21 +309,19 @@ def load_span_dataset(path: Path, task: str, files: dict[str, Path], cfg):
             "answerable": sum(bool(r["answers"]) for r in train),
             "unanswerable": sum(not r["answers"] for r in train),
         }
-    ds = Dataset(task, labels, split(train), split(val))
+    for role in ("val", "test"):
+        if not parts[role]:
+            raise DataError(f"'{path}' leaves no {role} examples after cleaning")
+    ds = Dataset(task, labels, *(split(parts[role]) for role in ROLES))
     ds.summary = {
         "path": str(path),
         "layout": "conll" if task == NER_TASK else "squad",
-        "pre_split": "val" in files,
         "files": {k: str(v) for k, v in files.items()},
-        "train_size": len(ds.train),
-        "val_size": len(ds.val),
+        **split_summary(files, ds, None),
         "train_per_class": per_class,
         "counted": "entity types" if task == NER_TASK else "kinds of question",
         "cleaning": {**{k: int(v) for k, v in sorted(counts.items())}, "undecodable_files": []},
     }
     if task == QA_TASK:
-        ds.summary["groups"] = {
-            "train": len({r["group"] for r in train}),
-            "val": len({r["group"] for r in val}),
-        }
+        ds.summary["groups"] = {role: len({r["group"] for r in parts[role]}) for role in ROLES}
     return ds

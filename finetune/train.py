@@ -1,10 +1,13 @@
-"""Fine-tuning loop: strategies, validation each epoch, early stopping, resume.
+"""Fine-tuning: data, model and checkpoint around the shared loop (finetune/loop.py).
 
     fine_tune("data/flowers", "runs/flowers", TrainConfig(backbone="efficientnet_lite0"))
 
-Strategies: `feature-extraction` (frozen backbone; features computed once and cached when
-there is no augmentation), `full` (everything trains, the backbone at a lower rate),
-`gradual` (epoch 0 trains the head, epoch k also the top k backbone groups, ULMFiT style).
+Strategies: `auto` (finetune/auto.py: a linear probe against a short full fine-tune,
+measured on validation), `feature-extraction` (frozen backbone; features computed once and
+cached when there is no augmentation), `full` (everything trains, the backbone at lower,
+layer-wise decaying rates), `gradual` (epoch 0 trains the head, epoch k also the top k
+backbone groups, ULMFiT style). The best epoch on validation is scored once on the test
+split, which nothing above saw; the holdout for export is drawn from it.
 """
 
 from __future__ import annotations
@@ -19,25 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 import tasks
-from finetune import backbones, checkpoint
+from finetune import auto, backbones, checkpoint
 from finetune.config import AUTO_BACKBONES, TrainConfig
 from finetune.data import IMAGE_TASK, Dataset, describe, detect_task, load_dataset
 from finetune.errors import CheckpointError, DataError, FinetuneError, OutputExists
 from finetune.heads import HEADS
-from finetune.inputs import ImageSet, Inputs, TextSet
-from finetune.metrics import classification_metrics
+from finetune.inputs import Inputs
+from finetune.loop import STATE, Dist, Phase, Trainer
+from finetune.recipes import ClassifierRecipe, SpanRecipe
 from finetune.report import plot_confusion, plot_curves
-from finetune.train_spans import train_spans
 from tasks.common import text_tokenizer
-
-STATE = "state.pt"
-LAST = "last.safetensors"
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -76,82 +72,6 @@ def _claim_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-
-
-def set_trainable(
-    model: backbones.Classifier, groups: list[list[nn.Parameter]], strategy: str, epoch: int
-) -> int:
-    """Freeze/unfreeze for this epoch; returns how many backbone groups (from the top) train."""
-    n = {"full": len(groups), "feature-extraction": 0}.get(strategy, min(epoch, len(groups)))
-    for i, group in enumerate(groups):
-        for p in group:
-            p.requires_grad_(i >= len(groups) - n)
-    model.head.requires_grad_(True)
-    model.train()
-    if n == 0:
-        model.backbone.eval()  # frozen: BatchNorm statistics and dropout fixed, as in the cache
-    else:
-        for module in model.backbone.modules():
-            params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
-    return n
-
-
-def _criterion(cfg: TrainConfig, ds: Dataset, device) -> nn.Module:
-    weight = None
-    if cfg.class_weighting == "balanced":
-        counts = np.bincount(ds.train.labels, minlength=len(ds.labels)).astype(np.float64)
-        weight = torch.tensor(
-            len(ds.train) / (len(ds.labels) * counts), dtype=torch.float32, device=device
-        )
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-
-def _better(value: float, best: float | None, cfg: TrainConfig) -> bool:
-    if best is None:
-        return True
-    if cfg.monitor == "val_loss":
-        return value < best - cfg.min_delta
-    return value > best + cfg.min_delta
-
-
-@torch.no_grad()
-def extract_features(encoder: nn.Module, loader: DataLoader, inputs: Inputs, desc: str):
-    """Run the frozen backbone once over a loader: (features [N, D] on CPU, labels [N])."""
-    encoder.eval()
-    feats, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
-        with torch.autocast(
-            inputs.device.type, dtype=torch.float16, enabled=inputs.device.type == "cuda"
-        ):
-            feats.append(inputs(encoder, x).float().cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, inputs: Inputs, labels: list[str]) -> dict:
-    model.eval()
-    losses, preds, truth = [], [], []
-    for x, y in loader:
-        with torch.autocast(
-            inputs.device.type, dtype=torch.float16, enabled=inputs.device.type == "cuda"
-        ):
-            logits = inputs(model, x).float()
-        y = y.to(logits.device)
-        losses.append(nn.functional.cross_entropy(logits, y, reduction="sum").item())
-        preds.append(logits.argmax(1).cpu())
-        truth.append(y.cpu())
-    y_true, y_pred = torch.cat(truth).numpy(), torch.cat(preds).numpy()
-    m = classification_metrics(y_true, y_pred, labels)
-    return {
-        "val_loss": sum(losses) / len(y_true),
-        "val_accuracy": m["accuracy"],
-        "val_macro_f1": m["macro_f1"],
-        "per_class": m["per_class"],
-        "confusion_matrix": m["confusion_matrix"],
-    }
 
 
 def _versions() -> dict:
@@ -198,12 +118,18 @@ def fine_tune(
     overwrite: bool = False,
     resume: bool = False,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Fine-tune `cfg.backbone` on `data` and write the checkpoint to `out`; returns the best
-    epoch's metrics. On resume the configuration saved in `out` is used, not `cfg`."""
-    out = Path(out)
-    _check_out(out, overwrite, resume)
+    epoch's validation and test metrics. On resume the configuration saved in `out` is used,
+    not `cfg`. `on_step(step, {param group: learning rate})` follows the schedule."""
+    out, t_start = Path(out), time.perf_counter()
+    dist = Dist.start("cuda" if _device(cfg.device).type == "cuda" else "cpu")
+    if not dist.main:
+        log = _silent
+    if dist.main:
+        _check_out(out, overwrite, resume)
     if resume:
         saved = checkpoint.read_json(out / checkpoint.CONFIG)
         cfg = TrainConfig.from_dict(saved["training"])
@@ -212,6 +138,8 @@ def fine_tune(
     if problems:
         raise FinetuneError("invalid configuration: " + "; ".join(problems))
     device = _device(cfg.device)
+    if dist.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -223,6 +151,7 @@ def fine_tune(
         cfg = dataclasses.replace(
             cfg, monitor="val_macro_f1" if metric == "accuracy" else f"val_{metric}"
         )
+    cfg = cfg.for_family(images=task == IMAGE_TASK)
     spec = backbones.resolve(cfg.backbone)
     if tasks.uses_tokenizer(task) != tasks.uses_tokenizer(spec.task):
         raise DataError(f"'{data}' holds {task} data but backbone '{spec.name}' is for {spec.task}")
@@ -249,9 +178,101 @@ def fine_tune(
         tokenizer = backbones.load_tokenizer(location)
     model.to(device)
 
-    if not resume:
-        _claim_out(out)
-    config = {
+    config = _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokenizer)
+    config["device"] = str(device)
+    config["processes"] = dist.world
+    if dist.main:
+        if not resume:
+            _claim_out(out)
+        checkpoint.write_json(out / checkpoint.CONFIG, config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
+        if not resume:
+            _save_holdout(out, ds, cfg)
+    dist.barrier()
+
+    if head_cls is backbones.Classifier:
+        # Texts are tokenized as export and the service will: from the stored preprocessing.
+        inputs = Inputs(task, device, mean, std, tokenizer, cfg.max_length, config["preprocessing"])
+        recipe = ClassifierRecipe(model, groups, ds, cfg, device, inputs)
+    else:
+        windows = text_tokenizer(tokenizer.backend_tokenizer.to_str(), config["preprocessing"])
+        recipe = SpanRecipe(model, groups, ds, cfg, device, tasks.create(config, windows), log)
+    hooks = {"on_epoch_end": on_epoch_end, "on_step": on_step}
+    trainer = Trainer(recipe, cfg, out, dist, log, hooks)
+    state = trainer.load_resume() if resume else None
+    if state is not None:
+        log(f"resumed after {state['phase']} epoch {state['epoch'] + 1}")
+    if cfg.strategy == "auto":
+        outcome, used = auto.run(trainer, cfg, len(ds.val), state)
+    else:
+        outcome = trainer.run(Phase("train", cfg.strategy, cfg.epochs, cfg.patience), state=state)
+        used = cfg.strategy
+
+    # The best epoch, from its saved weights, on validation and, once, on test.
+    from safetensors.torch import load_model
+
+    dist.barrier()
+    load_model(model, str(out / checkpoint.WEIGHTS))
+    val, test = recipe.evaluate("val", used), recipe.evaluate("test", used)
+    final = {
+        "epoch": outcome.best_epoch,
+        "strategy": used,
+        **{f"val_{k}": v for k, v in val.items()},
+        **{f"test_{k}": v for k, v in test.items()},
+    }
+    if dist.main:
+        trainer.extra["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        trainer.write_metrics(outcome, final)
+        _report(out, trainer.history, final, ds, recipe)
+        config.update(
+            status="complete",
+            result={
+                k: v
+                for k, v in final.items()
+                if k in ("epoch", "strategy")
+                or (k[:4] in ("val_", "test") and isinstance(v, float))
+            },
+        )
+        checkpoint.write_json(out / checkpoint.CONFIG, config)
+        shutil.rmtree(out / checkpoint.RESUME, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _silent(*_args) -> None:
+    """The log of processes other than the first under torchrun."""
+
+
+def _save_holdout(out: Path, ds: Dataset, cfg: TrainConfig) -> None:
+    """Up to `holdout_size` test examples: what export gates, checks and calibrates on."""
+    rng = np.random.default_rng(cfg.seed)
+    n = min(cfg.holdout_size, len(ds.test))
+    idx = np.sort(rng.choice(len(ds.test), size=n, replace=False))
+    held = ds.test.inputs[idx] if ds.task == IMAGE_TASK else [ds.test.inputs[i] for i in idx]
+    targets = None if ds.test.targets is None else [json.dumps(ds.test.targets[i]) for i in idx]
+    checkpoint.save_holdout(out, held, ds.test.labels[idx], targets)
+
+
+def _report(out: Path, history: list[dict], final: dict, ds: Dataset, recipe) -> None:
+    """curves.png (the validation split, per epoch) and, for classification, the test
+    split's confusion matrix (a split no selection saw)."""
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    scores = () if isinstance(recipe, ClassifierRecipe) else (f"val_{recipe.contract.metric}",)
+    plot_curves(history, report / "curves.png", final["epoch"], *scores)
+    if "test_confusion_matrix" in final:
+        plot_confusion(
+            final["test_confusion_matrix"],
+            ds.labels,
+            report / "confusion.png",
+            f"test split, best epoch {final['epoch']} (acc {final['test_accuracy']:.3f})",
+        )
+
+
+def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokenizer) -> dict:
+    """config.json: everything export needs to rebuild the model and its inputs."""
+    return {
         "format_version": checkpoint.FORMAT_VERSION,
         "task": task,
         "status": "training",
@@ -262,7 +283,7 @@ def fine_tune(
             "weights": cfg.weights,
             "feature_dim": dim,
             "groups": list(spec.groups),
-            "num_groups": len(groups),
+            "num_groups": len(backbones.parameter_groups(spec, encoder)),
             **({"hf_config": encoder.model.config.to_dict()} if spec.family == "hf" else {}),
         },
         "head": {
@@ -298,232 +319,7 @@ def fine_tune(
         "postprocessing": postprocessing(cfg, ds),
         "training": cfg.to_dict(),
         "seed": cfg.seed,
-        "device": str(device),
-        "amp": device.type == "cuda",
+        "amp": torch.cuda.is_available() and cfg.device != "cpu",
         "versions": _versions(),
         "data": ds.summary,
     }
-    checkpoint.write_json(out / checkpoint.CONFIG, config)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
-    if not resume:
-        rng = np.random.default_rng(cfg.seed)
-        n = min(cfg.holdout_size, len(ds.val))
-        idx = np.sort(rng.choice(len(ds.val), size=n, replace=False))
-        held = ds.val.inputs[idx] if task == IMAGE_TASK else [ds.val.inputs[i] for i in idx]
-        targets = None if ds.val.targets is None else [json.dumps(ds.val.targets[i]) for i in idx]
-        checkpoint.save_holdout(out, held, ds.val.labels[idx], targets)
-
-    if head_cls is backbones.Classifier:
-        # Texts are tokenized as export and the service will: from the stored preprocessing.
-        inputs = Inputs(task, device, mean, std, tokenizer, cfg.max_length, config["preprocessing"])
-        result = _train(model, groups, ds, inputs, cfg, out, device, resume, on_epoch_end, log)
-    else:
-        if resume:
-            raise CheckpointError(f"--resume is not available for {task} runs yet; start again")
-        windows = text_tokenizer(tokenizer.backend_tokenizer.to_str(), config["preprocessing"])
-        contract = tasks.create(config, windows)
-        helpers = (_better, set_trainable, plot_curves)
-        result = train_spans(
-            model, groups, ds, contract, cfg, out, device, on_epoch_end, log, helpers
-        )
-    config.update(
-        status="complete",
-        result={
-            k: v
-            for k, v in result.items()
-            if k == "epoch" or (k.startswith("val_") and isinstance(v, float))
-        },
-    )
-    checkpoint.write_json(out / checkpoint.CONFIG, config)
-    shutil.rmtree(out / checkpoint.RESUME, ignore_errors=True)
-    return result
-
-
-def _train(
-    model,
-    groups,
-    ds: Dataset,
-    inputs: Inputs,
-    cfg: TrainConfig,
-    out: Path,
-    device,
-    resume: bool,
-    on_epoch_end,
-    log,
-) -> dict:
-    cuda = device.type == "cuda"
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if ds.task == IMAGE_TASK:
-        train_set = ImageSet(ds.train.inputs, ds.train.labels, cfg.augment)
-        val_set = ImageSet(ds.val.inputs, ds.val.labels, False)
-    else:
-        train_set, val_set = (
-            TextSet(ds.train.inputs, ds.train.labels),
-            TextSet(ds.val.inputs, ds.val.labels),
-        )
-    loader_kw = {
-        "batch_size": cfg.batch_size,
-        "collate_fn": inputs.collate,
-        "num_workers": cfg.num_workers,
-        "pin_memory": cuda,
-    }
-    train_loader = DataLoader(train_set, shuffle=True, generator=gen, **loader_kw)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_kw)
-
-    cached = cfg.strategy == "feature-extraction" and cfg.cache_features and not cfg.augment
-    trained, step_inputs, cache_seconds = model, inputs, None
-    if cached:
-        t0 = time.perf_counter()
-        plain = DataLoader(
-            ImageSet(ds.train.inputs, ds.train.labels, False)
-            if ds.task == IMAGE_TASK
-            else train_set,
-            shuffle=False,
-            **loader_kw,
-        )
-        train_feats = extract_features(model.backbone, plain, inputs, "caching train features")
-        val_feats = extract_features(model.backbone, val_loader, inputs, "caching val features")
-        cache_seconds = time.perf_counter() - t0
-        log(
-            f"feature cache: {len(train_feats[0]) + len(val_feats[0])} samples in "
-            f"{cache_seconds:.1f} s"
-        )
-        trained = nn.Sequential(model.dropout, model.head)
-        step_inputs = Inputs("features", device)
-        train_loader = DataLoader(
-            TensorDataset(*train_feats), batch_size=cfg.batch_size, shuffle=True, generator=gen
-        )
-        val_loader = DataLoader(TensorDataset(*val_feats), batch_size=256)
-
-    head_params = list(model.head.parameters())
-    param_groups = [{"params": head_params, "lr": cfg.lr}]
-    if cfg.strategy != "feature-extraction":
-        backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr / 10
-        param_groups.append({"params": [p for g in groups for p in g], "lr": backbone_lr})
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and not cached)
-    criterion = _criterion(cfg, ds, device)
-
-    history, best, best_epoch, bad, start = [], None, None, 0, 0
-    if resume:
-        st = torch.load(out / checkpoint.RESUME / STATE, map_location="cpu", weights_only=True)
-        from safetensors.torch import load_model
-
-        load_model(model, str(out / checkpoint.RESUME / LAST))
-        optimizer.load_state_dict(st["optimizer"])
-        scaler.load_state_dict(st["scaler"])
-        history, best, best_epoch, bad = st["history"], st["best"], st["best_epoch"], st["bad"]
-        start = st["epoch"] + 1
-        torch.set_rng_state(st["torch_rng"])
-        gen.set_state(st["gen_rng"])
-        if cuda and "cuda_rng" in st:
-            torch.cuda.set_rng_state(st["cuda_rng"])
-        log(
-            f"resumed after epoch {start} "
-            f"(best so far: epoch {best_epoch}, {cfg.monitor} {best:.4f})"
-        )
-
-    for epoch in range(start, cfg.epochs):
-        if bad >= cfg.patience:
-            break
-        t0 = time.perf_counter()
-        n_groups = set_trainable(model, groups, cfg.strategy, epoch)
-        total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        for x, y in bar:
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda and not cached):
-                loss = criterion(step_inputs(trained, x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total, count = total + loss.item() * len(y), count + len(y)
-            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
-        val = evaluate(trained, val_loader, step_inputs, ds.labels)
-        record = {
-            "epoch": epoch + 1,  # 1-based in files, logs and plots
-            "train_loss": total / count,
-            **{k: val[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")},
-            "trainable_groups": n_groups,
-            "seconds": time.perf_counter() - t0,
-        }
-        history.append(record)
-        improved = _better(val[cfg.monitor], best, cfg)
-        if improved:
-            best, best_epoch, bad = val[cfg.monitor], epoch + 1, 0
-            best_val = val
-            checkpoint.save_weights(out, model)
-        else:
-            bad += 1
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
-            f"val_loss {val['val_loss']:.4f}  val_acc {val['val_accuracy']:.4f}  "
-            f"val_f1 {val['val_macro_f1']:.4f}  groups {n_groups}/{len(groups)}  "
-            f"{record['seconds']:.1f}s{'  *best*' if improved else ''}"
-        )
-        _write_metrics(out, cfg, history, best_epoch, best_val if improved else None, cache_seconds)
-        _save_resume(
-            out, model, optimizer, scaler, history, best, best_epoch, bad, epoch, gen, cuda
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
-    if bad >= cfg.patience:
-        log(f"early stopping: no {cfg.monitor} improvement for {cfg.patience} epochs")
-
-    # The best epoch's full evaluation, from the saved best weights.
-    from safetensors.torch import load_model
-
-    load_model(model, str(out / checkpoint.WEIGHTS))
-    final = evaluate(trained, val_loader, step_inputs, ds.labels)
-    final["epoch"] = best_epoch
-    _write_metrics(out, cfg, history, best_epoch, final, cache_seconds)
-    report = out / "report"
-    report.mkdir(exist_ok=True)
-    plot_curves(history, report / "curves.png", best_epoch)
-    plot_confusion(
-        final["confusion_matrix"],
-        ds.labels,
-        report / "confusion.png",
-        f"validation, epoch {best_epoch} (acc {final['val_accuracy']:.3f})",
-    )
-    return final
-
-
-def _write_metrics(out: Path, cfg, history, best_epoch, best_val, cache_seconds) -> None:
-    path = out / checkpoint.METRICS
-    previous = checkpoint.read_json(path).get("best") if path.is_file() else None
-    checkpoint.write_json(
-        path,
-        {
-            "monitor": cfg.monitor,
-            "epochs": history,
-            "best": {"epoch": best_epoch, **best_val} if best_val is not None else previous,
-            "feature_cache_seconds": cache_seconds,
-        },
-    )
-
-
-def _save_resume(out, model, optimizer, scaler, history, best, best_epoch, bad, epoch, gen, cuda):
-    from safetensors.torch import save_model
-
-    folder = out / checkpoint.RESUME
-    folder.mkdir(exist_ok=True)
-    save_model(model, str(folder / (LAST + ".tmp")))
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "history": history,
-        "best": best,
-        "best_epoch": best_epoch,
-        "bad": bad,
-        "epoch": epoch,
-        "torch_rng": torch.get_rng_state(),
-        "gen_rng": gen.get_state(),
-    }
-    if cuda:
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    torch.save(state, folder / (STATE + ".tmp"))
-    (folder / (LAST + ".tmp")).replace(folder / LAST)
-    (folder / (STATE + ".tmp")).replace(folder / STATE)

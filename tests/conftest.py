@@ -116,6 +116,7 @@ def image_cfg() -> TrainConfig:
     return TrainConfig(
         backbone="resnet18",
         weights="random",
+        strategy="feature-extraction",
         image_size=32,
         epochs=2,
         batch_size=8,
@@ -128,6 +129,7 @@ def image_cfg() -> TrainConfig:
 def text_cfg(tiny_bert) -> TrainConfig:
     return TrainConfig(
         backbone=str(tiny_bert),
+        strategy="feature-extraction",
         max_length=16,
         epochs=2,
         batch_size=8,
@@ -226,7 +228,7 @@ def calibrated(image_cfg, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("drift")
     data = make_images(tmp / "colors", per_class=100, seed=3)
     run = tmp / "run"
-    fine_tune(data, run, dataclasses.replace(image_cfg, epochs=2), log=quiet)
+    fine_tune(data, run, dataclasses.replace(image_cfg, epochs=2, test_fraction=0.2), log=quiet)
     return export_checkpoint(run, tmp / "art", name="colors", register=False, log=quiet)
 
 
@@ -340,7 +342,8 @@ def _span_run(kind: str, data: Path, bert: Path, tmp: Path, max_length: int):
         max_length=max_length,
         stride=4,
         holdout_size=1000,
-        val_fraction=0.4,
+        val_fraction=0.15,
+        test_fraction=0.4,  # the holdout calibrates drift: at least 50 examples
     )
     result = fine_tune(data, tmp / "run", cfg, log=quiet)
     art = export_checkpoint(

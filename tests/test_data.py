@@ -14,17 +14,27 @@ from finetune.errors import DataError
 from tests.conftest import make_images, make_texts
 
 PREP = ImagePrep(resize=36, crop=32, interpolation="bilinear")
-CFG = TrainConfig(val_fraction=0.25)
+CFG = TrainConfig(val_fraction=0.25, test_fraction=0.2)
 
 
-def test_image_class_folders_stratified_split(image_dir):
+def _keys(split) -> set:
+    if isinstance(split.inputs, np.ndarray):
+        return {x.tobytes() for x in split.inputs}
+    return set(split.inputs)
+
+
+def test_image_class_folders_three_stratified_splits(image_dir):
     ds = load_dataset(image_dir, CFG, PREP)
     assert ds.task == IMAGE_TASK and ds.labels == ["blue", "green", "red"]
     assert ds.train.inputs.shape == (len(ds.train), 32, 32, 3)
     assert ds.train.inputs.dtype == np.uint8
-    assert len(ds.train) + len(ds.val) == 30
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (16, 8, 6)  # 30 x (1 - .25 - .2)
     per_class = np.bincount(ds.val.labels)  # round(30 * 0.25) = 8, stratified over 3 classes
     assert per_class.sum() == 8 and set(per_class.tolist()) <= {2, 3}
+    assert np.bincount(ds.test.labels).tolist() == [2, 2, 2]
+    assert ds.summary["splits"] == {"train": "given", "val": "carved", "test": "carved"}
+    train, val, test = _keys(ds.train), _keys(ds.val), _keys(ds.test)
+    assert not (train & val or train & test or val & test)  # the holdout was never seen
     # The crop keeps the class colour: red images are mostly red.
     red = ds.train.inputs[ds.train.labels == ds.labels.index("red")].mean(axis=(0, 1, 2))
     assert red[0] > 150 and red[2] < 100
@@ -34,6 +44,7 @@ def test_split_is_fixed_by_the_seed(image_dir):
     a, b = load_dataset(image_dir, CFG, PREP), load_dataset(image_dir, CFG, PREP)
     c = load_dataset(image_dir, TrainConfig(val_fraction=0.25, seed=1), PREP)
     assert np.array_equal(a.val.inputs, b.val.inputs)
+    assert np.array_equal(a.test.inputs, b.test.inputs)
     assert not np.array_equal(a.val.inputs, c.val.inputs)
 
 
@@ -52,7 +63,27 @@ def test_pre_split_images_cleaning_counts(tmp_path):
     c = ds.summary["cleaning"]
     assert (c["duplicates"], c["leaked_from_train"], c["undecodable"]) == (1, 1, 1)
     assert c["undecodable_files"] == [str(root / "train" / "green" / "broken.jpg")]
-    assert ds.summary["pre_split"] and (len(ds.train), len(ds.val)) == (12, 6)
+    assert ds.summary["pre_split"] and (len(ds.train), len(ds.val)) == (9, 6)
+    assert len(ds.test) == 3  # carved from training: max(3 classes, round(12 x 0.2))
+    assert ds.summary["splits"] == {"train": "given", "val": "given", "test": "carved"}
+
+
+def test_pre_split_train_val_test_used_as_given_and_leaks_dropped(tmp_path):
+    root = tmp_path / "pets"
+    make_images(root / "train", per_class=4, seed=1)
+    make_images(root / "valid", per_class=2, seed=2)
+    make_images(root / "test", per_class=2, seed=3)
+    (root / "test" / "red" / "seen.png").write_bytes(
+        (root / "train" / "red" / "1_0.png").read_bytes()
+    )
+    (root / "test" / "red" / "picked.png").write_bytes(
+        (root / "valid" / "red" / "2_0.png").read_bytes()
+    )
+    ds = load_dataset(root, CFG, PREP)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 6, 6)
+    c = ds.summary["cleaning"]
+    assert (c["test_in_train"], c["test_in_val"]) == (1, 1)
+    assert ds.summary["splits"] == {"train": "given", "val": "given", "test": "given"}
 
 
 def _write(df: pd.DataFrame, path, fmt):
@@ -83,7 +114,7 @@ def test_text_table_formats(tmp_path, fmt, name):
     assert detect_task(tmp_path / name) == TEXT_TASK
     ds = load_dataset(tmp_path / name, CFG)
     assert ds.labels == ["ham", "spam"]
-    texts = list(ds.train.inputs) + list(ds.val.inputs)
+    texts = list(ds.train.inputs) + list(ds.val.inputs) + list(ds.test.inputs)
     assert 'he said "free" prize, "call"' in texts  # quotes kept verbatim
     assert len(texts) + ds.summary["cleaning"]["duplicates"] == len(rows)
 
@@ -132,7 +163,8 @@ def test_text_class_folders(tmp_path):
         (tmp_path / label / f"{i}.txt").write_text(text + "\n")
     ds = load_dataset(tmp_path, CFG)
     assert ds.task == TEXT_TASK and ds.labels == ["ham", "spam"]
-    assert len(ds.train) + len(ds.val) + ds.summary["cleaning"]["duplicates"] == 10
+    sizes = len(ds.train) + len(ds.val) + len(ds.test)
+    assert sizes + ds.summary["cleaning"]["duplicates"] == 10
 
 
 def test_bad_data_errors(tmp_path):
@@ -154,5 +186,5 @@ def test_bad_data_errors(tmp_path):
     pd.DataFrame([("a b", "x"), ("c d", "x"), ("e f", "y")], columns=["text", "label"]).to_csv(
         tmp_path / "small.csv", index=False
     )
-    with pytest.raises(DataError, match="'y'.* fewer than 2"):
+    with pytest.raises(DataError, match="'x', 'y'.* fewer than 3"):
         load_dataset(tmp_path / "small.csv", CFG)

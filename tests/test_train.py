@@ -33,18 +33,20 @@ def test_checkpoint_files_and_contents(image_run, image_dir):
     assert cfg["status"] == "complete" and cfg["task"] == "image-classification"
     assert cfg["labels"] == ["blue", "green", "red"]
     assert cfg["preprocessing"]["crop_size"] == 32 and cfg["preprocessing"]["mean"]
-    assert cfg["data"]["train_size"] + cfg["data"]["val_size"] == 30
+    sizes = cfg["data"]["train_size"] + cfg["data"]["val_size"] + cfg["data"]["test_size"]
+    assert sizes == 30
     assert cfg["versions"]["torch"] == torch.__version__
     best = ckpt.metrics["best"]
-    assert {"val_accuracy", "val_macro_f1", "epoch", "confusion_matrix", "per_class"} <= set(best)
+    assert {"val_accuracy", "val_macro_f1", "epoch", "test_accuracy", "test_macro_f1"} <= set(best)
+    assert {"test_confusion_matrix", "test_per_class", "val_confusion_matrix"} <= set(best)
     assert len(ckpt.metrics["epochs"]) == 3
     assert best["val_accuracy"] == result["val_accuracy"]
     assert ckpt.holdout_inputs.dtype == np.uint8 and ckpt.holdout_inputs.shape[1:] == (32, 32, 3)
 
 
-def test_checkpoint_round_trip_reproduces_validation_accuracy(image_run):
+def test_checkpoint_round_trip_reproduces_test_accuracy(image_run):
     """The model rebuilt from config.json + model.safetensors scores the holdout (all of
-    validation here) exactly as training measured it."""
+    the test split here) exactly as training measured it."""
     out, result = image_run
     ckpt = checkpoint.load_checkpoint(out)
     model = checkpoint.build_model(ckpt)
@@ -53,8 +55,8 @@ def test_checkpoint_round_trip_reproduces_validation_accuracy(image_run):
     x = (x - torch.tensor(pre["mean"]).view(1, 3, 1, 1)) / torch.tensor(pre["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         pred = model(x).argmax(1).numpy()
-    assert len(pred) == ckpt.config["data"]["val_size"]
-    assert (pred == ckpt.holdout_labels).mean() == pytest.approx(result["val_accuracy"])
+    assert len(pred) == ckpt.config["data"]["test_size"]
+    assert (pred == ckpt.holdout_labels).mean() == pytest.approx(result["test_accuracy"])
 
 
 def test_feature_extraction_keeps_backbone_frozen(image_dir, image_cfg, tmp_path):
@@ -103,7 +105,7 @@ def test_full_trains_the_backbone(image_dir, image_cfg, tmp_path):
 def test_gradual_unfreezes_from_the_top_one_group_per_epoch(image_dir, image_cfg, tmp_path):
     """resnet18 groups, bottom→top: stem, layer1..layer4. Epoch 0 trains the head only, epoch k
     also the top k groups; a group's weights first change in the epoch it is unfrozen."""
-    from finetune import train as train_mod
+    from finetune import loop as train_mod
 
     groups_by_name = ["conv1", "layer1", "layer2", "layer3", "layer4"]
     snapshots = []
@@ -146,7 +148,8 @@ def test_gradual_unfreezes_from_the_top_one_group_per_epoch(image_dir, image_cfg
 
 def test_text_run_keeps_tokenizer_and_strings(text_csv, text_cfg, tmp_path):
     out = tmp_path / "text"
-    result = fine_tune(text_csv, out, dataclasses.replace(text_cfg, strategy="full"), log=quiet)
+    cfg = dataclasses.replace(text_cfg, strategy="full", epochs=8)
+    result = fine_tune(text_csv, out, cfg, log=quiet)
     ckpt = checkpoint.load_checkpoint(out)
     assert ckpt.task == "text-classification" and ckpt.labels == ["ham", "spam"]
     assert ckpt.holdout_inputs.dtype.kind == "U"
@@ -158,8 +161,8 @@ def test_text_run_keeps_tokenizer_and_strings(text_csv, text_cfg, tmp_path):
     )
     with torch.no_grad():
         pred = model(**enc).argmax(1).numpy()
-    assert (pred == ckpt.holdout_labels).mean() == pytest.approx(result["val_accuracy"])
-    assert result["val_accuracy"] > 0.9  # the two vocabularies are disjoint: easy to learn
+    assert (pred == ckpt.holdout_labels).mean() == pytest.approx(result["test_accuracy"])
+    assert result["test_accuracy"] > 0.9  # the two vocabularies are disjoint: easy to learn
 
 
 def test_resume_continues_exactly_where_it_stopped(text_csv, text_cfg, tmp_path):

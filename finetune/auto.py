@@ -1,0 +1,129 @@
+"""`--strategy auto`: decide from the data how much of the backbone to retrain.
+
+How many layers to retrain depends on how large the data set is and how close it is to what
+the backbone was trained on. Rather than guess from sizes alone, auto measures, on the same
+train/validation split, for every task with a backbone:
+
+1. a linear probe: the frozen backbone and the head (cheap: features are cached where the
+   task allows, so up to `PROBE_EPOCHS_CACHED` epochs cost about one forward pass);
+2. a short full fine-tune started from the probe's head (LP-FT: Kumar et al. 2022), whose
+   first `TRIAL_EPOCHS` epochs are the trial.
+
+Full fine-tuning continues, on the schedule it started, when the trial beats the probe on
+the task's validation metric by more than the noise of that metric on this validation split
+(one standard error, at least `MIN_GAIN`: small validation sets need a larger gain) and its
+epochs fit in `budget_minutes` (the cost: epochs that would pass the budget are not run).
+Otherwise the probe's weights are kept. What was tried, the figures and the choice go to
+the log and to `metrics.json` (`auto`), and from there to the report.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+
+from finetune import checkpoint
+from finetune.loop import Outcome, Phase, Trainer
+
+PROBE_EPOCHS_CACHED = 30  # the head alone on cached features: milliseconds per epoch
+PROBE_EPOCHS_UNCACHED = 2  # a forward pass over the data per epoch (span tasks)
+TRIAL_EPOCHS = 1
+MIN_GAIN = 0.005  # the smallest validation gain worth a full fine-tune
+PROBE = "probe.safetensors"
+
+
+def margin(value: float, n_val: int, monitor: str) -> float:
+    """The gain needed over `value`: one standard error of a proportion on `n_val` items
+    (a loss: MIN_GAIN of it)."""
+    if monitor == "val_loss":
+        return MIN_GAIN * max(value, 1e-9)
+    p = min(max(value, 0.0), 1.0)
+    return max(MIN_GAIN, math.sqrt(max(p * (1 - p), 1.0 / n_val) / n_val))
+
+
+def choose(probe: float, trial: float, n_val: int, monitor: str) -> tuple[str, float, float]:
+    """(strategy, gain, margin): "full" when the trial beats the probe by more than noise."""
+    gain = (probe - trial) if monitor == "val_loss" else (trial - probe)
+    need = margin(probe, n_val, monitor)
+    return ("full" if gain > need else "feature-extraction"), gain, need
+
+
+def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome, str]:
+    """Probe, trial, decision, and the chosen training; returns (outcome, strategy)."""
+    t_start = time.perf_counter()
+    record = trainer.extra.setdefault("auto", {})
+    cached = trainer.recipe.cached("feature-extraction")
+    probe_phase = Phase(
+        "probe",
+        "feature-extraction",
+        PROBE_EPOCHS_CACHED if cached else PROBE_EPOCHS_UNCACHED,
+        max(cfg.patience, 5),
+    )
+    folder = trainer.out / checkpoint.RESUME
+    if state is None or state["phase"] == "probe":
+        t0 = time.perf_counter()
+        probe = trainer.run(probe_phase, state=state)
+        record["probe"] = {
+            "strategy": "feature-extraction",
+            "epochs": probe.epochs_run,
+            "best_epoch": probe.best_epoch,
+            cfg.monitor: probe.best,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        if trainer.dist.main:
+            folder.mkdir(exist_ok=True)
+            shutil.copyfile(trainer.out / checkpoint.WEIGHTS, folder / PROBE)
+        trainer.dist.barrier()
+        state = None
+    probe = Outcome(best=record["probe"][cfg.monitor], best_epoch=record["probe"]["best_epoch"])
+    _load(trainer, folder / PROBE)  # the fine-tune starts from the probe's head (LP-FT)
+    budget = cfg.budget_minutes * 60
+
+    def decide(epoch: int, best_val: dict) -> bool:
+        if "chosen" not in record:
+            if epoch + 1 < TRIAL_EPOCHS:
+                return True
+            strategy, gain, need = choose(probe.best, best_val[cfg.monitor], n_val, cfg.monitor)
+            per_epoch = trainer.history[-1]["seconds"]
+            record.update(
+                trial={
+                    "strategy": "full",
+                    "epochs": epoch + 1,
+                    cfg.monitor: best_val[cfg.monitor],
+                    "seconds_per_epoch": round(per_epoch, 1),
+                },
+                gain=gain,
+                margin=need,
+                validation_size=n_val,
+                predicted_full_seconds=round(per_epoch * cfg.epochs, 1),
+                budget_seconds=budget,
+                chosen=strategy,
+            )
+            trainer.log(
+                f"auto: probe {cfg.monitor} {probe.best:.4f}, full after {epoch + 1} epoch(s) "
+                f"{best_val[cfg.monitor]:.4f} (gain {gain:+.4f}, noise margin {need:.4f} on "
+                f"{n_val} validation items; ~{per_epoch:.0f}s per full epoch): {strategy}"
+            )
+            if strategy != "full":
+                return False
+        elapsed = time.perf_counter() - t_start
+        if elapsed + trainer.history[-1]["seconds"] > budget:
+            record["stopped_by_budget"] = True
+            trainer.log(f"auto: the next epoch would pass the {cfg.budget_minutes:g}-minute budget")
+            return False
+        return True
+
+    full = trainer.run(Phase("fine-tune", "full", cfg.epochs, cfg.patience), decide, state)
+    if record.get("chosen") == "full":
+        return full, "full"
+    _load(trainer, folder / PROBE)
+    if trainer.dist.main:
+        checkpoint.save_weights(trainer.out, trainer.recipe.model)
+    return probe, "feature-extraction"
+
+
+def _load(trainer: Trainer, path) -> None:
+    from safetensors.torch import load_model
+
+    load_model(trainer.recipe.model, str(path))

@@ -1,0 +1,196 @@
+"""Training quality: `--strategy auto` decides by measurement, the schedule is what the
+config says, the holdout is a split selection never saw, and a 2-process gloo run writes the
+same files as a single process."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from finetune import checkpoint, optim
+from finetune.config import TrainConfig
+from finetune.data import load_dataset
+from finetune.train import fine_tune
+from tests.conftest import WORDS, make_texts, quiet, run_module, save_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quality") / "msgs.csv"
+    pd.DataFrame(make_texts(40, seed=5), columns=["text", "label"]).to_csv(path, index=False)
+    return path
+
+
+def _words() -> list[str]:
+    return sorted({w for ws in WORDS.values() for w in ws} | {"the"})
+
+
+@pytest.fixture(scope="module")
+def blind_bert(tmp_path_factory):
+    """A tiny BERT whose frozen features carry nothing: its last LayerNorm has weight and
+    bias 0, so every text pools to the zero vector. Fine-tuning that LayerNorm recovers the
+    signal the layers below still compute."""
+    from transformers import BertModel
+
+    folder = save_tiny_bert(tmp_path_factory.mktemp("blind"), _words(), max_positions=64)
+    model = BertModel.from_pretrained(folder)
+    norm = model.encoder.layer[-1].output.LayerNorm
+    torch.nn.init.zeros_(norm.weight)
+    torch.nn.init.zeros_(norm.bias)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _cfg(backbone, **kw) -> TrainConfig:
+    base = {
+        "backbone": str(backbone),
+        "max_length": 16,
+        "epochs": 4,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "backbone_lr": 1e-2,
+        "holdout_size": 1000,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def _auto(out) -> dict:
+    return checkpoint.read_json(out / "metrics.json")["auto"]
+
+
+def test_auto_fine_tunes_when_frozen_features_are_useless(texts, blind_bert, tmp_path):
+    lines = []
+    result = fine_tune(texts, tmp_path / "blind", _cfg(blind_bert), log=lines.append)
+    auto = _auto(tmp_path / "blind")
+    assert auto["probe"]["val_macro_f1"] < 0.5  # a constant prediction: one class's F1 only
+    assert auto["chosen"] == "full" and auto["gain"] > auto["margin"]
+    assert result["strategy"] == "full" and result["test_accuracy"] > 0.8
+    assert any(line.startswith("auto: probe val_macro_f1") for line in lines)
+    saved = checkpoint.read_json(tmp_path / "blind" / "config.json")
+    assert saved["result"]["strategy"] == "full"
+
+
+def test_auto_keeps_the_probe_where_it_suffices(image_dir, image_cfg, tmp_path):
+    cfg = dataclasses.replace(image_cfg, strategy="auto", epochs=3)
+    result = fine_tune(image_dir, tmp_path / "easy", cfg, log=quiet)
+    auto = _auto(tmp_path / "easy")
+    assert auto["probe"]["val_macro_f1"] == 1.0  # solid colours: even random features do
+    assert auto["chosen"] == "feature-extraction" and auto["gain"] <= auto["margin"]
+    assert result["strategy"] == "feature-extraction"
+    epochs = checkpoint.read_json(tmp_path / "easy" / "metrics.json")["epochs"]
+    assert [e["phase"] for e in epochs][-1] == "fine-tune"  # the trial ran, then stopped
+    assert result["epoch"] <= auto["probe"]["epochs"]  # the kept weights are the probe's
+    assert all(e["strategy"] == "feature-extraction" for e in epochs[: result["epoch"]])
+
+
+def test_noise_margin_needs_a_larger_gain_on_a_small_validation_set():
+    from finetune.auto import choose
+
+    assert choose(0.90, 0.93, 50, "val_accuracy")[0] == "feature-extraction"  # se 0.042
+    assert choose(0.90, 0.93, 5000, "val_accuracy")[0] == "full"  # se 0.004
+    assert choose(0.50, 0.40, 5000, "val_loss")[0] == "full"  # a loss: lower is better
+
+
+def test_schedule_is_what_the_config_says(text_csv, tiny_bert, tmp_path):
+    """Warm-up then cosine decay, per optimizer step, read back from the optimizer; layer-wise
+    rates below the head; two batches per step with gradient accumulation."""
+    cfg = _cfg(
+        tiny_bert,
+        strategy="full",
+        epochs=3,
+        patience=10,
+        schedule="cosine",
+        warmup=0.25,
+        grad_accum=2,
+        lr=1e-3,
+        backbone_lr=1e-4,
+        layer_decay=0.5,
+    )
+    steps: list[dict] = []
+    fine_tune(text_csv, tmp_path / "s", cfg, log=quiet, on_step=lambda s, r: steps.append(r))
+    n_train = checkpoint.read_json(tmp_path / "s" / "config.json")["data"]["train_size"]
+    per_epoch = math.ceil(math.ceil(n_train / 8) / 2)
+    total = per_epoch * 3
+    assert len(steps) == total
+    warm = round(0.25 * total)
+    for k, rates in enumerate(steps):
+        factor = (
+            k / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
+        )
+        assert rates["head/decay"] == pytest.approx(1e-3 * factor, abs=1e-12), k
+        top = max(int(n.split(".")[1].split("/")[0]) for n in rates if n.startswith("backbone"))
+        for i in range(top + 1):
+            expected = 1e-4 * 0.5 ** (top - i) * factor
+            assert rates[f"backbone.{i}/decay"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    head = torch.nn.Linear(4, 2)
+    groups = optim.param_groups(
+        list(head.parameters()), [list(block.parameters())], 1, 0.1, 1, 0.05
+    )
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(head.weight), id(block[0].weight)}
+
+
+def test_holdout_is_the_test_split_and_never_seen(text_csv, text_cfg, tmp_path):
+    out = tmp_path / "h"
+    cfg = dataclasses.replace(text_cfg, epochs=1)
+    fine_tune(text_csv, out, cfg, log=quiet)
+    ckpt = checkpoint.load_checkpoint(out)
+    ds = load_dataset(text_csv, TrainConfig.from_dict(ckpt.config["training"]))
+    held = set(ckpt.holdout_inputs.tolist())
+    assert held and held <= set(ds.test.inputs)
+    assert not held & (set(ds.train.inputs) | set(ds.val.inputs))
+    assert {"test_accuracy", "val_accuracy"} <= set(ckpt.metrics["best"])
+
+
+def _shape(metrics: dict) -> tuple:
+    return (
+        sorted(metrics),
+        sorted(metrics["best"]),
+        [sorted(e) for e in metrics["epochs"]],
+        [e["phase"] for e in metrics["epochs"]],
+    )
+
+
+def test_two_process_gloo_run_writes_the_same_files(text_csv, tiny_bert, tmp_path):
+    """`torchrun --nproc-per-node 2 -m finetune` on the CPU (DistributedDataParallel, gloo)."""
+    args = [
+        str(text_csv),
+        "--backbone",
+        str(tiny_bert),
+        "--strategy",
+        "full",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+    ]
+    single = run_module("finetune", *args, "--out", str(tmp_path / "one"), timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = run_module(
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "finetune",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+        timeout=300,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = (checkpoint.load_checkpoint(tmp_path / n) for n in ("one", "two"))
+    assert _shape(one.metrics) == _shape(two.metrics)
+    assert two.config["processes"] == 2 and one.config["processes"] == 1
+    assert np.array_equal(one.holdout_inputs, two.holdout_inputs)  # the same splits
