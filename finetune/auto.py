@@ -6,15 +6,18 @@ train/validation split, for every task with a backbone:
 
 1. a linear probe: the frozen backbone and the head (cheap: features are cached where the
    task allows, so up to `PROBE_EPOCHS_CACHED` epochs cost about one forward pass);
-2. a short full fine-tune started from the probe's head (LP-FT: Kumar et al. 2022), whose
-   first `TRIAL_EPOCHS` epochs are the trial.
+2. a short full fine-tune started from the probe's head (LP-FT: Kumar et al. 2022; the
+   BatchNorm statistics stay frozen, so it starts exactly where the probe ended), whose
+   first epochs are the trial.
 
-Full fine-tuning continues, on the schedule it started, when the trial beats the probe on
-the task's validation metric by more than the noise of that metric on this validation split
-(one standard error, at least `MIN_GAIN`: small validation sets need a larger gain) and its
-epochs fit in `budget_minutes` (the cost: epochs that would pass the budget are not run).
-Otherwise the probe's weights are kept. What was tried, the figures and the choice go to
-the log and to `metrics.json` (`auto`), and from there to the report.
+After each trial epoch the best fine-tuned figure is compared with the probe's on the task's
+validation metric, against the noise of that metric on this validation split (one standard
+error, at least `MIN_GAIN`: small validation sets need a larger gain). Clearly better: full
+fine-tuning continues on the schedule it started, while its epochs fit in `budget_minutes`
+(the cost: epochs that would pass the budget are not run). Clearly worse: the probe's
+weights are kept. Within the noise: one more trial epoch, up to `TRIAL_MAX_EPOCHS`; still
+undecided, the probe is kept (as good as measured, and cheaper to train). What was tried,
+the figures and the choice go to the log and to `metrics.json` (`auto`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from finetune.loop import Outcome, Phase, Trainer
 
 PROBE_EPOCHS_CACHED = 30  # the head alone on cached features: milliseconds per epoch
 PROBE_EPOCHS_UNCACHED = 2  # a forward pass over the data per epoch (span tasks)
-TRIAL_EPOCHS = 1
+TRIAL_MAX_EPOCHS = 3  # trial epochs while the difference stays within the noise
 MIN_GAIN = 0.005  # the smallest validation gain worth a full fine-tune
 PROBE = "probe.safetensors"
 
@@ -43,10 +46,12 @@ def margin(value: float, n_val: int, monitor: str) -> float:
 
 
 def choose(probe: float, trial: float, n_val: int, monitor: str) -> tuple[str, float, float]:
-    """(strategy, gain, margin): "full" when the trial beats the probe by more than noise."""
+    """(verdict, gain, margin): "full" when the trial beats the probe by more than the noise,
+    "feature-extraction" when it is worse by more, "undecided" in between."""
     gain = (probe - trial) if monitor == "val_loss" else (trial - probe)
     need = margin(probe, n_val, monitor)
-    return ("full" if gain > need else "feature-extraction"), gain, need
+    verdict = "full" if gain > need else "feature-extraction" if gain < -need else "undecided"
+    return verdict, gain, need
 
 
 def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome, str]:
@@ -82,10 +87,17 @@ def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome,
 
     def decide(epoch: int, best_val: dict) -> bool:
         if "chosen" not in record:
-            if epoch + 1 < TRIAL_EPOCHS:
-                return True
-            strategy, gain, need = choose(probe.best, best_val[cfg.monitor], n_val, cfg.monitor)
+            verdict, gain, need = choose(probe.best, best_val[cfg.monitor], n_val, cfg.monitor)
+            if verdict == "undecided" and epoch + 1 >= TRIAL_MAX_EPOCHS:
+                verdict = "feature-extraction"
             per_epoch = trainer.history[-1]["seconds"]
+            trainer.log(
+                f"auto: probe {cfg.monitor} {probe.best:.4f}, full after {epoch + 1} epoch(s) "
+                f"{best_val[cfg.monitor]:.4f} (gain {gain:+.4f}, noise margin {need:.4f} on "
+                f"{n_val} validation items; ~{per_epoch:.0f}s per full epoch): {verdict}"
+            )
+            if verdict == "undecided":
+                return True
             record.update(
                 trial={
                     "strategy": "full",
@@ -98,14 +110,9 @@ def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome,
                 validation_size=n_val,
                 predicted_full_seconds=round(per_epoch * cfg.epochs, 1),
                 budget_seconds=budget,
-                chosen=strategy,
+                chosen=verdict,
             )
-            trainer.log(
-                f"auto: probe {cfg.monitor} {probe.best:.4f}, full after {epoch + 1} epoch(s) "
-                f"{best_val[cfg.monitor]:.4f} (gain {gain:+.4f}, noise margin {need:.4f} on "
-                f"{n_val} validation items; ~{per_epoch:.0f}s per full epoch): {strategy}"
-            )
-            if strategy != "full":
+            if verdict != "full":
                 return False
         elapsed = time.perf_counter() - t_start
         if elapsed + trainer.history[-1]["seconds"] > budget:
@@ -115,7 +122,8 @@ def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome,
         return True
 
     full = trainer.run(Phase("fine-tune", "full", cfg.epochs, cfg.patience), decide, state)
-    if record.get("chosen") == "full":
+    record.setdefault("chosen", "feature-extraction")  # the phase ended while undecided
+    if record["chosen"] == "full":
         return full, "full"
     _load(trainer, folder / PROBE)
     if trainer.dist.main:

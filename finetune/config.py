@@ -44,7 +44,8 @@ class TrainConfig:
     test_fraction: float = 0.15  # share of all data carved for the test split when not given
     seed: int = 0  # python, numpy and torch seeds, and the split
     image_size: int | None = None  # crop size in pixels; None = the backbone's own (224 mostly)
-    max_length: int = 128  # tokens per text (per window for entities and answers)
+    max_length: int = 128  # tokens per window (texts longer than this are read in windows)
+    max_windows: int = 8  # text classification: windows read per text, their logits averaged
     stride: int = 0  # entities, answers: tokens shared by consecutive windows; 0 = max_length/4
     max_answer_length: int = 30  # question answering: the longest answer, in tokens
     augment: bool = False  # images: random resized crop + flip (disables the feature cache)
@@ -123,6 +124,8 @@ class TrainConfig:
             out.append(f"patience must be >= 1, got {self.patience}")
         if self.image_size is not None and self.image_size < 16:
             out.append(f"image_size must be >= 16 pixels, got {self.image_size}")
+        if self.max_windows < 1:
+            out.append(f"max_windows must be >= 1, got {self.max_windows}")
         if self.max_length < 8:
             out.append(f"max_length must be >= 8 tokens, got {self.max_length}")
         if self.data_format not in ("auto", "csv", "tsv", "jsonl", "parquet"):

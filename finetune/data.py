@@ -148,6 +148,26 @@ def _locate(path: Path) -> tuple[str, str, dict[str, Path]]:
     )
 
 
+def median_image_side(path: str | Path, sample: int = 200) -> int | None:
+    """The median shorter side of up to `sample` training images, read from their headers
+    (no decoding); None when the data is not image folders or nothing opens."""
+    from PIL import Image
+
+    layout, task, sources = _locate(Path(path))
+    if task != IMAGE_TASK:
+        return None
+    files = sorted(f for f in sources["train"].rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+    step = max(1, len(files) // sample)
+    sides = []
+    for f in files[::step][:sample]:
+        try:
+            with Image.open(f) as im:
+                sides.append(min(im.size))
+        except Exception:  # counted later by the cleaning; a size sniff skips it
+            continue
+    return int(np.median(sides)) if sides else None
+
+
 def _class_folder_task(root: Path) -> str:
     exts = Counter(
         f.suffix.lower() for d in _children(root) if d.is_dir() for f in d.iterdir() if f.is_file()

@@ -8,6 +8,7 @@ from torch import nn
 
 from finetune.data import IMAGE_TASK
 from tasks.common import encoding_columns, text_tokenizer
+from tasks.text_windows import window_feeds
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -63,10 +64,16 @@ class Inputs:
         configured as export and the service configure it (tasks.common.text_tokenizer)."""
         self.task, self.device, self.max_length = task, device, max_length
         self.tokenizer = tokenizer
+        self.contract = None
         if tokenizer is not None:
             pre = {"max_length": max_length, **(pre or {})}
             self.fast = text_tokenizer(tokenizer.backend_tokenizer.to_str(), pre)
             self.names = list(tokenizer.model_input_names)
+            if int(pre.get("windows", 1)) > 1:  # long texts: the serving contract's windows
+                import tasks
+
+                spec = {"task": task, "labels": [], "preprocessing": pre}
+                self.contract = tasks.create(spec, self.fast)
         if task == IMAGE_TASK:
             self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
             self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -75,15 +82,32 @@ class Inputs:
         if self.task == IMAGE_TASK:
             return torch.utils.data.default_collate(batch)
         texts, labels = zip(*batch, strict=True)
+        y = torch.tensor(labels, dtype=torch.long)
+        if self.contract is not None:
+            per_text, _ = self.contract.text_windows([str(t) for t in texts])
+            feeds = window_feeds([w for ws in per_text for w in ws], self.names, self.pad_id)
+            doc = [i for i, ws in enumerate(per_text) for _ in ws]
+            return {**{k: torch.from_numpy(v) for k, v in feeds.items()}, "doc": doc}, y
         feeds = encoding_columns(self.fast.encode_batch([str(t) for t in texts]), self.names)
-        return (
-            {k: torch.from_numpy(v) for k, v in feeds.items()},
-            torch.tensor(labels, dtype=torch.long),
-        )
+        return {k: torch.from_numpy(v) for k, v in feeds.items()}, y
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.fast.padding["pad_id"])
 
     def __call__(self, model: nn.Module, x):
         if isinstance(x, dict):
-            return model(**{k: v.to(self.device, non_blocking=True) for k, v in x.items()})
+            feeds = {k: v.to(self.device, non_blocking=True) for k, v in x.items() if k != "doc"}
+            out = model(**feeds)
+            if "doc" not in x:
+                return out
+            # One row per window → one per text: the mean over its windows (of the pooled
+            # features, or of the logits: the head is linear, so the two agree).
+            doc = torch.tensor(x["doc"], device=out.device)
+            n = int(doc.max()) + 1
+            total = torch.zeros(n, out.shape[1], dtype=out.dtype, device=out.device)
+            total.index_add_(0, doc, out)
+            return total / torch.bincount(doc, minlength=n).unsqueeze(1).to(out.dtype)
         x = x.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
             x = (x.float() / 255.0 - self.mean) / self.std

@@ -112,11 +112,16 @@ def set_trainable(model, groups: list[list[nn.Parameter]], strategy: str, epoch:
     model.train()
     if n == 0:
         model.backbone.eval()  # frozen: BatchNorm statistics and dropout fixed, as in the cache
-    else:
-        for module in model.backbone.modules():
-            params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
+        return n
+    for module in model.backbone.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # Trained BatchNorm keeps its pre-trained statistics (its scale and shift still
+            # learn): batches of 32 estimate them poorly, and when fine-tuning starts from a
+            # probe the features the head learned stay the same (Detectron2's FrozenBN).
+            module.eval()
     return n
 
 

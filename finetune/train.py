@@ -26,7 +26,14 @@ import torch
 import tasks
 from finetune import auto, backbones, checkpoint
 from finetune.config import AUTO_BACKBONES, TrainConfig
-from finetune.data import IMAGE_TASK, Dataset, describe, detect_task, load_dataset
+from finetune.data import (
+    IMAGE_TASK,
+    Dataset,
+    describe,
+    detect_task,
+    load_dataset,
+    median_image_side,
+)
 from finetune.errors import CheckpointError, DataError, FinetuneError, OutputExists
 from finetune.heads import HEADS
 from finetune.inputs import Inputs
@@ -87,15 +94,19 @@ def _versions() -> dict:
     }
 
 
-def span_preprocessing(cfg: TrainConfig, tokenizer, task: str) -> dict:
-    """Windows of the span tasks: the overlap, and the padding token (decoders have none:
-    their end-of-text token pads)."""
+def window_preprocessing(cfg: TrainConfig, tokenizer, task: str) -> dict:
+    """Windows of long texts: the overlap, how many a classified text may use, and the
+    padding token (decoders have none: their end-of-text token pads)."""
     out = {}
     if tokenizer.pad_token_id is not None:
         out["pad_id"] = int(tokenizer.pad_token_id)
         out["pad_token"] = str(tokenizer.pad_token)
-    if task in HEADS:
+    classify = task not in HEADS and cfg.max_windows > 1
+    if task in HEADS or classify:
         out["stride"] = cfg.stride if cfg.stride else cfg.max_length // 4
+    if classify:
+        out["windows"] = cfg.max_windows
+        out["combine"] = "mean"  # of the windows' logits and embeddings
     return out
 
 
@@ -158,6 +169,8 @@ def fine_tune(
     head_cls = HEADS.get(task, backbones.Classifier)
     prep = mean = std = None
     if task == IMAGE_TASK:
+        if cfg.image_size is None:
+            cfg = dataclasses.replace(cfg, image_size=_image_size(data, spec, log))
         prep, mean, std = backbones.image_prep(spec, cfg.image_size)
     ds = load_dataset(data, cfg, prep)
     log(describe(ds.summary))
@@ -240,6 +253,24 @@ def fine_tune(
     return final
 
 
+SMALLEST_INPUT = 96  # pixels: 3x3 cells after the 32x downsampling of the CNN backbones
+
+
+def _image_size(data, spec, log) -> int | None:
+    """The backbone's own input size, or a smaller one when the images are much smaller
+    (8x8 digits gain nothing from 224 pixels but cost 5x the compute): the median shorter
+    side rounded up to a multiple of 32, at least SMALLEST_INPUT."""
+    own = backbones.image_prep(spec, None)[0].crop
+    side = median_image_side(data)
+    if side is None or side >= own:
+        return None
+    size = max(SMALLEST_INPUT, -(-side // 32) * 32)
+    if size >= own:
+        return None
+    log(f"images are small (median side {side} px): input size {size} instead of {own}")
+    return size
+
+
 def _silent(*_args) -> None:
     """The log of processes other than the first under torchrun."""
 
@@ -313,7 +344,7 @@ def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokeni
                 "tokenizer": checkpoint.TOKENIZER,
                 "pooling": encoder.pooling,
                 "input_names": list(tokenizer.model_input_names),
-                **span_preprocessing(cfg, tokenizer, task),
+                **window_preprocessing(cfg, tokenizer, task),
             }
         ),
         "postprocessing": postprocessing(cfg, ds),

@@ -177,6 +177,17 @@ class TextClassification(Classification):
     def __init__(self, spec, tokenizer=None, limits=None):
         super().__init__(spec, tokenizer, limits)
         self.unk_id = unknown_id(tokenizer) if tokenizer is not None else None
+        # Long documents: up to `windows` windows of max_length tokens (overlapping by
+        # `stride`), whose logits and embeddings are averaged (= the linear head on the mean
+        # pooled embedding). 1 (and cards without the field): cut at max_length.
+        self.max_windows = int(self.pre.get("windows", 1))
+        self.windowed = None
+        if tokenizer is not None and self.max_windows > 1:
+            from tokenizers import Tokenizer
+
+            from tasks.text_windows import window_tokenizer
+
+            self.windowed = window_tokenizer(Tokenizer.from_str(tokenizer.to_str()), self.pre)
 
     def decode(self, value) -> Prepared:
         return Prepared(check_text(value, self.limits.max_text_chars))
@@ -215,6 +226,8 @@ class TextClassification(Classification):
         return [None] + sorted({min(8, max_len), min(32, max_len), max_len})
 
     def run(self, session_run, items, stats=None):
+        if self.windowed is not None:
+            return self.run_windows(session_run, items, stats)
         feeds = self.feeds(items, stats)
         # Texts of very different lengths padded together waste most of the compute (SMS:
         # 5 to 100+ tokens). Sorted by length, they run in chunks padded to their own longest.
@@ -228,6 +241,38 @@ class TextClassification(Classification):
                 embedding = np.empty((len(items), emb.shape[1]), emb.dtype)
             logits[idx], embedding[idx] = lo, emb
         return logits, embedding
+
+    def text_windows(self, texts: Sequence[str]) -> tuple[list[list], int]:
+        """Each text's first `max_windows` windows (`tokenizers` encodings, unpadded), and
+        how many texts had more."""
+        from tasks.text_windows import windows
+
+        every = [windows(e) for e in self.windowed.encode_batch(list(texts))]
+        cut = sum(1 for ws in every if len(ws) > self.max_windows)
+        return [ws[: self.max_windows] for ws in every], cut
+
+    def run_windows(self, session_run, items, stats=None):
+        from tasks.text_windows import run_windows
+
+        per_text, cut = self.text_windows([i.value for i in items])
+        flat = [w for ws in per_text for w in ws]
+        pad_id = int(self.tokenizer.padding["pad_id"])
+        outs = run_windows(session_run, flat, self.names(), pad_id)
+        logits, embedding, start = [], [], 0
+        for ws in per_text:
+            rows = outs[start : start + len(ws)]
+            start += len(ws)
+            logits.append(np.mean([r[0] for r in rows], axis=0))
+            embedding.append(np.mean([r[1] for r in rows], axis=0))
+        if stats is not None:
+            lengths = [sum(sum(w.attention_mask) for w in ws) for ws in per_text]
+            stats["tokens"] = lengths
+            stats["truncated"] = cut
+            stats["unknown_ratio"] = [
+                sum(w.ids.count(self.unk_id) for w in ws) / max(1, n)
+                for ws, n in zip(per_text, lengths, strict=True)
+            ]
+        return np.stack(logits), np.stack(embedding)
 
     def drift_input(self, stats: dict) -> list:
         return stats["tokens"]

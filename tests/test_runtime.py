@@ -211,12 +211,14 @@ def test_input_statistics_of_a_batch(image_artifact_dir, text_artifact_dir):
     rt = Runtime(text_artifact_dir, precision="fp32")
     max_len = int(rt.pre["max_length"])
     known = next(iter(WORDS.values()))[0]  # in the tiny vocabulary
-    texts = [known, "zzqqxx " * 3 + known, " ".join([known] * (max_len * 2))]
+    windows = int(rt.pre["windows"])  # long texts are read in windows of max_len tokens
+    texts = [known, "zzqqxx " * 3 + known, " ".join([known] * (max_len * windows * 2))]
     stats = {}
     rt.run([rt.prepare(t) for t in texts], stats)
-    expected = [len(rt.tokenizer.encode(t).ids) for t in texts]
-    assert stats["tokens"] == [min(n, max_len) for n in expected]
-    assert stats["truncated"] == 1
+    expected = [len(rt.tokenizer.encode(t).ids) for t in texts[:2]]
+    assert stats["tokens"][:2] == expected  # short texts: one window
+    assert stats["tokens"][2] == windows * max_len  # every token read, overlaps included
+    assert stats["truncated"] == 1  # more than `windows` windows: the rest is not read
     assert stats["unknown_ratio"][0] == 0.0 and stats["unknown_ratio"][1] > 0
 
 
