@@ -31,9 +31,16 @@ def plot_curves(
         label = key.replace("_", " ").replace("val ", "val ").replace("macro f1", "macro-F1")
         ax_score.plot(epochs, [h[key] for h in history], "o-", label=label)
     ax_score.set(title="Validation", xlabel="epoch", ylim=(0, 1.02))
+    starts = [
+        h["epoch"] - 0.5
+        for prev, h in zip(history, history[1:], strict=False)
+        if h.get("phase") != prev.get("phase")
+    ]
     for ax in (ax_loss, ax_score):
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label="best")
+        for x in starts:  # `auto`: the probe's epochs, then the fine-tune's
+            ax.axvline(x, color="tab:red", ls=":", lw=1, label="fine-tune starts")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -237,7 +237,7 @@ def fine_tune(
     if dist.main:
         trainer.extra["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         trainer.write_metrics(outcome, final)
-        _report(out, trainer.history, final, ds, recipe)
+        _report(out, trainer.history, final, ds, recipe, trainer.extra.get("auto", {}))
         config.update(
             status="complete",
             result={
@@ -285,9 +285,10 @@ def _save_holdout(out: Path, ds: Dataset, cfg: TrainConfig) -> None:
     checkpoint.save_holdout(out, held, ds.test.labels[idx], targets)
 
 
-def _report(out: Path, history: list[dict], final: dict, ds: Dataset, recipe) -> None:
-    """curves.png (the validation split, per epoch) and, for classification, the test
-    split's confusion matrix (a split no selection saw)."""
+def _report(out: Path, history: list[dict], final: dict, ds: Dataset, recipe, auto: dict) -> None:
+    """curves.png (the validation split, per epoch), for classification the test split's
+    confusion matrix (a split no selection saw), and summary.md: the splits, what `auto`
+    tried and chose, and the figures, each named by its split."""
     report = out / "report"
     report.mkdir(exist_ok=True)
     scores = () if isinstance(recipe, ClassifierRecipe) else (f"val_{recipe.contract.metric}",)
@@ -299,6 +300,39 @@ def _report(out: Path, history: list[dict], final: dict, ds: Dataset, recipe) ->
             report / "confusion.png",
             f"test split, best epoch {final['epoch']} (acc {final['test_accuracy']:.3f})",
         )
+    splits = ds.summary.get("splits", {})
+    lines = [
+        f"# {out.name}: {ds.task}",
+        "",
+        "| split | examples | source | used for |",
+        "|---|---:|---|---|",
+        f"| train | {len(ds.train)} | {splits.get('train', 'given')} | the weights |",
+        f"| validation | {len(ds.val)} | {splits.get('val', '?')} "
+        "| best epoch, early stopping, the `auto` decision |",
+        f"| test | {len(ds.test)} | {splits.get('test', '?')} "
+        "| scored once at the end; export's holdout (gates, parity, drift) |",
+        "",
+    ]
+    if auto:
+        probe, trial = auto.get("probe", {}), auto.get("trial", {})
+        metric = next((k for k in probe if k.startswith("val_")), "")
+        lines += [
+            f"Strategy `auto` chose **{auto.get('chosen')}**: linear probe {metric} "
+            f"{probe.get(metric, float('nan')):.4f} ({probe.get('epochs')} epochs, "
+            f"{probe.get('seconds')} s); full fine-tune after {trial.get('epochs')} trial "
+            f"epoch(s) {trial.get(metric, float('nan')):.4f} ({trial.get('seconds_per_epoch')} s "
+            f"per epoch); gain {auto.get('gain', 0):+.4f} against a noise margin of "
+            f"{auto.get('margin', 0):.4f} on {auto.get('validation_size')} validation examples.",
+            "",
+        ]
+    lines += ["| figure | validation | test |", "|---|---:|---:|"]
+    for key, value in final.items():
+        if key.startswith("val_") and isinstance(value, float):
+            name = key[4:]
+            lines.append(
+                f"| {name} | {value:.4f} | {final.get('test_' + name, float('nan')):.4f} |"
+            )
+    (report / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokenizer) -> dict:

@@ -73,6 +73,8 @@ def test_auto_fine_tunes_when_frozen_features_are_useless(texts, blind_bert, tmp
     assert any(line.startswith("auto: probe val_macro_f1") for line in lines)
     saved = checkpoint.read_json(tmp_path / "blind" / "config.json")
     assert saved["result"]["strategy"] == "full"
+    summary = (tmp_path / "blind" / "report" / "summary.md").read_text()
+    assert "`auto` chose **full**" in summary and "| test |" in summary
 
 
 def test_auto_keeps_the_probe_where_it_suffices(image_dir, image_cfg, tmp_path):
