@@ -12,10 +12,11 @@ train/validation split, for every task with a backbone:
 
 After each trial epoch the best fine-tuned figure is compared with the probe's on the task's
 validation metric, against the noise of that metric on this validation split (one standard
-error, at least `MIN_GAIN`: small validation sets need a larger gain). Clearly better: full
-fine-tuning continues on the schedule it started, while its epochs fit in `budget_minutes`
-(the cost: epochs that would pass the budget are not run). Clearly worse: the probe's
-weights are kept. Within the noise: one more trial epoch, up to `TRIAL_MAX_EPOCHS`; still
+error of the difference, at least `MIN_GAIN`: paired, from the validation items the two
+models disagree on, where the task scores items one by one; small validation sets need a
+larger gain). Clearly better: full fine-tuning continues on the schedule it started, while
+its epochs fit in `budget_minutes` (the cost: epochs that would pass the budget are not
+run). Clearly worse: the probe's weights are kept. Within the noise: one more trial epoch, up to `TRIAL_MAX_EPOCHS`; still
 undecided, the probe is kept (as good as measured, and cheaper to train). What was tried,
 the figures and the choice go to the log and to `metrics.json` (`auto`).
 """
@@ -36,20 +37,32 @@ MIN_GAIN = 0.005  # the smallest validation gain worth a full fine-tune
 PROBE = "probe.safetensors"
 
 
-def margin(value: float, n_val: int, monitor: str) -> float:
-    """The gain needed over `value`: one standard error of a proportion on `n_val` items
-    (a loss: MIN_GAIN of it)."""
+def margin(value: float, n_val: int, monitor: str, discordant: int | None = None) -> float:
+    """The gain needed over `value`, one standard error of the difference: paired where the
+    items the two models disagree on are known (`discordant`, McNemar's b + c: sqrt(b + c)
+    / n), else that of a proportion on `n_val` items; a loss: MIN_GAIN of it."""
     if monitor == "val_loss":
         return MIN_GAIN * max(value, 1e-9)
+    if discordant is not None:
+        return max(MIN_GAIN, math.sqrt(discordant) / n_val)
     p = min(max(value, 0.0), 1.0)
     return max(MIN_GAIN, math.sqrt(max(p * (1 - p), 1.0 / n_val) / n_val))
 
 
-def choose(probe: float, trial: float, n_val: int, monitor: str) -> tuple[str, float, float]:
+def discordant(a: list[bool] | None, b: list[bool] | None) -> int | None:
+    """How many validation items exactly one of two models gets right (None: unknown)."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    return sum(x != y for x, y in zip(a, b, strict=True))
+
+
+def choose(
+    probe: float, trial: float, n_val: int, monitor: str, disagree: int | None = None
+) -> tuple[str, float, float]:
     """(verdict, gain, margin): "full" when the trial beats the probe by more than the noise,
     "feature-extraction" when it is worse by more, "undecided" in between."""
     gain = (probe - trial) if monitor == "val_loss" else (trial - probe)
-    need = margin(probe, n_val, monitor)
+    need = margin(probe, n_val, monitor, disagree)
     verdict = "full" if gain > need else "feature-extraction" if gain < -need else "undecided"
     return verdict, gain, need
 
@@ -81,13 +94,18 @@ def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome,
             shutil.copyfile(trainer.out / checkpoint.WEIGHTS, folder / PROBE)
         trainer.dist.barrier()
         state = None
-    probe = Outcome(best=record["probe"][cfg.monitor], best_epoch=record["probe"]["best_epoch"])
+    else:  # resumed in the fine-tune phase: the probe's per-item answers are gone
+        probe = Outcome(best=record["probe"][cfg.monitor], best_epoch=record["probe"]["best_epoch"])
     _load(trainer, folder / PROBE)  # the fine-tune starts from the probe's head (LP-FT)
     budget = cfg.budget_minutes * 60
 
-    def decide(epoch: int, best_val: dict) -> bool:
+    def decide(epoch: int, trial: Outcome) -> bool:
         if "chosen" not in record:
-            verdict, gain, need = choose(probe.best, best_val[cfg.monitor], n_val, cfg.monitor)
+            best_val = trial.best_val
+            disagree = discordant(probe.best_correct, trial.best_correct)
+            verdict, gain, need = choose(
+                probe.best, best_val[cfg.monitor], n_val, cfg.monitor, disagree
+            )
             if verdict == "undecided" and epoch + 1 >= TRIAL_MAX_EPOCHS:
                 verdict = "feature-extraction"
             per_epoch = trainer.history[-1]["seconds"]
@@ -107,6 +125,7 @@ def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome,
                 },
                 gain=gain,
                 margin=need,
+                margin_kind="paired" if disagree is not None else "unpaired",
                 validation_size=n_val,
                 predicted_full_seconds=round(per_epoch * cfg.epochs, 1),
                 budget_seconds=budget,

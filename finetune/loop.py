@@ -143,6 +143,7 @@ class Outcome:
     best: float | None = None
     best_epoch: int | None = None
     best_val: dict = field(default_factory=dict)
+    best_correct: list[bool] | None = None  # per validation item (classification), in memory
     epochs_run: int = 0
     seconds_per_epoch: float = 0.0
     stopped_early: bool = False
@@ -187,10 +188,10 @@ class Trainer:
     def run(
         self,
         phase: Phase,
-        decide: Callable[[int, dict], bool] | None = None,
+        decide: Callable[[int, Outcome], bool] | None = None,
         state: dict | None = None,
     ) -> Outcome:
-        """Train `phase`; `decide(epoch_in_phase, val)` may end it after an epoch (auto's
+        """Train `phase`; `decide(epoch_in_phase, outcome)` may end it after an epoch (auto's
         trial); `state`: the resume state of this phase."""
         cfg, recipe, dist = self.cfg, self.recipe, self.dist
         cuda = recipe.device.type == "cuda"
@@ -241,6 +242,7 @@ class Trainer:
                 if self.on_step is not None:  # the rates this step used
                     self.on_step(self.step, rates)
             val = recipe.evaluate("val", phase.strategy)
+            correct = val.pop("correct", None)
             seconds.append(time.perf_counter() - t0)
             record = {
                 "epoch": len(self.history) + 1,  # 1-based over the run: files, logs, plots
@@ -257,6 +259,7 @@ class Trainer:
             if improved:
                 outcome.best, outcome.best_epoch, bad = record[cfg.monitor], record["epoch"], 0
                 outcome.best_val = {f"val_{k}": v for k, v in val.items()}
+                outcome.best_correct = correct
                 if dist.main:
                     checkpoint.save_weights(self.out, recipe.model)
             else:
@@ -275,7 +278,7 @@ class Trainer:
                 self._save_resume(phase, epoch, optimizer, schedule, scaler, outcome, bad)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(len(self.history) - 1, record)
-            if decide is not None and not decide(epoch, outcome.best_val):
+            if decide is not None and not decide(epoch, outcome):
                 break
         if bad >= phase.patience:
             outcome.stopped_early = True
@@ -308,7 +311,7 @@ class Trainer:
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(),
-            "outcome": outcome.__dict__,
+            "outcome": {**outcome.__dict__, "best_correct": None},
             "bad": bad,
             "step": self.step,
             "history": self.history,

@@ -189,6 +189,7 @@ class ClassifierRecipe(_Recipe):
             "macro_f1": m["macro_f1"],
             "per_class": m["per_class"],
             "confusion_matrix": m["confusion_matrix"],
+            "correct": (y_true == y_pred).tolist(),  # auto's paired comparison; not saved
         }
 
 

@@ -228,6 +228,8 @@ def fine_tune(
     dist.barrier()
     load_model(model, str(out / checkpoint.WEIGHTS))
     val, test = recipe.evaluate("val", used), recipe.evaluate("test", used)
+    val.pop("correct", None)
+    test.pop("correct", None)
     final = {
         "epoch": outcome.best_epoch,
         "strategy": used,

@@ -69,6 +69,7 @@ def test_auto_fine_tunes_when_frozen_features_are_useless(texts, blind_bert, tmp
     auto = _auto(tmp_path / "blind")
     assert auto["probe"]["val_macro_f1"] < 0.5  # a constant prediction: one class's F1 only
     assert auto["chosen"] == "full" and auto["gain"] > auto["margin"]
+    assert auto["margin_kind"] == "paired"
     assert result["strategy"] == "full" and result["test_accuracy"] > 0.8
     assert any(line.startswith("auto: probe val_macro_f1") for line in lines)
     saved = checkpoint.read_json(tmp_path / "blind" / "config.json")
@@ -98,6 +99,10 @@ def test_noise_margin_needs_a_larger_gain_on_a_small_validation_set():
     assert choose(0.90, 0.93, 5000, "val_accuracy")[0] == "full"  # se 0.004
     assert choose(0.90, 0.80, 50, "val_accuracy")[0] == "feature-extraction"
     assert choose(0.50, 0.40, 5000, "val_loss")[0] == "full"  # a loss: lower is better
+    # Paired: 2 of 100 items fixed and none broken is a clear gain (se sqrt(2)/100 = 0.014),
+    # where the unpaired error of a proportion near 0.95 (0.022) calls it noise.
+    assert choose(0.95, 0.97, 100, "val_accuracy")[0] == "undecided"
+    assert choose(0.95, 0.97, 100, "val_accuracy", disagree=2)[0] == "full"
 
 
 def test_schedule_is_what_the_config_says(text_csv, tiny_bert, tmp_path):
