@@ -16,8 +16,10 @@ error of the difference, at least `MIN_GAIN`: paired, from the validation items 
 models disagree on, where the task scores items one by one; small validation sets need a
 larger gain). Clearly better: full fine-tuning continues on the schedule it started, while
 its epochs fit in `budget_minutes` (the cost: epochs that would pass the budget are not
-run). Clearly worse: the probe's weights are kept. Within the noise: one more trial epoch, up to `TRIAL_MAX_EPOCHS`; still
-undecided, the probe is kept (as good as measured, and cheaper to train). What was tried,
+run). Clearly worse: the probe's weights are kept. Within the noise: one more trial epoch, up
+to `TRIAL_MAX_EPOCHS` (the first ones are warm-up, at low rates); still within the noise, the
+fine-tune continues if it is ahead (the budget allowing), and the better of the two on
+validation is kept at the end; if it is not ahead, the probe is kept. What was tried,
 the figures and the choice go to the log and to `metrics.json` (`auto`).
 """
 
@@ -107,7 +109,8 @@ def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome,
                 probe.best, best_val[cfg.monitor], n_val, cfg.monitor, disagree
             )
             if verdict == "undecided" and epoch + 1 >= TRIAL_MAX_EPOCHS:
-                verdict = "feature-extraction"
+                verdict = "full" if gain > 0 else "feature-extraction"
+                record["provisional"] = verdict == "full"  # kept only if it ends ahead
             per_epoch = trainer.history[-1]["seconds"]
             trainer.log(
                 f"auto: probe {cfg.monitor} {probe.best:.4f}, full after {epoch + 1} epoch(s) "
@@ -142,6 +145,9 @@ def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome,
 
     full = trainer.run(Phase("fine-tune", "full", cfg.epochs, cfg.patience), decide, state)
     record.setdefault("chosen", "feature-extraction")  # the phase ended while undecided
+    if record.get("provisional") and not trainer.better_value(full.best, probe.best):
+        record["chosen"] = "feature-extraction"
+        trainer.log("auto: the fine-tune did not end ahead of the probe; keeping the probe")
     if record["chosen"] == "full":
         return full, "full"
     _load(trainer, folder / PROBE)

@@ -172,6 +172,12 @@ class Trainer:
             return record["val_loss"] < outcome.best_val.get("val_loss", float("inf"))
         return value > best + self.cfg.min_delta
 
+    def better_value(self, value: float | None, best: float | None) -> bool:
+        """Strictly better on the monitored metric."""
+        if value is None or best is None:
+            return value is not None
+        return value < best if self.cfg.monitor == "val_loss" else value > best
+
     def _optimizer(self, phase: Phase, steps: int):
         cfg, recipe = self.cfg, self.recipe
         backbone = [] if phase.strategy == "feature-extraction" else recipe.groups

@@ -229,3 +229,27 @@ def test_long_texts_are_read_in_windows_in_training_export_and_serving(tiny_bert
     stats: dict = {}
     rt.run([rt.prepare(rows[0][0])], stats)
     assert stats["tokens"][0] > 16  # every window's tokens, not the first window's
+
+
+def test_auto_and_resume_on_a_span_task(span_bert, tmp_path):
+    """Entities: auto's probe runs uncached (token features), the margin is unpaired, and a
+    run interrupted in the fine-tune phase resumes there and completes."""
+    from tests.conftest import make_conll
+
+    data = make_conll(tmp_path / "conll", n=80)
+    cfg = _cfg(span_bert, max_length=16, stride=4, epochs=3, lr=5e-3, backbone_lr=5e-3)
+
+    def interrupt(epoch, record):
+        if record["phase"] == "fine-tune":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(data, tmp_path / "ner", cfg, log=quiet, on_epoch_end=interrupt)
+    state = torch.load(tmp_path / "ner" / "resume" / "state.pt", weights_only=True)
+    assert state["phase"] == "fine-tune"
+    result = fine_tune(data, tmp_path / "ner", cfg, log=quiet, resume=True)
+    metrics = checkpoint.read_json(tmp_path / "ner" / "metrics.json")
+    assert metrics["auto"]["probe"]["epochs"] == 2  # uncached: PROBE_EPOCHS_UNCACHED
+    assert metrics["auto"]["margin_kind"] == "unpaired"
+    assert {"val_entity_f1", "test_entity_f1"} <= set(result)
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, len(metrics["epochs"]) + 1))
