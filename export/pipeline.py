@@ -292,15 +292,19 @@ def _build(
         "postprocessing": feeder.contract.post,
         "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
         "training": {
-            "strategy": ckpt.config["training"]["strategy"],
+            # `auto` resolves to the strategy it chose (older checkpoints: the one asked for)
+            "strategy": metrics_best.get("strategy", ckpt.config["training"]["strategy"]),
             "best_epoch": metrics_best.get("epoch"),
             **{
                 k: v
                 for k, v in metrics_best.items()
-                if k.startswith("val_") and isinstance(v, int | float)
+                if k.startswith(("val_", "test_")) and isinstance(v, int | float)
             },
-            "train_size": ckpt.config["data"]["train_size"],
-            "val_size": ckpt.config["data"]["val_size"],
+            **{
+                f"{split}_size": ckpt.config["data"][f"{split}_size"]
+                for split in ("train", "val", "test")
+                if f"{split}_size" in ckpt.config["data"]
+            },
             "checkpoint": str(ckpt.path.resolve()),
             "weights_sha256": source_sha,
         },

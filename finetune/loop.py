@@ -145,8 +145,6 @@ class Outcome:
     best_val: dict = field(default_factory=dict)
     best_correct: list[bool] | None = None  # per validation item (classification), in memory
     epochs_run: int = 0
-    seconds_per_epoch: float = 0.0
-    stopped_early: bool = False
 
 
 class Trainer:
@@ -214,7 +212,6 @@ class Trainer:
             outcome = Outcome(**state["outcome"])
             bad, start = state["bad"], state["epoch"] + 1
             self.step = state["step"]
-        seconds = []
         for epoch in range(start, phase.epochs):
             if bad >= phase.patience:
                 break
@@ -249,7 +246,6 @@ class Trainer:
                     self.on_step(self.step, rates)
             val = recipe.evaluate("val", phase.strategy)
             correct = val.pop("correct", None)
-            seconds.append(time.perf_counter() - t0)
             record = {
                 "epoch": len(self.history) + 1,  # 1-based over the run: files, logs, plots
                 "phase": phase.name,
@@ -258,7 +254,7 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val.items() if isinstance(v, float)},
                 "trainable_groups": n_groups,
                 "lr": optimizer.param_groups[0]["lr"],
-                "seconds": seconds[-1],
+                "seconds": time.perf_counter() - t0,
             }
             self.history.append(record)
             improved = self.better(record, outcome)
@@ -271,7 +267,6 @@ class Trainer:
             else:
                 bad += 1
             outcome.epochs_run += 1
-            outcome.seconds_per_epoch = sum(seconds) / len(seconds)
             shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
             self.log(
                 f"{phase.name} epoch {epoch + 1}/{phase.epochs}  "
@@ -287,7 +282,6 @@ class Trainer:
             if decide is not None and not decide(epoch, outcome):
                 break
         if bad >= phase.patience:
-            outcome.stopped_early = True
             self.log(f"early stopping: no {cfg.monitor} improvement for {phase.patience} epochs")
         return outcome
 

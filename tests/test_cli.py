@@ -14,6 +14,7 @@ from tests.conftest import make_images, make_texts, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "random", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+TINY += ["--strategy", "feature-extraction"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

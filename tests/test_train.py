@@ -237,7 +237,7 @@ def test_augmentation_turns_the_feature_cache_off(image_dir, image_cfg, tmp_path
 def test_auto_backbone_follows_the_data(text_csv, tmp_path):
     from finetune.config import TrainConfig
 
-    cfg = TrainConfig(epochs=1, max_length=16, holdout_size=4)  # backbone "auto"
+    cfg = TrainConfig(epochs=1, max_length=16, holdout_size=4, strategy="feature-extraction")
     fine_tune(text_csv, tmp_path / "auto", cfg, log=quiet)
     saved = checkpoint.read_json(tmp_path / "auto" / "config.json")
     assert saved["backbone"]["name"] == "minilm" and saved["training"]["backbone"] == "minilm"
