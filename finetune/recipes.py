@@ -117,31 +117,28 @@ class ClassifierRecipe(_Recipe):
             num_workers=self.cfg.num_workers,
         )
 
-    def _cache(self) -> None:
-        """The frozen backbone's features of every split, computed once."""
-        if self.features:
-            return
-        t0 = time.perf_counter()
-        encoder = self.model.backbone.eval()
-        for split in ("train", "val", "test"):
+    def _cache(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen backbone's features of `split`, computed once (test only if asked)."""
+        if split not in self.features:
+            t0 = time.perf_counter()
+            encoder = self.model.backbone.eval()
             feats, labels = [], []
-            loader = self._plain_loader(split)
             with torch.no_grad():
-                for x, y in progress(loader, f"caching {split} features"):
+                for x, y in progress(self._plain_loader(split), f"caching {split} features"):
                     with torch.autocast(
                         self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"
                     ):
                         feats.append(self.inputs(encoder, x).float().cpu())
                     labels.append(y)
             self.features[split] = (torch.cat(feats), torch.cat(labels))
-        self.cache_seconds = time.perf_counter() - t0
+            self.cache_seconds = (self.cache_seconds or 0.0) + time.perf_counter() - t0
+        return self.features[split]
 
     def train_loader(self, strategy: str, dist: Dist) -> DataLoader:
         key = "cached" if self.cached(strategy) else "raw"
         if key not in self.loaders:
             if key == "cached":
-                self._cache()
-                self.loaders[key] = self._loader(TensorDataset(*self.features["train"]), dist)
+                self.loaders[key] = self._loader(TensorDataset(*self._cache("train")), dist)
             else:
                 self.loaders[key] = self._loader(
                     self._set("train", self.cfg.augment),
@@ -163,8 +160,7 @@ class ClassifierRecipe(_Recipe):
         module = self.module(strategy)
         module.eval()
         if cached:
-            self._cache()
-            feats, labels = self.features[split]
+            feats, labels = self._cache(split)
             batches = [
                 (feats[s : s + 256], labels[s : s + 256]) for s in range(0, len(labels), 256)
             ]

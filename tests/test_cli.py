@@ -66,7 +66,7 @@ def bad_inputs(tmp_path_factory) -> Path:
 )
 def test_bad_input_is_one_line_and_exit_2(bad_inputs, tmp_path, case, args, needles):
     args = [a.format(root=bad_inputs) for a in args]
-    proc = run(*args, "--out", str(tmp_path / "out"), *TINY)
+    proc = run(*TINY, *args, "--out", str(tmp_path / "out"))  # the case's flags win
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "out").exists()  # nothing is created for a run that cannot start
 
