@@ -62,6 +62,14 @@ class Dist:
 
             td.barrier()
 
+    def close(self) -> None:
+        """Leave the process group (torchrun warns about one left open at exit)."""
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+            td.destroy_process_group()
+
     def wrap(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel over the parameters that train now (rebuilt when the
         trainable set changes: DDP registers them at construction)."""

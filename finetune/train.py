@@ -251,7 +251,7 @@ def fine_tune(
         )
         checkpoint.write_json(out / checkpoint.CONFIG, config)
         shutil.rmtree(out / checkpoint.RESUME, ignore_errors=True)
-    dist.barrier()
+    dist.close()
     return final
 
 
