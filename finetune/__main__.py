@@ -28,7 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         help_text = helps.get(f.name, f.name.replace("_", " "))
-        if isinstance(default, bool):
+        if isinstance(default, bool) or "bool" in str(f.type):
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )

@@ -48,7 +48,7 @@ class TrainConfig:
     max_windows: int = 8  # text classification: windows read per text, their logits averaged
     stride: int = 0  # entities, answers: tokens shared by consecutive windows; 0 = max_length/4
     max_answer_length: int = 30  # question answering: the longest answer, in tokens
-    augment: bool = False  # images: random resized crop + flip (disables the feature cache)
+    augment: bool | None = None  # images: random crop + flip; None: when the backbone trains
     cache_features: bool = True  # feature-extraction without augmentation: run the backbone once
     holdout_size: int = 256  # test samples kept in holdout.npz for export's gates
     budget_minutes: float = 120.0  # auto: wall time it may spend; later epochs are not run

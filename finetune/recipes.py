@@ -97,7 +97,19 @@ class ClassifierRecipe(_Recipe):
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
     def cached(self, strategy: str) -> bool:
-        return strategy == "feature-extraction" and self.cfg.cache_features and not self.cfg.augment
+        return (
+            strategy == "feature-extraction"
+            and self.cfg.cache_features
+            and not self.augment(strategy)
+        )
+
+    def augment(self, strategy: str) -> bool:
+        """Augment images: as asked, or by default whenever the backbone trains (a frozen
+        backbone's features are cached instead: timm's and torchvision's fine-tuning recipes
+        augment; a linear probe on cached features does not)."""
+        if self.cfg.augment is not None:
+            return self.cfg.augment
+        return self.ds.task == IMAGE_TASK and strategy != "feature-extraction"
 
     def module(self, strategy: str) -> nn.Module:
         self.feed = Inputs("features", self.device) if self.cached(strategy) else self.inputs
@@ -135,13 +147,13 @@ class ClassifierRecipe(_Recipe):
         return self.features[split]
 
     def train_loader(self, strategy: str, dist: Dist) -> DataLoader:
-        key = "cached" if self.cached(strategy) else "raw"
+        key = "cached" if self.cached(strategy) else f"raw-{self.augment(strategy)}"
         if key not in self.loaders:
             if key == "cached":
                 self.loaders[key] = self._loader(TensorDataset(*self._cache("train")), dist)
             else:
                 self.loaders[key] = self._loader(
-                    self._set("train", self.cfg.augment),
+                    self._set("train", self.augment(strategy)),
                     dist,
                     collate_fn=self.inputs.collate,
                     num_workers=self.cfg.num_workers,
