@@ -47,19 +47,18 @@ def three_way(
     """Complete `parts` (holding "train" and maybe "val", "test") into the three splits.
 
     `key(item)` identifies content (leaks between splits are dropped), `label(item)` stratifies,
-    `group(item)` keeps groups whole. Counts `leaked_from_train` and `test_in_val`.
+    `group(item)` keeps groups whole. Counts `leaked_from_train` (validation items seen in
+    training), `test_in_train` and `test_in_val`.
     """
     counts = counts if counts is not None else Counter()
     out = {role: list(parts[role]) for role in ROLES if role in parts}
     if key is not None:
         seen = {key(x) for x in out["train"]}
-        for role in ("val", "test"):
+        for role, counter in (("val", "leaked_from_train"), ("test", "test_in_train")):
             if role in out:
                 before = len(out[role])
                 out[role] = [x for x in out[role] if key(x) not in seen]
-                counts["leaked_from_train" if role == "val" else "test_in_train"] += before - len(
-                    out[role]
-                )
+                counts[counter] += before - len(out[role])
         if "val" in out and "test" in out:
             in_val = {key(x) for x in out["val"]}
             before = len(out["test"])
