@@ -40,8 +40,8 @@ class TrainConfig:
     patience: int = 3  # epochs without improvement of `monitor` before stopping
     monitor: str = "auto"  # auto (the task's: val_macro_f1, val_entity_f1, val_f1), val_loss...
     min_delta: float = 0.0  # smallest change of `monitor` that counts as an improvement
-    val_fraction: float = 0.15  # share of all data carved for validation when not given
-    test_fraction: float = 0.15  # share of all data carved for the test split when not given
+    val_fraction: float = 0.15  # share of the training data carved for validation if not given
+    test_fraction: float = 0.15  # share of the training data carved for test if not given
     seed: int = 0  # python, numpy and torch seeds, and the split
     image_size: int | None = None  # crop size in pixels; None = the backbone's own (224 mostly)
     max_length: int = 128  # tokens per window (texts longer than this are read in windows)

@@ -87,6 +87,7 @@ class ClassifierRecipe(_Recipe):
         self.inputs = inputs
         self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.head_only = nn.Sequential(model.dropout, model.head)
+        self.feature_inputs = Inputs("features", device)  # cached features: already pooled
         self.loaders: dict[str, DataLoader] = {}
         weight = None
         if cfg.class_weighting == "balanced":
@@ -112,8 +113,10 @@ class ClassifierRecipe(_Recipe):
         return self.ds.task == IMAGE_TASK and strategy != "feature-extraction"
 
     def module(self, strategy: str) -> nn.Module:
-        self.feed = Inputs("features", self.device) if self.cached(strategy) else self.inputs
-        return self.head_only if self.cached(strategy) else self.model
+        """The module that trains under `strategy`; `self.feed` turns its batches into inputs."""
+        cached = self.cached(strategy)
+        self.feed = self.feature_inputs if cached else self.inputs
+        return self.head_only if cached else self.model
 
     def _set(self, split: str, augment: bool):
         part = getattr(self.ds, split)
@@ -168,23 +171,21 @@ class ClassifierRecipe(_Recipe):
 
     @torch.no_grad()
     def evaluate(self, split: str, strategy: str) -> dict:
-        cached = self.cached(strategy)
         module = self.module(strategy)
         module.eval()
-        if cached:
+        if self.cached(strategy):
             feats, labels = self._cache(split)
             batches = [
                 (feats[s : s + 256], labels[s : s + 256]) for s in range(0, len(labels), 256)
             ]
-            feed = Inputs("features", self.device)
         else:
-            batches, feed = self._plain_loader(split), self.inputs
+            batches = self._plain_loader(split)
         losses, preds, truth = 0.0, [], []
         for x, y in batches:
             with torch.autocast(
                 self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"
             ):
-                logits = feed(module, x).float()
+                logits = self.feed(module, x).float()
             y = y.to(logits.device)
             losses += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             preds.append(logits.argmax(1).cpu())
@@ -278,11 +279,14 @@ class SpanRecipe(_Recipe):
             )
         return self.loader
 
+    def _args(self, x: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """A collated batch as the model's positional inputs, on the device."""
+        return [x[n].to(self.device) for n in INPUT_ORDER if n in x]
+
     def loss(self, module: nn.Module, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        x = {k: v.to(self.device) for k, v in x.items()}
-        args = [x[n] for n in INPUT_ORDER if n in x]
-        return self.model.loss(module(*args), y.to(self.device), self.cfg.label_smoothing), len(y)
+        logits = module(*self._args(x))
+        return self.model.loss(logits, y.to(self.device), self.cfg.label_smoothing), len(y)
 
     @torch.no_grad()
     def evaluate(self, split: str, strategy: str) -> dict:
@@ -293,9 +297,7 @@ class SpanRecipe(_Recipe):
             self.rows[split] = self._rows(split)
         total, count = 0.0, 0
         for x, y in DataLoader(self.rows[split], batch_size=EVAL_BATCH, collate_fn=self._collate):
-            x = {k: v.to(self.device) for k, v in x.items()}
-            args = [x[n] for n in INPUT_ORDER if n in x]
-            loss = self.model.loss(self.model(*args), y.to(self.device))
+            loss = self.model.loss(self.model(*self._args(x)), y.to(self.device))
             total, count = total + loss.item() * len(y), count + len(y)
         run = torch_session(self.model, self.device)
         part = getattr(self.ds, split)

@@ -199,6 +199,7 @@ def fine_tune(
     model.to(device)
 
     config = _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokenizer)
+    config["backbone"]["num_groups"] = len(groups)
     config["device"] = str(device)
     config["processes"] = dist.world
     if dist.main:
@@ -357,7 +358,6 @@ def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokeni
             "weights": cfg.weights,
             "feature_dim": dim,
             "groups": list(spec.groups),
-            "num_groups": len(backbones.parameter_groups(spec, encoder)),
             **({"hf_config": encoder.model.config.to_dict()} if spec.family == "hf" else {}),
         },
         "head": {

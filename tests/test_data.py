@@ -48,16 +48,17 @@ def test_split_is_fixed_by_the_seed(image_dir):
     assert not np.array_equal(a.val.inputs, c.val.inputs)
 
 
+def _copy(root, source: str, target: str) -> None:
+    """An exact copy of one image file under another name: a duplicate or a leak."""
+    (root / target).write_bytes((root / source).read_bytes())
+
+
 def test_pre_split_images_cleaning_counts(tmp_path):
     root = tmp_path / "pets"
     make_images(root / "train", per_class=4, seed=1)
     make_images(root / "val", per_class=2, seed=2)
-    (root / "train" / "red" / "copy.png").write_bytes(
-        (root / "train" / "red" / "1_0.png").read_bytes()
-    )
-    (root / "val" / "blue" / "leak.png").write_bytes(
-        (root / "train" / "blue" / "1_0.png").read_bytes()
-    )
+    _copy(root, "train/red/1_0.png", "train/red/copy.png")
+    _copy(root, "train/blue/1_0.png", "val/blue/leak.png")
     (root / "train" / "green" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     ds = load_dataset(root, CFG, PREP)
     c = ds.summary["cleaning"]
@@ -73,12 +74,8 @@ def test_pre_split_train_val_test_used_as_given_and_leaks_dropped(tmp_path):
     make_images(root / "train", per_class=4, seed=1)
     make_images(root / "valid", per_class=2, seed=2)
     make_images(root / "test", per_class=2, seed=3)
-    (root / "test" / "red" / "seen.png").write_bytes(
-        (root / "train" / "red" / "1_0.png").read_bytes()
-    )
-    (root / "test" / "red" / "picked.png").write_bytes(
-        (root / "valid" / "red" / "2_0.png").read_bytes()
-    )
+    _copy(root, "train/red/1_0.png", "test/red/seen.png")
+    _copy(root, "valid/red/2_0.png", "test/red/picked.png")
     ds = load_dataset(root, CFG, PREP)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 6, 6)
     c = ds.summary["cleaning"]
