@@ -341,7 +341,10 @@ def load_tokenizer(location: str | Path):
 
 
 def _expand(model: nn.Module, pattern: str) -> list[list[str]]:
-    """'a.*' → one group per child of a; 'x,y' → one group of both prefixes."""
+    """'a.*' → one group per child of a; '*' → one per child of the model; 'x,y' → one
+    group of both prefixes."""
+    if pattern == "*":
+        return [[name] for name, _ in model.named_children()]
     if pattern.endswith(".*"):
         parent = model.get_submodule(pattern[:-2])
         return [[f"{pattern[:-2]}.{name}"] for name, _ in parent.named_children()]

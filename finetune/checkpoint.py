@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import CheckpointError
+from tasks import DENSE_VISION_TASKS
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -121,15 +122,24 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def build_model(ckpt: Checkpoint):
     """Rebuild the Classifier from config.json alone and load model.safetensors (eval mode)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     from finetune.backbones import BackboneSpec, Classifier, build_encoder
     from finetune.data import ImagePrep
     from finetune.heads import HEADS
 
     cfg = ckpt.config
     b = cfg["backbone"]
+    if cfg["task"] in DENSE_VISION_TASKS:
+        from finetune import vision
+
+        model = vision.build(
+            vision.resolve(b["name"], cfg["task"]),
+            len(cfg["labels"]),
+            int(cfg["preprocessing"]["image_size"]),
+            "random",
+            cfg["postprocessing"],
+        )
+        _load_weights(model, ckpt)
+        return model.eval()
     spec = BackboneSpec(
         b["name"], cfg["task"], b["family"], tuple(b.get("groups", ())), b["source"]
     )
@@ -144,6 +154,14 @@ def build_model(ckpt: Checkpoint):
     )
     head = HEADS.get(cfg["task"], Classifier)
     model = head(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
+    _load_weights(model, ckpt)
+    return model.eval()
+
+
+def _load_weights(model, ckpt: Checkpoint) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
     try:
         load_model(model, str(ckpt.path / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
@@ -152,7 +170,6 @@ def build_model(ckpt: Checkpoint):
             f"checkpoint file '{ckpt.path / WEIGHTS}' cannot be loaded: {msg}",
             str(ckpt.path / WEIGHTS),
         ) from e
-    return model.eval()
 
 
 def load_tokenizer(ckpt: Checkpoint):

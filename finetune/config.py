@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 STRATEGIES = ("auto", "feature-extraction", "full", "gradual")
 SCHEDULES = ("linear", "cosine", "constant")  # after warm-up (finetune/optim.py)
-AUTO_BACKBONES = {"image-classification": "efficientnet_lite0", "text-classification": "minilm"}
+AUTO_BACKBONES = {
+    "image-classification": "efficientnet_lite0",
+    "text-classification": "minilm",
+    "object-detection": "fcos_mobilenet_v2",
+    "semantic-segmentation": "lraspp_mobilenet_v2",
+}
 MONITORS = (
     "auto",
     "val_macro_f1",
@@ -16,6 +21,10 @@ MONITORS = (
     "val_entity_f1",
     "val_exact_match",
     "val_f1",
+    "val_map50",
+    "val_map",
+    "val_miou",
+    "val_pixel_accuracy",
 )
 
 
@@ -43,7 +52,9 @@ class TrainConfig:
     val_fraction: float = 0.15  # share of the training data carved for validation if not given
     test_fraction: float = 0.15  # share of the training data carved for test if not given
     seed: int = 0  # python, numpy and torch seeds, and the split
-    image_size: int | None = None  # crop size in pixels; None = the backbone's own (224 mostly)
+    image_size: int | None = None  # crop size in pixels; None = the backbone's own (224 mostly);
+    # detection and segmentation: the letterboxed square input (None = 320 and 384)
+    ignore_index: int = 255  # segmentation: the mask value of void pixels (not scored)
     max_length: int = 128  # tokens per window (texts longer than this are read in windows)
     max_windows: int = 8  # text classification: windows read per text, their logits averaged
     stride: int = 0  # entities, answers: tokens shared by consecutive windows; 0 = max_length/4

@@ -92,11 +92,16 @@ class _Record:
 
 def detect_task(path: str | Path) -> str:
     """Tell the task by the layout and a sniff of the files (no decoding)."""
+    from finetune.data_vision import vision_task
+
     path = Path(path)
     if path.exists():
         span = span_task(path)
         if span is not None:
             return span[0]
+        dense = vision_task(path)
+        if dense is not None:
+            return dense
     return _locate(path)[1]
 
 
@@ -379,10 +384,15 @@ def _check_classes(records: list[_Record], where: str, minimum: int) -> None:
 def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> Dataset:
     """Read, clean and split the data at `path` into train, val and test (`cfg` is a
     TrainConfig; finetune/splits.py says how missing splits are carved)."""
+    from finetune.data_vision import load_vision_dataset, vision_task
+
     path = Path(path)
     span = span_task(path) if path.exists() else None
     if span is not None:
         return load_span_dataset(path, span[0], span[1], cfg)
+    dense = vision_task(path) if path.exists() else None
+    if dense is not None:
+        return load_vision_dataset(path, dense, cfg)
     layout, task, sources = _locate(path)
     if task == IMAGE_TASK and image_prep is None:
         raise ValueError("image data needs an ImagePrep")

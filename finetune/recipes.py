@@ -213,7 +213,7 @@ def torch_session(model, device):
         args = [torch.from_numpy(feeds[n]).to(device) for n in INPUT_ORDER if n in feeds]
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             outs = model.export_outputs(*args)
-        return [o.float().cpu().numpy() for o in outs]
+        return [(o.float() if o.is_floating_point() else o).cpu().numpy() for o in outs]
 
     return run
 

@@ -162,43 +162,50 @@ def fine_tune(
         cfg = dataclasses.replace(
             cfg, monitor="val_macro_f1" if metric == "accuracy" else f"val_{metric}"
         )
-    cfg = cfg.for_family(images=task == IMAGE_TASK)
-    spec = backbones.resolve(cfg.backbone)
-    if tasks.uses_tokenizer(task) != tasks.uses_tokenizer(spec.task):
-        raise DataError(f"'{data}' holds {task} data but backbone '{spec.name}' is for {spec.task}")
-    head_cls = HEADS.get(task, backbones.Classifier)
-    prep = mean = std = None
-    if task == IMAGE_TASK:
-        if cfg.image_size is None:
-            size = _image_size(data, spec, log)
-            cfg = dataclasses.replace(cfg, image_size=size)
-            if size is not None and cfg.augment is None:
-                # Small images are scans, glyphs and icons, where a flip or a crop changes the
-                # class (a mirrored 3 is no 3): digits' fine-tune reached 0.952 with
-                # augmentation after 3 epochs, 0.989 without. Photographs keep it.
-                cfg = dataclasses.replace(cfg, augment=False)
-                log("small images: no augmentation (a flip or a crop may change their class)")
-        prep, mean, std = backbones.image_prep(spec, cfg.image_size)
-    ds = load_dataset(data, cfg, prep)
-    log(describe(ds.summary))
+    dense = task in tasks.DENSE_VISION_TASKS
+    cfg = cfg.for_family(images=task == IMAGE_TASK or dense)
+    tokenizer = None
+    if dense:
+        from finetune import recipes_vision
+
+        cfg, ds, model, groups, config = recipes_vision.setup(task, cfg, data, log)
+    else:
+        spec = backbones.resolve(cfg.backbone)
+        if tasks.uses_tokenizer(task) != tasks.uses_tokenizer(spec.task):
+            raise DataError(
+                f"'{data}' holds {task} data but backbone '{spec.name}' is for {spec.task}"
+            )
+        head_cls = HEADS.get(task, backbones.Classifier)
+        prep = mean = std = None
+        if task == IMAGE_TASK:
+            if cfg.image_size is None:
+                size = _image_size(data, spec, log)
+                cfg = dataclasses.replace(cfg, image_size=size)
+                if size is not None and cfg.augment is None:
+                    # Small images are scans, glyphs and icons, where a flip or a crop changes
+                    # the class (a mirrored 3 is no 3): digits' fine-tune reached 0.952 with
+                    # augmentation after 3 epochs, 0.989 without. Photographs keep it.
+                    cfg = dataclasses.replace(cfg, augment=False)
+                    log("small images: no augmentation (a flip or a crop may change their class)")
+            prep, mean, std = backbones.image_prep(spec, cfg.image_size)
+        ds = load_dataset(data, cfg, prep)
+        log(describe(ds.summary))
+        encoder, dim = backbones.build_encoder(spec, cfg.weights, prep)
+        model = head_cls(encoder, dim, len(ds.labels), cfg.dropout)
+        groups = backbones.parameter_groups(spec, encoder)
+        if task != IMAGE_TASK:
+            pretrained = cfg.weights in ("pretrained", "random")
+            location = backbones.hf_location(spec) if pretrained else cfg.weights
+            tokenizer = backbones.load_tokenizer(location)
     if resume and ds.labels != saved["labels"]:
         raise CheckpointError(
             f"labels of '{data}' differ from those saved in '{out}'; "
             f"the data changed since the run started"
         )
-
-    encoder, dim = backbones.build_encoder(spec, cfg.weights, prep)
-    model = head_cls(encoder, dim, len(ds.labels), cfg.dropout)
-    groups = backbones.parameter_groups(spec, encoder)
-    tokenizer = None
-    if task != IMAGE_TASK:
-        location = (
-            backbones.hf_location(spec) if cfg.weights in ("pretrained", "random") else cfg.weights
-        )
-        tokenizer = backbones.load_tokenizer(location)
     model.to(device)
 
-    config = _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokenizer)
+    if not dense:
+        config = _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokenizer)
     config["backbone"]["num_groups"] = len(groups)
     config["device"] = str(device)
     config["processes"] = dist.world
@@ -208,11 +215,15 @@ def fine_tune(
         checkpoint.write_json(out / checkpoint.CONFIG, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / checkpoint.TOKENIZER)
-        if not resume:
+        if not resume and dense:
+            recipes_vision.save_holdout(out, ds, cfg, config)
+        elif not resume:
             _save_holdout(out, ds, cfg)
     dist.barrier()
 
-    if head_cls is backbones.Classifier:
+    if dense:
+        recipe = recipes_vision.DenseRecipe(model, groups, ds, cfg, device, config)
+    elif head_cls is backbones.Classifier:
         # Texts are tokenized as export and the service will: from the stored preprocessing.
         inputs = Inputs(task, device, mean, std, tokenizer, cfg.max_length, config["preprocessing"])
         recipe = ClassifierRecipe(model, groups, ds, cfg, device, inputs)
@@ -303,6 +314,8 @@ def _report(out: Path, history: list[dict], final: dict, ds: Dataset, recipe, au
     report.mkdir(exist_ok=True)
     scores = () if isinstance(recipe, ClassifierRecipe) else (f"val_{recipe.contract.metric}",)
     plot_curves(history, report / "curves.png", final["epoch"], *scores)
+    if hasattr(recipe, "draw_grid"):
+        recipe.draw_grid(report / "predictions.png")
     if "test_confusion_matrix" in final:
         plot_confusion(
             final["test_confusion_matrix"],

@@ -18,7 +18,10 @@ REGISTRY = {
     "text-classification": "tasks.classification:TextClassification",
     "token-classification": "tasks.token_classification:TokenClassification",
     "question-answering": "tasks.question_answering:QuestionAnswering",
+    "object-detection": "tasks.detection:ObjectDetection",
+    "semantic-segmentation": "tasks.segmentation:SemanticSegmentation",
 }
+DENSE_VISION_TASKS = ("object-detection", "semantic-segmentation")
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
 
 

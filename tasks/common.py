@@ -24,6 +24,7 @@ class Prepared:
 
     value: object
     pixels: int = 0  # images: width x height as sent, for the input-size statistics
+    size: tuple[int, int] | None = None  # detection, segmentation: (width, height) as sent
 
 
 def softmax(logits) -> np.ndarray:

@@ -10,6 +10,7 @@ Checks (each task names the ones it has, `Task.checks`):
   embedding   mean shift in PCA space plus the reconstruction error, in reference units
   input       chi-square of a binned input statistic (image brightness, tokens per text)
   entities    chi-square of the binned entity count per text (token classification)
+  detections  the same of the detections per image (object detection)
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 from tasks.common import softmax
 
 CHECKS = ("prediction", "confidence", "embedding", "input")
-ALL_CHECKS = CHECKS + ("entities",)
+ALL_CHECKS = CHECKS + ("entities", "detections")
+COUNTS = ("entities", "detections")  # checks of the per-sample count, binned
 WINDOW = 200  # samples per evaluation; thresholds are calibrated for exactly this size
 REPLAYS = 400  # in-distribution windows replayed at export to set each threshold
 PRIOR_FLOOR = 1e-3  # a class absent from training still has an expected count
@@ -37,7 +39,7 @@ class Summary:
     coords: np.ndarray  # [n, k] PCA coordinates of the pooled embedding
     recon: np.ndarray  # relative reconstruction error of the embedding
     inputs: np.ndarray  # brightness (images) or tokens after truncation (texts)
-    count: np.ndarray  # entities per text (token classification), else zeros
+    count: np.ndarray  # entities per text, detections per image, else zeros
 
     def __len__(self) -> int:
         return len(self.pred)
@@ -154,8 +156,9 @@ def statistics(s: Summary, ref: dict) -> dict[str, float]:
         out["embedding"] = float(((shift**2).sum() + recon_z**2) / scale)
     if "input" in checks:
         out["input"] = _binned(s.inputs, ref["input"])
-    if "entities" in checks:
-        out["entities"] = _binned(s.count, ref["entities"])
+    for c in COUNTS:
+        if c in checks:
+            out[c] = _binned(s.count, ref[c])
     return out
 
 
@@ -189,8 +192,9 @@ def fit(s: Summary, prior: list[float], bins: int = 8, checks=CHECKS) -> dict:
         },
         "input": _bins(s.inputs, bins),
     }
-    if "entities" in checks:
-        ref["entities"] = _bins(s.count, bins)
+    for c in COUNTS:
+        if c in checks:
+            ref[c] = _bins(s.count, bins)
     return ref
 
 

@@ -93,3 +93,86 @@ def squad_scores(predictions: list[str], answers: list[list[str]]) -> dict:
         em.append(max(exact_match(p, g) for g in golds))
         f.append(max(f1(p, g) for g in golds))
     return {"exact_match": float(np.mean(em)), "f1": float(np.mean(f))}
+
+
+# --------------------------------------------------------------------------- dense vision
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in a [n, 4] with every box in b [m, 4] (x1, y1, x2, y2)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def detection_map(preds: list[tuple], golds: list[dict], num_classes: int) -> dict:
+    """COCO mAP@[.5:.95] and mAP@.5 by pycocotools' own evaluation. `preds`: per image
+    (boxes [n, 4], scores [n], labels [n]); `golds`: per image {"boxes", "labels"}; boxes as
+    x1, y1, x2, y2 in pixels."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, results = [], [], []
+    for i, (gold, (boxes, scores, labels)) in enumerate(zip(golds, preds, strict=True)):
+        images.append({"id": i})
+        for b, c in zip(gold["boxes"], gold["labels"], strict=True):
+            w, h = float(b[2] - b[0]), float(b[3] - b[1])
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": int(c) + 1,
+                    "bbox": [float(b[0]), float(b[1]), w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+        for b, s, c in zip(boxes, scores, labels, strict=True):
+            box = [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
+            results.append(
+                {"image_id": i, "category_id": int(c) + 1, "bbox": box, "score": float(s)}
+            )
+    if not annotations or not results:
+        return {"map": 0.0, "map50": 0.0}
+    gt = COCO()
+    gt.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c + 1} for c in range(num_classes)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"map": max(0.0, float(ev.stats[0])), "map50": max(0.0, float(ev.stats[1]))}
+
+
+def segmentation_scores(preds, golds, num_classes: int, ignore: int) -> dict:
+    """Mean IoU over the classes present (in the truth or the prediction), pixel accuracy and
+    per-class IoU, from one confusion matrix over every non-void pixel."""
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for p, g in zip(preds, golds, strict=True):
+        g = np.asarray(g).ravel()
+        p = np.asarray(p).ravel()
+        valid = g != ignore
+        conf += np.bincount(
+            g[valid].astype(np.int64) * num_classes + p[valid], minlength=num_classes**2
+        ).reshape(num_classes, num_classes)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    iou = inter[present] / union[present]
+    return {
+        "miou": float(iou.mean()) if iou.size else 0.0,
+        "pixel_accuracy": float(inter.sum() / max(1, conf.sum())),
+        "per_class_iou": {int(c): float(v) for c, v in zip(np.flatnonzero(present), iou, strict=True)},
+    }

