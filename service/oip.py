@@ -358,4 +358,4 @@ async def infer(name: str, request: Request, version: str | None = None):
     return _binary_response(result, chunks) if chunks else result
 
 
-NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8"}
+NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8", "UINT8": "<u1"}

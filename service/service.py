@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from service import metrics
@@ -140,14 +140,34 @@ class Answer(BaseModel):
     end: int
 
 
+class Detection(BaseModel):
+    label: str
+    score: float
+    box: list[float]  # x1, y1, x2, y2 in the original image's pixels
+
+
+class Detections(BaseModel):
+    model_config = ConfigDict(extra="allow")  # "image": the boxes drawn, when asked (render)
+    detections: list[Detection]
+
+
+class Segmentation(BaseModel):
+    model_config = ConfigDict(extra="allow")  # "image": the colour overlay (render)
+    mask: str  # base64 PNG, one class index per pixel, at the image's size
+    class_shares: dict[str, float]
+
+
 class PredictResponse(BaseModel):
     """A typed response: BentoML otherwise derives a JSON schema per response to pick its
     media type (8% of a worker's request-handling CPU under load, bench/RESULTS.md)."""
 
     model: str
     version: str
-    # One list per task (classification, token classification, question answering).
-    predictions: list[Prediction] | list[Entities] | list[Answer] = Field(
+    # One list per task (classification, token classification, question answering,
+    # detection, segmentation).
+    predictions: (
+        list[Prediction] | list[Entities] | list[Answer] | list[Detections] | list[Segmentation]
+    ) = Field(
         union_mode="left_to_right"
     )
 
@@ -239,20 +259,32 @@ class Tuneserve:
     # Errors leave as a JSONResponse (`reject`), which BentoML passes through unchanged.
     @bentoml.api(route="/predict")
     async def predict(
-        self, inputs: list, top_k: int | None = None, ctx: bentoml.Context = None
+        self,
+        inputs: list,
+        top_k: int | None = None,
+        min_score: float | None = None,
+        render: bool | None = None,
+        ctx: bentoml.Context = None,
     ) -> PredictResponse:
         """Predict for texts, base64-encoded images or {"question", "context"} objects:
-        {"inputs": [...]}, with "top_k": k for classification."""
+        {"inputs": [...]}, with "top_k": k for classification, "min_score" for detection and
+        "render": true for an annotated PNG (detection, segmentation)."""
         try:
-            return self.response(await self.answer(inputs, {"top_k": top_k}))
+            params = {"top_k": top_k, "min_score": min_score, "render": render}
+            return self.response(await self.answer(inputs, params))
         except InputError as e:
             return reject(self.rt, e, ctx)
 
     @bentoml.api(route="/predict_file")
     async def predict_file(
-        self, files: list[Path], top_k: int | None = None, ctx: bentoml.Context = None
+        self,
+        files: list[Path],
+        top_k: int | None = None,
+        min_score: float | None = None,
+        render: bool | None = None,
+        ctx: bentoml.Context = None,
     ) -> PredictResponse:
-        """Classify uploaded image files (multipart/form-data, field `files`)."""
+        """Predict for uploaded image files (multipart/form-data, field `files`)."""
         try:
             if not self.rt.heavy_inputs:
                 raise InputError(
@@ -261,7 +293,8 @@ class Tuneserve:
                     "use /predict",
                 )
             raw = [Path(f).read_bytes() for f in files]
-            return self.response(await self.answer(raw, {"top_k": top_k}))
+            params = {"top_k": top_k, "min_score": min_score, "render": render}
+            return self.response(await self.answer(raw, params))
         except InputError as e:
             return reject(self.rt, e, ctx)
 

@@ -174,9 +174,13 @@ class ObjectDetection(DenseVision):
             if not ke.any() or not kg.any():
                 continue
             iou = box_iou(e_boxes[i][ke], g_boxes[i][kg])
-            iou[e_labels[i][ke][:, None] != g_labels[i][kg][None, :]] = 0
-            best = iou.argmax(1)
-            matched = iou.max(1) >= 0.9
+            gap = np.abs(e_boxes[i][ke][:, None] - g_boxes[i][kg][None]).max(2)
+            other = e_labels[i][ke][:, None] != g_labels[i][kg][None, :]
+            iou[other], gap[other] = 0.0, np.inf
+            ds = np.abs(e_scores[i][ke][:, None] - g_scores[i][kg][None])
+            best = (gap + ds).argmin(1)  # the partner: the nearest box of the label and score
+            rows = np.arange(len(best))
+            matched = (gap[rows, best] < 0.5) | (iou[rows, best] >= 0.9)
             if matched.mean() < 0.95:
                 failures.append(f"image {i}: {matched.mean():.2f} of the boxes matched at IoU 0.9")
             diff = np.abs(e_scores[i][ke][matched] - g_scores[i][kg][best[matched]])

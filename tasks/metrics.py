@@ -174,5 +174,7 @@ def segmentation_scores(preds, golds, num_classes: int, ignore: int) -> dict:
     return {
         "miou": float(iou.mean()) if iou.size else 0.0,
         "pixel_accuracy": float(inter.sum() / max(1, conf.sum())),
-        "per_class_iou": {int(c): float(v) for c, v in zip(np.flatnonzero(present), iou, strict=True)},
+        "per_class_iou": {
+            int(c): float(v) for c, v in zip(np.flatnonzero(present), iou, strict=True)
+        },
     }
