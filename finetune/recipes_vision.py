@@ -197,6 +197,7 @@ class DenseRecipe(_Recipe):
         self.mean, self.std = config["preprocessing"]["mean"], config["preprocessing"]["std"]
         self.size = self.contract.size
         self.splits: dict[str, tuple] = {}
+        self.outputs: dict[str, list] = {}
         self.loader: DataLoader | None = None
 
     def split(self, name: str):
@@ -251,7 +252,7 @@ class DenseRecipe(_Recipe):
             outputs.extend(self.contract.run(run, items[s : s + EVAL_BATCH // 4])[0])
         golds = [self.contract.gold(self.contract.stored_target(t)) for t in targets]
         metrics = self.contract.score(outputs, golds)
-        self.last = (split, outputs)
+        self.outputs[split] = outputs  # the grid of report/ draws the validation ones
         return {"loss": total / max(1, len(items)), **metrics}
 
     def draw_grid(self, path) -> None:
@@ -261,10 +262,9 @@ class DenseRecipe(_Recipe):
         from tasks.vision import PALETTE
 
         crops, targets = self.split("val")
-        outputs = self.last[1] if getattr(self, "last", ("",))[0] == "val" else None
-        if outputs is None:
+        if "val" not in self.outputs:
             self.evaluate("val", self.cfg.strategy)
-            outputs = self.last[1]
+        outputs = self.outputs["val"]
         n = min(GRID, len(crops))
         s = self.size
         sheet = Image.new("RGB", (2 * s, n * s), "white")

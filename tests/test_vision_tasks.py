@@ -418,7 +418,7 @@ def test_service_json_upload_oip_bad_inputs_and_drift(dense):
         {"inputs": ["bm90IGFuIGltYWdl"]},  # base64 of text
         {"inputs": ["%%%"]},
         {"inputs": [b64], "top_k": 2},
-        {"inputs": [b64], "render": "yes"},
+        {"inputs": [b64], "render": "maybe"},
         {"inputs": []},
     ]
     if kind == "detection":
