@@ -6,8 +6,6 @@ ONNX outputs `logits` [batch, classes] and `pooled_embedding` [batch, dim]; the 
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +24,7 @@ from tasks.common import (
 )
 from tasks.drift import Samples
 from tasks.errors import InputError
+from tasks.vision import image_bytes, png_base64
 
 IMAGE_INPUT = "pixel_values"
 
@@ -112,18 +111,10 @@ class ImageClassification(Classification):
     example_input = "<base64 PNG/JPEG>"
 
     def decode(self, value) -> Prepared:
-        if isinstance(value, str):
-            try:
-                value = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise InputError("invalid_base64", "image input is not valid base64") from None
-        if not isinstance(value, bytes | bytearray):
-            raise InputError(
-                "wrong_type", f"image inputs are base64 strings, got {type(value).__name__}"
-            )
+        value = image_bytes(value)
         pre = self.pre
         return decode_image(
-            bytes(value),
+            value,
             self.limits.max_image_pixels,
             int(pre["resize"]),
             int(pre["crop_size"]),
@@ -136,13 +127,7 @@ class ImageClassification(Classification):
     @staticmethod
     def holdout_request(value) -> str:
         """The crop as a base64 PNG."""
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(value, dtype=np.uint8)).save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode("ascii")
+        return png_base64(np.asarray(value, dtype=np.uint8))
 
     def feeds(self, items: Sequence[Prepared], stats: dict | None = None) -> dict:
         crops = np.stack([i.value for i in items])

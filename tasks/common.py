@@ -84,8 +84,15 @@ def resize_crop(im, resize: int, crop: int, interpolation: str) -> np.ndarray:
 
 
 def decode_image(data: bytes, max_pixels: int, resize: int, crop: int, interp: str) -> Prepared:
-    """Header first (size checked before any pixel is decoded), then pixels; every decoder
-    failure is an InputError, never an exception of PIL's own."""
+    """An image request as the classifier's centre crop."""
+    crop_px, (w, h) = read_image(data, max_pixels, lambda im: resize_crop(im, resize, crop, interp))
+    return Prepared(crop_px, pixels=w * h)
+
+
+def read_image(data: bytes, max_pixels: int, convert):
+    """(convert(PIL image), (width, height)): the header first (the size checked before any
+    pixel is decoded), then the pixels; every decoder failure is an InputError, never an
+    exception of PIL's own."""
     from PIL import Image
 
     try:
@@ -108,10 +115,9 @@ def decode_image(data: bytes, max_pixels: int, resize: int, crop: int, interp: s
         if min(w, h) < 1:
             raise InputError("undecodable_image", f"image has no pixels ({w}x{h})")
         try:
-            crop_px = resize_crop(im, resize, crop, interp)
+            return convert(im), (w, h)
         except Exception as e:  # truncated or corrupt pixel data, any decoder's error
             raise InputError("undecodable_image", f"cannot decode the image: {e}") from None
-        return Prepared(crop_px, pixels=w * h)
 
 
 def brightness(crops: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tasks.base import Task
-from tasks.common import RESAMPLE, Prepared, brightness, decode_image, normalize
+from tasks.common import RESAMPLE, Prepared, brightness, normalize, read_image
 from tasks.errors import InputError
 
 IMAGE_INPUT = "pixel_values"
@@ -103,17 +103,12 @@ class DenseVision(Task):
         return int(self.pre["image_size"])
 
     def decode(self, value) -> Prepared:
-        # decode_image checks the size before decoding any pixel and turns every decoder
-        # failure into an InputError; its resize/crop is replaced by the letterbox here.
-        data = image_bytes(value)
-        decode_image(data, self.limits.max_image_pixels, 1, 1, "nearest")
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            crop, _ = letterbox(
-                im, self.size, pad_fill(self.pre["mean"]), self.pre["interpolation"]
-            )
+        fill, interp = pad_fill(self.pre["mean"]), self.pre["interpolation"]
+        crop, (w, h) = read_image(
+            image_bytes(value),
+            self.limits.max_image_pixels,
+            lambda im: letterbox(im, self.size, fill, interp)[0],
+        )
         return Prepared(crop, pixels=w * h, size=(w, h))
 
     def from_holdout(self, value) -> Prepared:
