@@ -18,7 +18,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Fine-tune a pre-trained backbone on a labelled data set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("data", help="class folders, a table file, or a folder of train/val tables")
+    p.add_argument(
+        "data",
+        help="class folders, a table file, a folder of train/val tables, CoNLL or SQuAD files, "
+        "VOC/COCO detection data, or images/ + masks/ for segmentation",
+    )
     p.add_argument("--out", default=None, help="run folder; None: runs/<data folder name>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
