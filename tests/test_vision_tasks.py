@@ -53,6 +53,19 @@ def test_voc_layout_cleaning_and_stem_lists(tmp_path):
     assert clipped, "the box past the right edge ends at the image's width"
 
 
+def test_bad_annotations_stop_the_cli_with_one_line(tmp_path):
+    from tests.conftest import run_module
+
+    root = make_voc(tmp_path / "voc", n=6)
+    (root / "annotations" / "img2.xml").write_text(
+        "<annotation><filename>img2.png</filename><object><name>red</name></object></annotation>"
+    )
+    r = run_module("finetune", str(root), "--out", str(tmp_path / "run"), timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "img2.xml" in r.stderr and "bndbox" in r.stderr
+
+
 def test_coco_json_layout(tmp_path):
     from finetune.data_vision import load_vision_dataset, vision_task
 
