@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 
 import tasks
-from tasks.classification import IMAGE_INPUT  # noqa: F401 (re-exported)
 from tasks.common import text_tokenizer
+from tasks.vision import IMAGE_INPUT  # noqa: F401 (re-exported)
 
 
 def contract_for(ckpt, tokenizer=None) -> tasks.Task:

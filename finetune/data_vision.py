@@ -214,6 +214,17 @@ def _by_lists(records: list[dict], lists: dict[str, set[str]], counts: Counter) 
     return parts
 
 
+def _assign(records, role, root, single: bool, parts: dict, sources: dict, counts) -> None:
+    """A folder's records into `parts`: by its stem lists when it has them (one folder for
+    every split), else all to `role`."""
+    lists = _stem_lists(root) if single else {}
+    if lists:
+        for k, v in _by_lists(records, lists, counts).items():
+            parts[k], sources[k] = v, root / f"{k}.txt"
+    else:
+        parts[role], sources[role] = records, root
+
+
 def _load_detection(r: dict, counts: Counter, bad: list[str]) -> dict | None:
     px = _read_image(r["path"], bad, counts)
     if px is None:
@@ -249,12 +260,7 @@ def _detection_parts(path: Path, counts: Counter, bad: list[str]) -> tuple[dict,
         records = _coco_records(coco, counts) if coco else _voc_records(root, counts, bad)
         if not records:
             raise DataError(f"'{root}' holds no annotated images (VOC XML or COCO JSON)")
-        lists = _stem_lists(root) if len(roots) == 1 else {}
-        if lists:
-            for k, v in _by_lists(records, lists, counts).items():
-                parts[k], sources[k] = v, root / f"{k}.txt"
-        else:
-            parts[role], sources[role] = records, root
+        _assign(records, role, root, len(roots) == 1, parts, sources, counts)
     loaded = {}
     for role, records in parts.items():
         loaded[role] = [x for r in records if (x := _load_detection(r, counts, bad)) is not None]
@@ -303,12 +309,7 @@ def _segmentation_parts(path: Path, counts: Counter, bad: list[str]) -> tuple[di
         records = [r for r in records if r["mask"] is not None]
         if not records:
             raise DataError(f"'{root}' holds no image with a mask of the same name")
-        lists = _stem_lists(root) if len(roots) == 1 else {}
-        if lists:
-            for k, v in _by_lists(records, lists, counts).items():
-                parts[k], sources[k] = v, root / f"{k}.txt"
-        else:
-            parts[role], sources[role] = records, root
+        _assign(records, role, root, len(roots) == 1, parts, sources, counts)
     loaded = {}
     for role, records in parts.items():
         loaded[role] = []

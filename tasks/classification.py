@@ -13,20 +13,16 @@ import numpy as np
 from tasks.base import Output, Task, utf8
 from tasks.common import (
     Prepared,
-    brightness,
     check_text,
     decode_image,
     encoding_columns,
     length_buckets,
-    normalize,
     softmax,
     unknown_id,
 )
 from tasks.drift import Samples
 from tasks.errors import InputError
-from tasks.vision import image_bytes, png_base64
-
-IMAGE_INPUT = "pixel_values"
+from tasks.vision import ImageInput, image_bytes
 
 
 class Classification(Task):
@@ -105,10 +101,8 @@ class Classification(Task):
         }
 
 
-class ImageClassification(Classification):
+class ImageClassification(ImageInput, Classification):
     name = "image-classification"
-    heavy_inputs = True
-    example_input = "<base64 PNG/JPEG>"
 
     def decode(self, value) -> Prepared:
         value = image_bytes(value)
@@ -123,21 +117,6 @@ class ImageClassification(Classification):
 
     def from_holdout(self, value) -> Prepared:
         return Prepared(np.asarray(value, dtype=np.uint8))  # already resized and cropped
-
-    @staticmethod
-    def holdout_request(value) -> str:
-        """The crop as a base64 PNG."""
-        return png_base64(np.asarray(value, dtype=np.uint8))
-
-    def feeds(self, items: Sequence[Prepared], stats: dict | None = None) -> dict:
-        crops = np.stack([i.value for i in items])
-        if stats is not None:
-            stats["brightness"] = brightness(crops).tolist()
-            stats["pixels"] = [i.pixels for i in items]
-        return {IMAGE_INPUT: normalize(crops, self.pre["mean"], self.pre["std"])}
-
-    def parity_feeds(self, items, length=None) -> dict:
-        return self.feeds(items)
 
     def run(self, session_run, items, stats=None):
         logits, embedding = session_run(self.feeds(items, stats))

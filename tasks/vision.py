@@ -90,12 +90,33 @@ def read_png_base64(text: str) -> np.ndarray:
         return np.asarray(im)
 
 
-class DenseVision(Task):
+class ImageInput:
+    """What every image task does with its prepared uint8 HWC inputs (a mixin of Task)."""
+
+    heavy_inputs = True  # decoding runs on the service's threads
+    example_input = "<base64 PNG/JPEG>"
+
+    @staticmethod
+    def holdout_request(value) -> str:
+        """A holdout image as a client sends it: a base64 PNG."""
+        return png_base64(np.asarray(value, dtype=np.uint8))
+
+    def feeds(self, items: Sequence[Prepared], stats: dict | None = None) -> dict:
+        """Normalised NCHW pixels; `stats` gets brightness and size (drift, DESIGN §4)."""
+        crops = np.stack([i.value for i in items])
+        if stats is not None:
+            stats["brightness"] = brightness(crops).tolist()
+            stats["pixels"] = [i.pixels for i in items]
+        return {IMAGE_INPUT: normalize(crops, self.pre["mean"], self.pre["std"])}
+
+    def parity_feeds(self, items, length=None) -> dict:
+        return self.feeds(items)
+
+
+class DenseVision(ImageInput, Task):
     """Image in, a structured answer about its pixels out (boxes, a mask): decoding to the
     letterboxed model input, the input statistics, holdout images and drawing."""
 
-    heavy_inputs = True
-    example_input = "<base64 PNG/JPEG>"
     params = {"render": bool}
 
     @property
@@ -115,20 +136,6 @@ class DenseVision(Task):
         """Holdout images are stored letterboxed already: the input is the whole square."""
         crop = np.asarray(value, dtype=np.uint8)
         return Prepared(crop, size=(crop.shape[1], crop.shape[0]))
-
-    @staticmethod
-    def holdout_request(value) -> str:
-        return png_base64(np.asarray(value, dtype=np.uint8))
-
-    def feeds(self, items: Sequence[Prepared], stats: dict | None = None) -> dict:
-        crops = np.stack([i.value for i in items])
-        if stats is not None:
-            stats["brightness"] = brightness(crops).tolist()
-            stats["pixels"] = [i.pixels for i in items]
-        return {IMAGE_INPUT: normalize(crops, self.pre["mean"], self.pre["std"])}
-
-    def parity_feeds(self, items, length=None) -> dict:
-        return self.feeds(items)
 
     def warm_items(self):
         item = Prepared(np.full((self.size, self.size, 3), 127, np.uint8), size=(self.size,) * 2)

@@ -34,6 +34,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def drift_checks(artifact: Path) -> set[str]:
+    """The checks the export calibrated for the artifact."""
+    return set(json.loads((artifact / "reference.json").read_text())["checks"])
+
+
+def drift_checks_scored(url: str, artifact: Path, value, timeout: float = 30) -> set[str]:
+    """Send more than a drift window (200) of `value`, then the checks /metrics scores (once
+    every one of the artifact's checks is there, or at `timeout`)."""
+    for _ in range(5):
+        r = httpx.post(url + "/predict", json={"inputs": [value] * 50}, timeout=120)
+        assert r.status_code == 200, r.text
+    wanted, seen = drift_checks(artifact), set()
+    deadline = time.time() + timeout
+    while time.time() < deadline and seen != wanted:
+        seen = {
+            line.split('check="')[1].split('"')[0]
+            for line in httpx.get(url + "/metrics").text.splitlines()
+            if line.startswith("tuneserve_drift_score{")
+        }
+        time.sleep(1)
+    return seen
+
+
 def _serve(
     artifact: Path | str,
     log: Path,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import LOC, PER, make_squad
-from tests.test_service import _serve, _stop
+from tests.test_service import _serve, _stop, drift_checks, drift_checks_scored
 
 # --------------------------------------------------------------------------- data and metrics
 
@@ -308,22 +308,7 @@ def test_service_json_oip_bad_inputs_and_drift(span_server):
         assert r.status_code == 400 and r.json()["error"], (body, r.text)
 
     # A full drift window (200) of the holdout's kind of input: every check of the task scored.
-    many = [inputs[0]] * 50
-    for _ in range(5):
-        assert httpx.post(url + "/predict", json={"inputs": many}, timeout=60).status_code == 200
-    checks = set(json.loads((art / "reference.json").read_text())["checks"])
-    import time
-
-    deadline, seen = time.time() + 30, set()
-    while time.time() < deadline and seen != checks:
-        text = httpx.get(url + "/metrics").text
-        seen = {
-            line.split('check="')[1].split('"')[0]
-            for line in text.splitlines()
-            if line.startswith("tuneserve_drift_score{")
-        }
-        time.sleep(1)
-    assert seen == checks
+    assert drift_checks_scored(url, art, inputs[0]) == drift_checks(art)
 
 
 def _same(a: dict, b: dict) -> bool:

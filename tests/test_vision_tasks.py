@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 import xml.etree.ElementTree as ET
 
 import httpx
@@ -19,7 +18,7 @@ from PIL import Image
 
 from finetune.config import TrainConfig
 from tests.conftest import SHAPES, make_masks, make_voc, quiet
-from tests.test_service import _serve, _stop
+from tests.test_service import _serve, _stop, drift_checks, drift_checks_scored
 
 # --------------------------------------------------------------------------- data
 
@@ -442,17 +441,4 @@ def test_service_json_upload_oip_bad_inputs_and_drift(dense):
         r = httpx.post(url + "/predict", json=body, timeout=30)
         assert 400 <= r.status_code < 500 and r.json()["error"], (body, r.status_code, r.text)
 
-    many = [b64] * 50
-    for _ in range(5):
-        assert httpx.post(url + "/predict", json={"inputs": many}, timeout=120).status_code == 200
-    checks = set(json.loads((art / "reference.json").read_text())["checks"])
-    deadline, seen = time.time() + 30, set()
-    while time.time() < deadline and seen != checks:
-        text = httpx.get(url + "/metrics").text
-        seen = {
-            line.split('check="')[1].split('"')[0]
-            for line in text.splitlines()
-            if line.startswith("tuneserve_drift_score{")
-        }
-        time.sleep(1)
-    assert seen == checks
+    assert drift_checks_scored(url, art, b64) == drift_checks(art)
