@@ -43,3 +43,27 @@ def test_sms_spam_auto_macro_f1(tmp_path):
     data = _need(DATA / "sms_spam" / "SMSSpamCollection")
     result = fine_tune(data, tmp_path / "run", TrainConfig(), log=quiet)
     assert result["test_macro_f1"] >= 0.97
+
+
+def test_raccoon_detector_offline_map50(tmp_path):
+    """Issue 13's bar: mAP@.5 >= 0.50 on the author's 40 validation images with the offline
+    MobileNetV2 FCOS (bench/RESULTS.md: the settings and the figures)."""
+    data = _need(DATA / "raccoon")
+    cfg = TrainConfig(
+        backbone="fcos_mobilenet_v2", image_size=320, epochs=24, patience=10, batch_size=8,
+        lr=1e-3, warmup=0.05,
+    )
+    result = fine_tune(data, tmp_path / "run", cfg, log=quiet)
+    assert result["val_map50"] >= 0.50
+
+
+def test_camvid_segmenter_offline_miou(tmp_path):
+    """Issue 13's bar: mean IoU >= 0.40 on the 30 validation images, 11 classes, void (11)
+    ignored, with the offline MobileNetV2 LR-ASPP."""
+    data = _need(DATA / "camvid_small")
+    cfg = TrainConfig(
+        backbone="lraspp_mobilenet_v2", image_size=384, epochs=40, patience=10, batch_size=8,
+        lr=3e-3, warmup=0.05, ignore_index=11,
+    )
+    result = fine_tune(data, tmp_path / "run", cfg, log=quiet)
+    assert result["val_miou"] >= 0.40

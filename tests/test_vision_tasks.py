@@ -169,12 +169,18 @@ def test_boxes_land_on_the_image_pixels_after_letterbox():
 
     px = np.full((100, 240, 3), 128, np.uint8)  # wide: scaled by 64/240, padded at the bottom
     px[30:70, 120:180] = (255, 0, 0)
+    tall = np.full((300, 90, 3), 128, np.uint8)  # tall, another scale, padded on the right
+    tall[200:260, 10:50] = (255, 0, 0)
     item = task.decode(base64.b64encode(_png(px)).decode())
     assert item.size == (240, 100) and item.value.shape == (64, 64, 3)
     assert (item.value[30:] == np.round(np.array([0.5] * 3) * 255)).all()  # the padding
-    outputs, _ = task.run(session_run, [item])
-    box = task.postprocess(outputs[0], task.check_params({}))["detections"][0]["box"]
+    # One batch of two sizes: each box on its own image's pixels.
+    outputs, _ = task.run(session_run, [item, task.decode(_png(tall))])
+    params = task.check_params({})
+    box = task.postprocess(outputs[0], params)["detections"][0]["box"]
     assert np.allclose(box, [120, 30, 180, 70], atol=240 / 64 + 0.5), box
+    box = task.postprocess(outputs[1], params)["detections"][0]["box"]
+    assert np.allclose(box, [10, 200, 50, 260], atol=300 / 64 + 0.5), box
 
 
 def test_masks_come_back_at_the_image_size():
