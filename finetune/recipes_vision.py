@@ -50,7 +50,7 @@ def setup(task: str, cfg, data, log):
     post = contract_cls.default_postprocessing(contract_cls)
     model = vision.build(spec, len(ds.labels), size, cfg.weights, post)
     groups = backbones.parameter_groups(spec, model.backbone)
-    mean, std = backbones.IMAGENET_MEAN, backbones.IMAGENET_STD
+    mean, std = spec.mean, spec.std
     from finetune.train import _versions
 
     config = {

@@ -8,7 +8,7 @@ Both wrap torchvision's own parts and expose `backbone` (the ImageNet encoder, s
 groups for gradual unfreezing) and `head` (everything the task adds: FPN and detection head,
 or the segmentation head), as the shared loop expects.
 
-Detection is single-stage (FCOS, RetinaNet): the whole post-processing runs batched inside
+Detection is single-stage (FCOS, RetinaNet, SSDlite): the whole post-processing runs batched inside
 the graph (box decoding, top-k, class-aware NMS, a fixed number of rows per image), so one
 ONNX call serves a batch. NMS in the graph is "fast NMS" (YOLACT, Bolya et al. 2019): a box
 is dropped when any higher-scoring box of its class overlaps it above the threshold, which
@@ -40,6 +40,8 @@ class VisionSpec:
     encoder: str  # mobilenet_v2 (offline), or a torchvision model with its own weights
     groups: tuple[str, ...]  # parameter-name prefixes of the encoder, bottom→top
     source: str
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # the encoder's input normalisation
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
 DET, SEG = "object-detection", "semantic-segmentation"
@@ -71,6 +73,11 @@ REGISTRY: dict[str, VisionSpec] = {
             "retinanet_resnet50_fpn_v2",
             RESNET_GROUPS,
             "torchvision:retinanet_resnet50_fpn_v2 (COCO)",
+        ),
+        VisionSpec(
+            "ssdlite320_mobilenet_v3_large", DET, "ssd", "ssdlite320_mobilenet_v3_large",
+            ("0.*", "1.*"), "torchvision:ssdlite320_mobilenet_v3_large (COCO)",
+            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
         ),
         VisionSpec(
             "lraspp_mobilenet_v2", SEG, "lraspp", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE
@@ -203,15 +210,21 @@ class Detector(nn.Module):
     def __init__(self, tv_model: nn.Module, kind: str, size: int, post: dict):
         super().__init__()
         self.kind, self.size = kind, size
-        self.backbone = tv_model.backbone.body
-        self.head = nn.ModuleDict({"fpn": tv_model.backbone.fpn, "det": tv_model.head})
+        if kind == "ssd":  # the MobileNet trunk, then SSDlite's extra layers: no FPN
+            self.backbone = tv_model.backbone.features
+            self.head = nn.ModuleDict({"extra": tv_model.backbone.extra, "det": tv_model.head})
+        else:
+            self.backbone = tv_model.backbone.body
+            self.head = nn.ModuleDict({"fpn": tv_model.backbone.fpn, "det": tv_model.head})
         self._tv = [tv_model]  # a list: its modules are registered above, not twice
         self.pre_nms = 300  # candidates per image before NMS
         self.score_thresh = 0.05
         self.max_det = int(post["max_detections"])
         self.iou = float(post["iou_threshold"])
+        self.eval()  # one dummy forward for the level sizes; BatchNorm needs eval at batch 1
         with torch.no_grad():
             feats = self.features(torch.zeros(1, 3, size, size))[1]
+        self.train()
         from torchvision.models.detection.image_list import ImageList
 
         anchors = tv_model.anchor_generator(
@@ -221,7 +234,13 @@ class Detector(nn.Module):
         self.per_level = [f.shape[2] * f.shape[3] for f in feats]
 
     def features(self, x):
-        """(the encoder's top feature map, the FPN levels)."""
+        """(the encoder's top feature map, the levels the detection head reads)."""
+        if self.kind == "ssd":
+            levels = []
+            for block in [*self.backbone, *self.head["extra"]]:
+                x = block(x)
+                levels.append(x)
+            return levels[len(self.backbone) - 1], levels
         body = self.backbone(x)
         return list(body.values())[-1], list(self.head["fpn"](body).values())
 
@@ -232,6 +251,17 @@ class Detector(nn.Module):
         anchors = [self.anchors] * len(x)
         if self.kind == "fcos":
             return tv.compute_loss(targets, out, anchors, self.per_level)
+        if self.kind == "ssd":  # class 0 is SSD's background: the user's classes from 1
+            from torchvision.ops import box_iou
+
+            targets = [{**t, "labels": t["labels"] + 1} for t in targets]
+            matched = [
+                tv.proposal_matcher(box_iou(t["boxes"], self.anchors))
+                if t["boxes"].numel()
+                else torch.full((len(self.anchors),), -1, dtype=torch.int64, device=x.device)
+                for t in targets
+            ]
+            return tv.compute_loss(targets, out, anchors, matched)
         return tv.compute_loss(targets, out, anchors)
 
     def _decode(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,14 +283,18 @@ class Detector(nn.Module):
                 torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"])
             )
             return boxes, scores
-        # RetinaNet: BoxCoder with weights (1, 1, 1, 1), torchvision's clamp of dw and dh
+        # RetinaNet and SSD: BoxCoder, weights (1, 1, 1, 1) and (10, 10, 5, 5), torchvision's
+        # clamp of dw and dh
+        wx, wy, ww, wh = (10.0, 10.0, 5.0, 5.0) if self.kind == "ssd" else (1.0, 1.0, 1.0, 1.0)
         w, h = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
         cx, cy = a[:, 0] + 0.5 * w, a[:, 1] + 0.5 * h
         clamp = math.log(1000.0 / 16)
-        pcx, pcy = reg[..., 0] * w + cx, reg[..., 1] * h + cy
-        pw = torch.exp(reg[..., 2].clamp(max=clamp)) * w
-        ph = torch.exp(reg[..., 3].clamp(max=clamp)) * h
+        pcx, pcy = reg[..., 0] / wx * w + cx, reg[..., 1] / wy * h + cy
+        pw = torch.exp((reg[..., 2] / ww).clamp(max=clamp)) * w
+        ph = torch.exp((reg[..., 3] / wh).clamp(max=clamp)) * h
         boxes = torch.stack([pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph], -1)
+        if self.kind == "ssd":  # softmax over background and classes; background dropped
+            return boxes, torch.softmax(out["cls_logits"], dim=-1)[..., 1:]
         return boxes, torch.sigmoid(out["cls_logits"])
 
     def export_outputs(self, x):
@@ -328,8 +362,26 @@ def build_detector(spec: VisionSpec, num_classes: int, size: int, weights: str, 
     return Detector(tv, spec.kind, size, post)
 
 
+def _new_ssd_classes(tv: nn.Module, num_classes: int) -> None:
+    """SSDlite's classification head for background + the user's classes."""
+    from functools import partial
+
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
+
+    channels = det_utils.retrieve_out_channels(tv.backbone, (320, 320))
+    anchors = tv.anchor_generator.num_anchors_per_location()
+    norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    tv.head.classification_head = SSDLiteClassificationHead(
+        channels, anchors, num_classes + 1, norm
+    )
+
+
 def _new_classes(tv: nn.Module, kind: str, num_classes: int) -> None:
     """A fresh classification layer for the user's classes (the COCO one has 91)."""
+    if kind == "ssd":
+        _new_ssd_classes(tv, num_classes)
+        return
     cls = tv.head.classification_head
     old = cls.cls_logits
     anchors = old.out_channels // cls.num_classes

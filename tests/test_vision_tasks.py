@@ -269,9 +269,16 @@ def test_every_registered_model_exports_with_parity(name, tmp_path):
     torch.manual_seed(0)
     model = vision.build(spec, 2, 64, "random", contract.post).eval()
     if spec.task == "object-detection":
-        # Untrained heads score every anchor about 0.01: near-ties that rounding reorders.
-        # Spread scores, as a trained head's are.
-        torch.nn.init.normal_(model.head["det"].classification_head.cls_logits.weight, std=0.3)
+        # Untrained heads score every anchor about 0.01 (and SSDlite's small random init
+        # leaves its features near zero): near-ties that rounding reorders. Spread features
+        # and scores, as trained weights do.
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight)
+        cls = model.head["det"].classification_head
+        last = [cls.cls_logits] if hasattr(cls, "cls_logits") else [m[-1] for m in cls.module_list]
+        for conv in last:
+            torch.nn.init.normal_(conv.weight, std=0.3)
     rng = np.random.default_rng(0)
     items = [Prepared(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
     feeds = contract.feeds(items)
