@@ -275,8 +275,13 @@ def test_every_registered_model_exports_with_parity(name, tmp_path):
         for m in model.backbone.modules():
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(m.weight)
-        cls = model.head["det"].classification_head
-        last = [cls.cls_logits] if hasattr(cls, "cls_logits") else [m[-1] for m in cls.module_list]
+        cls = getattr(model.head["det"], "classification_head", None)
+        if cls is None:  # Faster R-CNN: the box predictor's class scores
+            last = [model.head["roi"].box_predictor.cls_score]
+        elif hasattr(cls, "cls_logits"):
+            last = [cls.cls_logits]
+        else:  # SSDlite: one prediction block per level
+            last = [m[-1] for m in cls.module_list]
         for conv in last:
             torch.nn.init.normal_(conv.weight, std=0.3)
     rng = np.random.default_rng(0)
