@@ -51,10 +51,10 @@ def setup(task: str, cfg, data, log):
     model = vision.build(spec, len(ds.labels), size, cfg.weights, post)
     groups = backbones.parameter_groups(spec, model.backbone)
     mean, std = spec.mean, spec.std
-    from finetune.train import _versions
+    from finetune import checkpoint
 
     config = {
-        "format_version": 1,
+        "format_version": checkpoint.FORMAT_VERSION,
         "task": task,
         "status": "training",
         "backbone": {
@@ -81,7 +81,6 @@ def setup(task: str, cfg, data, log):
         "training": cfg.to_dict(),
         "seed": cfg.seed,
         "amp": torch.cuda.is_available() and cfg.device != "cpu",
-        "versions": _versions(),
         "data": ds.summary,
     }
     return cfg, ds, model, groups, config

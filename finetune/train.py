@@ -169,6 +169,7 @@ def fine_tune(
         from finetune import recipes_vision
 
         cfg, ds, model, groups, config = recipes_vision.setup(task, cfg, data, log)
+        config["versions"] = _versions()
     else:
         spec = backbones.resolve(cfg.backbone)
         if tasks.uses_tokenizer(task) != tasks.uses_tokenizer(spec.task):
