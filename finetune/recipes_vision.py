@@ -190,6 +190,13 @@ def collate(batch):
 
 
 class DenseRecipe(_Recipe):
+    @property
+    def loss_name(self) -> str:
+        """What report/curves.png calls the loss."""
+        if self.ds.task == DETECTION:
+            return "detection loss (classification + boxes, torchvision's)"
+        return "pixel cross-entropy (void excluded)"
+
     def __init__(self, model, groups, ds: Dataset, cfg, device, config: dict):
         super().__init__(model, groups, ds, cfg, device)
         self.contract = tasks.create(config)

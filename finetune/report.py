@@ -17,16 +17,20 @@ def _plt():
 
 
 def plot_curves(
-    history: list[dict], path: Path, best_epoch: int | None = None, *scores: str
+    history: list[dict],
+    path: Path,
+    best_epoch: int | None = None,
+    *scores: str,
+    loss: str = "cross-entropy",
 ) -> None:
     """Loss and validation scores per epoch; `scores`: the keys to draw (default: accuracy
-    and macro-F1)."""
+    and macro-F1); `loss`: what the loss is."""
     plt = _plt()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel=loss)
     for key in scores or ("val_accuracy", "val_macro_f1"):
         label = key.replace("_", " ").replace("val ", "val ").replace("macro f1", "macro-F1")
         ax_score.plot(epochs, [h[key] for h in history], "o-", label=label)

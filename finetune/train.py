@@ -314,7 +314,13 @@ def _report(out: Path, history: list[dict], final: dict, ds: Dataset, recipe, au
     report = out / "report"
     report.mkdir(exist_ok=True)
     scores = () if isinstance(recipe, ClassifierRecipe) else (f"val_{recipe.contract.metric}",)
-    plot_curves(history, report / "curves.png", final["epoch"], *scores)
+    plot_curves(
+        history,
+        report / "curves.png",
+        final["epoch"],
+        *scores,
+        loss=getattr(recipe, "loss_name", "cross-entropy"),
+    )
     if hasattr(recipe, "draw_grid"):
         recipe.draw_grid(report / "predictions.png")
     if "test_confusion_matrix" in final:
