@@ -102,6 +102,8 @@ def request_inputs(ckpt) -> list:
     import tasks
 
     contract = tasks.get(ckpt.config["task"])
+    if ckpt.config["task"] == "tabular-classification":  # rows decode by the card's schema
+        contract = tasks.create(ckpt.config)
     return [contract.holdout_request(x) for x in ckpt.holdout_inputs]
 
 

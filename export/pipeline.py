@@ -78,7 +78,8 @@ def export_checkpoint(
         )
     name = _sanitize(name or run.resolve().name)
     base = Path(out) / name
-    source_sha = card_mod.sha256_file(run / ckpt_mod.WEIGHTS)
+    trees = ckpt.task == ckpt_mod.TABULAR  # scikit-learn trees: skl2onnx, not torch.onnx
+    source_sha = card_mod.sha256_file(run / (ckpt_mod.TREES if trees else ckpt_mod.WEIGHTS))
     if skip_existing and version is None and base.is_dir():
         latest = base / f"v{int(next_version(base)[1:]) - 1}"
         try:
@@ -151,6 +152,26 @@ def export_checkpoint(
     return final
 
 
+def _torch_graph(model, ckpt, feeder, work: Path, opset: int, tolerance: float, stage, log):
+    """torch.onnx.export, ONNX Runtime's optimisation, then parity against PyTorch:
+    (model file, export details, its session, parity report)."""
+    graph = convert.graph_for(model, ckpt.task)
+    stage()
+    raw = work / "raw.onnx"
+    t0 = time.perf_counter()
+    details = convert.to_onnx(graph, feeder.feeds(feeder.take(2)), ckpt.task, raw, opset)
+    stage()
+    path = work / card_mod.MODEL
+    details["graph_optimization"] = convert.optimize(raw, path)
+    raw.unlink()
+    details["seconds"] = round(time.perf_counter() - t0, 2)
+    if "fallback_reason" in details:
+        log(f"dynamo exporter failed ({details['fallback_reason']}); used the TorchScript one")
+    stage()
+    fp32 = _session(path)  # parity, then the holdout outputs: one load of the file
+    return path, details, fp32, check_parity(graph, fp32, feeder, tolerance=tolerance)
+
+
 def _build(
     ckpt,
     model,
@@ -183,23 +204,16 @@ def _build(
 
     stage()
     feeder = Feeder(ckpt, tokenizer)
-    graph = convert.graph_for(model, ckpt.task)
+    if ckpt.task == ckpt_mod.TABULAR:
+        from export import tabular
 
-    stage()
-    raw = work / "raw.onnx"
-    t0 = time.perf_counter()
-    details = convert.to_onnx(graph, feeder.feeds(feeder.take(2)), ckpt.task, raw, opset)
-    stage()
-    path = work / card_mod.MODEL
-    details["graph_optimization"] = convert.optimize(raw, path)
-    raw.unlink()
-    details["seconds"] = round(time.perf_counter() - t0, 2)
-    if "fallback_reason" in details:
-        log(f"dynamo exporter failed ({details['fallback_reason']}); used the TorchScript one")
-
-    stage()
-    fp32 = _session(path)  # parity, then the holdout outputs: one load of the file
-    parity = check_parity(graph, fp32, feeder, tolerance=tolerance)
+        path, details, fp32, parity = tabular.convert_and_check(
+            model, feeder, work, opset, tolerance, stage
+        )
+    else:
+        path, details, fp32, parity = _torch_graph(
+            model, ckpt, feeder, work, opset, tolerance, stage, log
+        )
     log(
         f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {tolerance:g}), top-1 "
         f"agreement {parity.top1_agreement:.4f}, {parity.checks} checks"

@@ -16,6 +16,8 @@ PCA_COMPONENTS = 8  # low-dimensional view of the embedding, cheap to project pe
 
 
 def input_statistics(feeder: Feeder) -> dict:
+    if hasattr(feeder.contract, "input_summary"):  # tables: per-feature reference
+        return feeder.contract.input_summary([i.value for i in feeder.items])
     if feeder.contract.heavy_inputs:
         gray = feeder.inputs.astype(np.float32).mean(axis=3) / 255.0  # N, H, W
         return {

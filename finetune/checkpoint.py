@@ -29,6 +29,8 @@ METRICS = "metrics.json"
 TOKENIZER = "tokenizer"
 RESUME = "resume"
 REQUIRED = (WEIGHTS, CONFIG, HOLDOUT, METRICS)
+TREES = "model.skops"  # tabular runs: the scikit-learn model (skops format, no pickle)
+TABULAR = "tabular-classification"
 
 
 @dataclass
@@ -90,7 +92,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     run = Path(path)
     if not run.is_dir():
         raise CheckpointError(f"checkpoint folder '{run}' does not exist", str(run))
-    missing = [f for f in REQUIRED if not (run / f).is_file()]
+    required = REQUIRED
+    if (run / CONFIG).is_file() and (run / TREES).is_file():
+        required = (TREES, CONFIG, HOLDOUT, METRICS)
+    missing = [f for f in required if not (run / f).is_file()]
     if missing:
         raise CheckpointError(
             f"checkpoint '{run}' is incomplete: missing {', '.join(missing)}", str(run / missing[0])
@@ -128,6 +133,8 @@ def build_model(ckpt: Checkpoint):
 
     cfg = ckpt.config
     b = cfg["backbone"]
+    if cfg["task"] == TABULAR:
+        return load_trees(ckpt.path)
     if cfg["task"] in DENSE_VISION_TASKS:
         from finetune import vision
 
@@ -156,6 +163,22 @@ def build_model(ckpt: Checkpoint):
     model = head(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
     _load_weights(model, ckpt)
     return model.eval()
+
+
+def load_trees(run: Path):
+    """The scikit-learn model of a tabular run; only scikit-learn's and numpy's own types
+    are accepted (skops refuses any other type in the file)."""
+    import skops.io as sio
+
+    path = run / TREES
+    unknown = [
+        t for t in sio.get_untrusted_types(file=path) if not t.startswith(("sklearn.", "numpy."))
+    ]
+    if unknown:
+        raise CheckpointError(
+            f"'{path}' holds types other than scikit-learn's: {unknown}", str(path)
+        )
+    return sio.load(path, trusted=sio.get_untrusted_types(file=path))
 
 
 def _load_weights(model, ckpt: Checkpoint) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 STRATEGIES = ("auto", "feature-extraction", "full", "gradual")
 SCHEDULES = ("linear", "cosine", "constant")  # after warm-up (finetune/optim.py)
 AUTO_BACKBONES = {
+    "tabular-classification": "gradient-boosting",
     "image-classification": "efficientnet_lite0",
     "text-classification": "minilm",
     "object-detection": "fcos_mobilenet_v2",
@@ -25,6 +26,8 @@ MONITORS = (
     "val_map",
     "val_miou",
     "val_pixel_accuracy",
+    "val_roc_auc",
+    "val_pr_auc",
 )
 
 
@@ -55,6 +58,10 @@ class TrainConfig:
     image_size: int | None = None  # crop size in pixels; None = the backbone's own (224 mostly);
     # detection and segmentation: the letterboxed square input (None = 320 and 384)
     ignore_index: int = 255  # segmentation: the mask value of void pixels (not scored)
+    categorical: str | None = None  # tables: comma-separated columns to treat as categories
+    target_precision: float | None = None  # tables, two classes: threshold for this precision
+    # on validation (None: the best F1)
+    init_from: str | None = None  # tables: continue training the trees of this earlier run
     max_length: int = 128  # tokens per window (texts longer than this are read in windows)
     max_windows: int = 8  # text classification: windows read per text, their logits averaged
     stride: int = 0  # entities, answers: tokens shared by consecutive windows; 0 = max_length/4

@@ -102,6 +102,10 @@ def detect_task(path: str | Path) -> str:
         dense = vision_task(path)
         if dense is not None:
             return dense
+        from finetune.data_tabular import TASK, is_tabular
+
+        if is_tabular(path):
+            return TASK
     return _locate(path)[1]
 
 

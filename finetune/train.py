@@ -155,6 +155,12 @@ def fine_tune(
     np.random.seed(cfg.seed)
 
     task = detect_task(data)
+    if task == "tabular-classification":
+        if resume:
+            raise FinetuneError("--resume does not apply to tabular runs (they take seconds)")
+        from finetune.tabular import fine_tune_table
+
+        return fine_tune_table(Path(data), out, cfg, log)
     if cfg.backbone == "auto":
         cfg = dataclasses.replace(cfg, backbone=AUTO_BACKBONES.get(task, "minilm"))
     if cfg.monitor == "auto":  # the task's own metric (tasks registry)

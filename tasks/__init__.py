@@ -20,6 +20,7 @@ REGISTRY = {
     "question-answering": "tasks.question_answering:QuestionAnswering",
     "object-detection": "tasks.detection:ObjectDetection",
     "semantic-segmentation": "tasks.segmentation:SemanticSegmentation",
+    "tabular-classification": "tasks.tabular:TabularClassification",
 }
 DENSE_VISION_TASKS = ("object-detection", "semantic-segmentation")
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")

@@ -178,3 +178,45 @@ def segmentation_scores(preds, golds, num_classes: int, ignore: int) -> dict:
             int(c): float(v) for c, v in zip(np.flatnonzero(present), iou, strict=True)
         },
     }
+
+
+# --------------------------------------------------------------------------- binary (tables)
+
+
+def binary_scores(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """ROC-AUC, PR-AUC (average precision), and precision, recall and F1 of the positive
+    class at `threshold`."""
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    y = np.asarray(y).astype(int)
+    pred = (np.asarray(p) >= threshold).astype(int)
+    prec, rec, f, _ = precision_recall_fscore_support(
+        y, pred, labels=[1], average=None, zero_division=0
+    )
+    both = len(np.unique(y)) == 2
+    return {
+        "roc_auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(y, p)) if both else float("nan"),
+        "precision": float(prec[0]),
+        "recall": float(rec[0]),
+        "f1": float(f[0]),
+    }
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, target_precision: float | None) -> float:
+    """The positive class's decision threshold on validation: the one with the best F1, or,
+    with a target precision, the lowest threshold that reaches it (the most recall); 0.5
+    when none does."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(np.asarray(y).astype(int), p)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    if target_precision is not None:
+        ok = np.flatnonzero(precision >= target_precision)
+        return float(thresholds[ok[0]]) if ok.size else 0.5
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return float(thresholds[int(np.argmax(f1))])

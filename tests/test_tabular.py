@@ -1,0 +1,179 @@
+"""Tabular classification with gradient-boosted trees: table layouts and cleaning, the
+encoding shared by training and serving, skl2onnx export checked against the trees'
+own probabilities, `--init-from`, and a live service (JSON, tritonclient OIP, bad rows as
+400s). Tiny tables made here."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from finetune.config import TrainConfig
+from finetune.errors import DataError
+from tests.conftest import quiet
+from tests.test_service import _serve, _stop
+
+CITIES = ["paris", "rome", "oslo", "lima"]
+
+
+def make_table(path, n: int = 400, seed: int = 0, shift: float = 0.0):
+    """amount (numeric, some missing), city (categorical), age, and a rare positive class
+    driven by amount and city."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    amount = rng.gamma(2.0, 100.0, n) + shift
+    city = rng.choice(CITIES, n)
+    age = rng.integers(18, 80, n)
+    risk = (amount > 350).astype(float) + (city == "lima") * 0.8 + rng.normal(0, 0.3, n)
+    label = np.where(risk > 1.0, "bad", "good")
+    amount = amount.round(2).astype(object)
+    amount[rng.random(n) < 0.05] = ""
+    pd.DataFrame(
+        {"amount": amount, "city": city, "age": age, "country": "x", "default": label}
+    ).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory):
+    from export.pipeline import export_checkpoint
+    from finetune.train import fine_tune
+
+    tmp = tmp_path_factory.mktemp("tabular")
+    data = make_table(tmp / "loans.csv")
+    result = fine_tune(data, tmp / "run", TrainConfig(test_fraction=0.3), log=quiet)
+    art = export_checkpoint(tmp / "run", tmp / "art", name="loans", register=False, log=quiet)
+    return tmp, result, art
+
+
+def test_table_is_detected_cleaned_and_split(tmp_path):
+    import pandas as pd
+
+    from finetune.data import detect_task
+    from finetune.data_tabular import load_tabular_dataset
+
+    path = make_table(tmp_path / "t.csv", n=200)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    pd.concat([df, df.iloc[:3]]).to_csv(path, index=False)  # three duplicate rows
+    assert detect_task(path) == "tabular-classification"
+    ds = load_tabular_dataset(path, TrainConfig())
+    c = ds.summary["cleaning"]
+    assert c["duplicates"] == 3 and c["constant_columns"] == 1
+    assert ds.summary["dropped_columns"] == ["country"] and ds.labels == ["bad", "good"]
+    assert ds.summary["label_column"] == "default"
+    leak = df.assign(copy=df["default"].map({"bad": "B", "good": "G"}))
+    leak.to_csv(path, index=False)
+    with pytest.raises(DataError, match="column 'copy' is the label"):
+        load_tabular_dataset(path, TrainConfig())
+
+
+def test_headerless_whitespace_table_numbers_its_columns(tmp_path):
+    from finetune.data import detect_task
+    from finetune.data_tabular import load_tabular_dataset
+
+    rng = np.random.default_rng(1)
+    lines = [
+        f"A1{rng.integers(1, 4)} {rng.integers(5, 60)} {rng.integers(100, 9000)} {1 + i % 2}"
+        for i in range(120)
+    ]
+    path = tmp_path / "credit.data"
+    path.write_text("\n".join(lines) + "\n")
+    assert detect_task(path) == "tabular-classification"
+    ds = load_tabular_dataset(path, TrainConfig(label_column="-1"))
+    assert ds.features == ["0", "1", "2"] and ds.labels == ["1", "2"]
+    with pytest.raises(DataError, match="label column '9'"):
+        load_tabular_dataset(path, TrainConfig(label_column="9"))
+
+
+def test_trees_export_with_parity_and_a_threshold(table_run):
+    tmp, result, art = table_run
+    best = json.loads((tmp / "run" / "metrics.json").read_text())["best"]
+    for key in ("val_roc_auc", "val_pr_auc", "val_f1", "val_accuracy"):
+        assert 0.0 <= best[key] <= 1.0
+    assert best["val_roc_auc"] > 0.8  # the tiny table's risk is learnable
+    card = json.loads((art / "card.json").read_text())
+    assert card["parity"]["passed"] and card["parity"]["max_abs_diff"] < 1e-4
+    assert 0.0 < card["postprocessing"]["threshold"] < 1.0
+    assert card["inputs"][0]["shape"] == ["batch", 3]
+    assert card["holdout"]["fp32_roc_auc"] == pytest.approx(result["test_roc_auc"], abs=1e-6)
+    assert (tmp / "run" / "report" / "pr_curve.png").is_file()
+    assert (tmp / "run" / "report" / "calibration.png").is_file()
+
+
+def test_rows_are_encoded_as_in_training_and_bad_rows_refused(table_run):
+    from service.runtime import Runtime
+    from tasks.errors import InputError
+
+    rt = Runtime(table_run[2])
+    row = {"amount": 500.0, "city": "lima", "age": 40}
+    risky = rt.predict([rt.prepare(row)])[0]
+    safe = rt.predict([rt.prepare({"amount": 50, "city": "paris", "age": 40})])[0]
+    assert risky["label"] == "bad" and safe["label"] == "good"
+    unseen = rt.prepare({"amount": None, "city": "tokyo", "age": "41"})  # missing, unseen
+    assert np.isnan(unseen.value[0]) and unseen.value[1] == len(CITIES)
+    for bad, field in (
+        ({"amount": 1, "city": "rome"}, "age"),
+        ({**row, "income": 3}, "income"),
+        ({**row, "amount": "lots"}, "amount"),
+        ({**row, "city": [1]}, "city"),
+    ):
+        with pytest.raises(InputError, match=field):
+            rt.prepare(bad)
+
+
+def test_init_from_continues_the_trees_and_checks_the_schema(table_run, tmp_path):
+    import pandas as pd
+
+    from finetune.train import fine_tune
+
+    tmp, _, _ = table_run
+    later = make_table(tmp_path / "next.csv", n=300, seed=7)
+    cfg = TrainConfig(test_fraction=0.3, init_from=str(tmp / "run"))
+    result = fine_tune(later, tmp_path / "refresh", cfg, log=quiet)
+    first = json.loads((tmp / "run" / "config.json").read_text())["head"]["rounds"]
+    assert result["epoch"] > first and result["val_roc_auc"] > 0.8
+    df = pd.read_csv(later).drop(columns=["age"])
+    df.to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(DataError, match="missing here age"):
+        fine_tune(tmp_path / "other.csv", tmp_path / "bad", cfg, log=quiet)
+
+
+def test_live_service_json_oip_and_bad_rows(table_run, tmp_path):
+    import tritonclient.http as triton
+
+    _, _, art = table_run
+    proc, url = _serve(art, tmp_path / "serve.log", TUNESERVE_WORKERS="1")
+    try:
+        rows = [
+            {"amount": 500.0, "city": "lima", "age": 40},
+            {"amount": None, "city": "x", "age": 30},
+        ]
+        r = httpx.post(url + "/predict", json={"inputs": rows, "top_k": 2}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = r.json()["predictions"]
+        assert got[0]["label"] == "bad" and len(got[1]["top_k"]) == 2
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        tensors = []
+        for name, values in (
+            ("amount", ["500", ""]),
+            ("city", ["lima", "x"]),
+            ("age", ["40", "30"]),
+        ):
+            t = triton.InferInput(name, [2], "BYTES")
+            t.set_data_from_numpy(np.array([v.encode() for v in values], dtype=np.object_))
+            tensors.append(t)
+        res = client.infer("loans", tensors)
+        assert [x.decode() for x in res.as_numpy("label")] == [p["label"] for p in got]
+        for body in (
+            {"inputs": [{"amount": 1, "city": "rome"}]},
+            {"inputs": ["a text"]},
+            {"inputs": [{"amount": "lots", "city": "rome", "age": 3}]},
+        ):
+            r = httpx.post(url + "/predict", json=body, timeout=30)
+            assert r.status_code == 400 and "inputs[0]" in r.json()["detail"], r.text
+    finally:
+        _stop(proc)
