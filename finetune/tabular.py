@@ -30,7 +30,9 @@ from finetune.errors import CheckpointError, DataError
 
 MODEL = checkpoint.TREES
 ROUNDS = 300  # boosting rounds at most (early stopping on an inner 10% usually stops first)
-MORE_ROUNDS = 100  # --init-from: rounds added on the new data
+MORE_ROUNDS = (
+    50  # --init-from: rounds added on the new data (no early stopping: it would stop at once)
+)
 # Candidate settings, chosen by 5-fold cross-validation on the training split (small tables
 # overfit the defaults: German credit CV ROC-AUC 0.754 with them, 0.780 with the slowest).
 CANDIDATES = (
@@ -104,7 +106,9 @@ def fine_tune_table(data: Path, out: Path, cfg, log=print) -> dict:
     balanced = cfg.class_weighting == "balanced" or shares.min() < RARE
     if init is not None:
         model = init[0]
-        model.set_params(warm_start=True, max_iter=model.n_iter_ + MORE_ROUNDS)
+        model.set_params(
+            warm_start=True, early_stopping=False, max_iter=model.n_iter_ + MORE_ROUNDS
+        )
         log(f"continuing '{cfg.init_from}' ({model.n_iter_} rounds) on {len(y['train'])} rows")
     else:
         model = _select(x["train"], y["train"], balanced, cfg.seed, log)
