@@ -207,6 +207,13 @@ def binary_scores(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     }
 
 
+def multiclass_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """One-vs-rest ROC-AUC, averaged over the classes."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p, multi_class="ovr"))
+
+
 def choose_threshold(y: np.ndarray, p: np.ndarray, target_precision: float | None) -> float:
     """The positive class's decision threshold on validation: the one with the best F1, or,
     with a target precision, the lowest threshold that reaches it (the most recall); 0.5

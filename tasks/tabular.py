@@ -210,7 +210,7 @@ class TabularClassification(Task):
         return None  # the thresholded predictions' shares, measured on the holdout
 
     def score(self, outputs, targets) -> dict:
-        from tasks.metrics import binary_scores, classification_metrics
+        from tasks.metrics import binary_scores, classification_metrics, multiclass_auc
 
         p = np.asarray(outputs, dtype=np.float64)
         y = np.asarray(targets)
@@ -221,9 +221,7 @@ class TabularClassification(Task):
             pos = self.positive
             out |= binary_scores(y == pos, p[:, pos], self.post.get("threshold", 0.5))
         else:
-            from sklearn.metrics import roc_auc_score
-
-            out["roc_auc"] = float(roc_auc_score(y, p, multi_class="ovr"))
+            out["roc_auc"] = multiclass_auc(y, p)
         return out
 
     # ------------------------------------------------------------------ OIP
