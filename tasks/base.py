@@ -185,6 +185,14 @@ class Task:
         raise NotImplementedError
 
 
+def top_k_param(given: dict) -> dict:
+    """The request's `top_k` (default 1), a positive integer (classifiers)."""
+    top_k = given.get("top_k", 1)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InputError("bad_top_k", f"top_k must be a positive integer, got {top_k!r}")
+    return {"top_k": top_k}
+
+
 def utf8(value, what: str) -> str:
     """A BYTES element as text."""
     if isinstance(value, bytes | bytearray):

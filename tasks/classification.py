@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tasks.base import Output, Task, utf8
+from tasks.base import Output, Task, top_k_param, utf8
 from tasks.common import (
     Prepared,
     check_text,
@@ -21,7 +21,6 @@ from tasks.common import (
     unknown_id,
 )
 from tasks.drift import Samples
-from tasks.errors import InputError
 from tasks.vision import ImageInput, image_bytes
 
 
@@ -33,11 +32,7 @@ class Classification(Task):
     onnx_outputs = {"logits": {0: "batch"}, "pooled_embedding": {0: "batch"}}
 
     def check_params(self, params: dict) -> dict:
-        given = super().check_params(params)
-        top_k = given.get("top_k", 1)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise InputError("bad_top_k", f"top_k must be a positive integer, got {top_k!r}")
-        return {"top_k": top_k}
+        return top_k_param(super().check_params(params))
 
     def postprocess(self, output: np.ndarray, params: dict) -> dict:
         return self.describe(softmax(output), params.get("top_k", 1))

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from tasks.base import Output, Task
+from tasks.base import Output, Task, top_k_param
 from tasks.common import Prepared
 from tasks.drift import Samples
 from tasks.errors import InputError
@@ -163,11 +163,7 @@ class TabularClassification(Task):
     # ------------------------------------------------------------------ answers
 
     def check_params(self, params: dict) -> dict:
-        given = super().check_params(params)
-        top_k = given.get("top_k", 1)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise InputError("bad_top_k", f"top_k must be a positive integer, got {top_k!r}")
-        return {"top_k": top_k}
+        return top_k_param(super().check_params(params))
 
     @property
     def positive(self) -> int:
