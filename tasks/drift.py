@@ -11,6 +11,9 @@ Checks (each task names the ones it has, `Task.checks`):
   input       chi-square of a binned input statistic (image brightness, tokens per text)
   entities    chi-square of the binned entity count per text (token classification)
   detections  the same of the detections per image (object detection)
+  feature:<name>  chi-square of one input column (tables): numeric values binned at the
+              reference quantiles, categories counted (unseen ones in an "other" bin), each
+              with a bin for missing values; one check per column, at most MAX_FEATURES
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ WINDOW = 200  # samples per evaluation; thresholds are calibrated for exactly th
 REPLAYS = 400  # in-distribution windows replayed at export to set each threshold
 PRIOR_FLOOR = 1e-3  # a class absent from training still has an expected count
 MIN_HOLDOUT = 50  # below this, a half-holdout reference is too noisy to calibrate against
+MAX_FEATURES = 32  # per-column checks (and `check` label values) of a table at most
+FEATURE = "feature:"  # prefix of the per-column checks
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Summary:
     recon: np.ndarray  # relative reconstruction error of the embedding
     inputs: np.ndarray  # brightness (images) or tokens after truncation (texts)
     count: np.ndarray  # entities per text, detections per image, else zeros
+    features: np.ndarray  # [n, columns] encoded table rows (NaN: missing), else [n, 0]
 
     def __len__(self) -> int:
         return len(self.pred)
@@ -63,6 +69,8 @@ class Samples:
     embedding: np.ndarray  # [n, dim] pooled embedding
     inputs: np.ndarray
     count: np.ndarray | None = None
+    features: np.ndarray | None = None  # tables: the encoded rows, per-column checks
+    kinds: tuple[str, ...] = ()  # tables: each column's kind, numeric or categorical
 
     @staticmethod
     def from_logits(logits: np.ndarray, embedding: np.ndarray, inputs) -> Samples:
@@ -98,6 +106,7 @@ def summarize_samples(s: Samples, basis: dict) -> Summary:
     coords, recon = project(s.embedding, basis)
     n = len(s.pred)
     count = np.zeros(n) if s.count is None else np.asarray(s.count, dtype=np.float64)
+    features = np.zeros((n, 0)) if s.features is None else np.asarray(s.features, np.float64)
     return Summary(
         np.asarray(s.pred, dtype=np.int64),
         np.asarray(s.confidence, dtype=np.float64),
@@ -105,6 +114,7 @@ def summarize_samples(s: Samples, basis: dict) -> Summary:
         recon,
         np.asarray(s.inputs, dtype=np.float64),
         count,
+        features,
     )
 
 
@@ -159,7 +169,49 @@ def statistics(s: Summary, ref: dict) -> dict[str, float]:
     for c in COUNTS:
         if c in checks:
             out[c] = _binned(s.count, ref[c])
+    for c in checks:
+        if c.startswith(FEATURE):
+            out[c] = _column(s.features[:, ref["features"][c]["index"]], ref["features"][c])
     return out
+
+
+def _column_counts(values: np.ndarray, col: dict) -> np.ndarray:
+    """Counts per bin of one table column: value bins (quantile edges, or one per category
+    and one for the unseen), then one for missing values."""
+    missing = np.isnan(values)
+    present = values[~missing]
+    if col["kind"] == "numeric":
+        idx = np.searchsorted(np.asarray(col["edges"]), present, side="right")
+    else:
+        idx = np.minimum(present.astype(np.int64), col["categories"])
+    bins = len(col["probs"]) - 1
+    return np.append(np.bincount(idx, minlength=bins)[:bins], missing.sum())
+
+
+def _column(values: np.ndarray, col: dict) -> float:
+    return chi_square(_column_counts(values, col), np.asarray(col["probs"]))
+
+
+def _fit_column(values: np.ndarray, index: int, kind: str, bins: int = 8) -> dict:
+    present = values[~np.isnan(values)]
+    if kind == "numeric":
+        edges = (
+            np.unique(np.quantile(present, np.linspace(0, 1, bins + 1)[1:-1]))
+            if len(present)
+            else np.array([])
+        )
+        col = {
+            "index": index,
+            "kind": kind,
+            "edges": edges.tolist(),
+            "probs": [0.0] * (len(edges) + 2),
+        }
+    else:
+        k = int(present.max()) + 1 if len(present) else 0
+        col = {"index": index, "kind": kind, "categories": k, "probs": [0.0] * (k + 2)}
+    counts = _column_counts(values, col) + 0.5  # no empty bin: no infinite statistic
+    col["probs"] = (counts / counts.sum()).tolist()
+    return col
 
 
 # ------------------------------------------------------------------ calibration (export)
@@ -172,7 +224,7 @@ def _bins(values: np.ndarray, bins: int) -> dict:
     return {"edges": inner.tolist(), "probs": probs.tolist()}
 
 
-def fit(s: Summary, prior: list[float], bins: int = 8, checks=CHECKS) -> dict:
+def fit(s: Summary, prior: list[float], bins: int = 8, checks=CHECKS, kinds: tuple = ()) -> dict:
     """The reference part: everything `statistics` compares a window with."""
     # Floors relative to the typical spread: a near-constant PCA direction of a small holdout
     # must not turn rounding noise into an alarm.
@@ -195,6 +247,11 @@ def fit(s: Summary, prior: list[float], bins: int = 8, checks=CHECKS) -> dict:
     for c in COUNTS:
         if c in checks:
             ref[c] = _bins(s.count, bins)
+    columns = [c for c in checks if c.startswith(FEATURE)]
+    if columns:
+        ref["features"] = {
+            c: _fit_column(s.features[:, j], j, kinds[j], bins) for j, c in enumerate(columns)
+        }
     return ref
 
 
@@ -227,7 +284,7 @@ def calibrate_samples(
     if prior is None:
         k = categories or int(full.pred.max()) + 1
         prior = (np.bincount(fitted.pred, minlength=k) / len(fitted)).tolist()
-    ref = fit(fitted, prior, checks=checks)
+    ref = fit(fitted, prior, checks=checks, kinds=samples.kinds)
     null = {c: [] for c in checks}
     for _ in range(REPLAYS):
         window = replay.take(rng.integers(0, len(replay), WINDOW))

@@ -21,7 +21,7 @@ import numpy as np
 
 from tasks.base import Output, Task, top_k_param
 from tasks.common import Prepared
-from tasks.drift import Samples
+from tasks.drift import FEATURE, MAX_FEATURES, Samples
 from tasks.errors import InputError
 
 FEATURES = "features"  # the ONNX input
@@ -44,6 +44,8 @@ class TabularClassification(Task):
             if f["kind"] == "categorical"
         }
         self.oip_input_names = tuple(self.columns)
+        # One drift check per column (the first MAX_FEATURES), beside the four of every task.
+        self.checks = type(self).checks + tuple(FEATURE + c for c in self.columns[:MAX_FEATURES])
 
     @property
     def example_input(self) -> dict:
@@ -120,6 +122,7 @@ class TabularClassification(Task):
         x = np.stack([i.value for i in items]).astype(np.float32)
         if stats is not None:
             stats["missing"] = np.isnan(x).sum(1).tolist()
+            stats["rows"] = list(x)  # the per-column drift checks
         return {FEATURES: x}
 
     def parity_feeds(self, items, length=None) -> dict:
@@ -200,7 +203,14 @@ class TabularClassification(Task):
     def drift_samples(self, outputs, embedding, stats) -> Samples:
         p = np.asarray(outputs, dtype=np.float64)
         pred = np.array([self.predicted(row) for row in p])
-        return Samples(pred, p.max(1), embedding, np.asarray(stats["missing"], dtype=np.float64))
+        return Samples(
+            pred,
+            p.max(1),
+            embedding,
+            np.asarray(stats["missing"], dtype=np.float64),
+            features=np.stack(stats["rows"]).astype(np.float64),
+            kinds=tuple(f["kind"] for f in self.features),
+        )
 
     def drift_prior(self, train_per_class: dict[str, int]) -> list[float] | None:
         return None  # the thresholded predictions' shares, measured on the holdout

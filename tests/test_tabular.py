@@ -177,3 +177,34 @@ def test_live_service_json_oip_and_bad_rows(table_run, tmp_path):
             assert r.status_code == 400 and "inputs[0]" in r.json()["detail"], r.text
     finally:
         _stop(proc)
+
+
+def test_per_column_drift_fires_on_the_shifted_column_only(table_run, tmp_path):
+    """The export calibrates one check per column; a window of new rows whose amounts grew
+    fires `feature:amount` and not the columns that did not move; rows like the training
+    data fire nothing."""
+    import pandas as pd
+
+    from service.drift import Monitor
+    from service.runtime import Runtime
+
+    rt = Runtime(table_run[2])
+    ref = json.loads((table_run[2] / "reference.json").read_text())["drift"]
+    assert {"feature:amount", "feature:city", "feature:age"} <= set(ref["thresholds"])
+
+    def scores(path) -> dict:
+        rows = pd.read_csv(path, keep_default_na=False).drop(columns=["default", "country"])
+        items = [
+            rt.prepare({k: (None if v == "" else v) for k, v in r.items()})
+            for r in rows.to_dict("records")
+        ]
+        monitor = Monitor(ref)
+        stats: dict = {}
+        outputs, embedding = rt.run(items[:200], stats)
+        monitor.observe_samples(rt.contract.drift_samples(outputs, embedding, stats))
+        return monitor.scores()
+
+    same = scores(make_table(tmp_path / "same.csv", n=200, seed=11))
+    assert max(same.values()) < 1.0, same
+    shifted = scores(make_table(tmp_path / "shifted.csv", n=200, seed=12, shift=150.0))
+    assert shifted["feature:amount"] >= 1.0 and shifted["feature:city"] < 1.0, shifted
