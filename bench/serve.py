@@ -99,11 +99,9 @@ def artifact_for(run: Path, artifact: str | None, tmp: Path) -> Path:
 def request_inputs(ckpt) -> list:
     """The holdout as the service receives it: texts, crops as base64 PNG, questions with
     their contexts (the task contract's `holdout_request`)."""
-    import tasks
+    from export.preprocess import contract_for
 
-    contract = tasks.get(ckpt.config["task"])
-    if ckpt.config["task"] == "tabular-classification":  # rows decode by the card's schema
-        contract = tasks.create(ckpt.config)
+    contract = contract_for(ckpt)  # built from the run (tables: its columns)
     return [contract.holdout_request(x) for x in ckpt.holdout_inputs]
 
 

@@ -78,8 +78,8 @@ def export_checkpoint(
         )
     name = _sanitize(name or run.resolve().name)
     base = Path(out) / name
-    trees = ckpt.task == ckpt_mod.TABULAR  # scikit-learn trees: skl2onnx, not torch.onnx
-    source_sha = card_mod.sha256_file(run / (ckpt_mod.TREES if trees else ckpt_mod.WEIGHTS))
+    weights = ckpt_mod.TREES if tasks.uses_trees(ckpt.task) else ckpt_mod.WEIGHTS
+    source_sha = card_mod.sha256_file(run / weights)
     if skip_existing and version is None and base.is_dir():
         latest = base / f"v{int(next_version(base)[1:]) - 1}"
         try:
@@ -204,7 +204,7 @@ def _build(
 
     stage()
     feeder = Feeder(ckpt, tokenizer)
-    if ckpt.task == ckpt_mod.TABULAR:
+    if tasks.uses_trees(ckpt.task):  # scikit-learn trees: skl2onnx, not torch.onnx
         from export import tabular
 
         path, details, fp32, parity = tabular.convert_and_check(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import CheckpointError
-from tasks import DENSE_VISION_TASKS
+from tasks import DENSE_VISION_TASKS, uses_trees
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -30,7 +30,6 @@ TOKENIZER = "tokenizer"
 RESUME = "resume"
 REQUIRED = (WEIGHTS, CONFIG, HOLDOUT, METRICS)
 TREES = "model.skops"  # tabular runs: the scikit-learn model (skops format, no pickle)
-TABULAR = "tabular-classification"
 
 
 @dataclass
@@ -133,7 +132,7 @@ def build_model(ckpt: Checkpoint):
 
     cfg = ckpt.config
     b = cfg["backbone"]
-    if cfg["task"] == TABULAR:
+    if uses_trees(cfg["task"]):
         return load_trees(ckpt.path)
     if cfg["task"] in DENSE_VISION_TASKS:
         from finetune import vision

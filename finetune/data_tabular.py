@@ -40,8 +40,9 @@ def _whitespace_table(path: Path) -> bool:
     return len(counts) == 1 and counts.pop() >= 3
 
 
-def read_table(path: Path):
-    """The table as strings (missing: None), columns named by the header or numbered."""
+def read_table(path: Path, nrows: int | None = None):
+    """The table as strings (missing: None), columns named by the header or numbered;
+    `nrows`: the first rows only (CSV, TSV and whitespace tables)."""
     import pandas as pd
 
     try:
@@ -49,7 +50,9 @@ def read_table(path: Path):
             df = pd.read_parquet(path).astype(object)
             df = df.where(df.notna(), None).map(lambda v: None if v is None else str(v))
         elif _whitespace_table(path):
-            df = pd.read_csv(path, sep=r"\s+", header=None, dtype=str, keep_default_na=False)
+            df = pd.read_csv(
+                path, sep=r"\s+", header=None, dtype=str, keep_default_na=False, nrows=nrows
+            )
         else:
             sep = "\t" if path.suffix.lower() == ".tsv" else ","
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -58,7 +61,9 @@ def read_table(path: Path):
                 header = 0 if csv.Sniffer().has_header(sample) else None
             except csv.Error:
                 header = 0
-            df = pd.read_csv(path, sep=sep, header=header, dtype=str, keep_default_na=False)
+            df = pd.read_csv(
+                path, sep=sep, header=header, dtype=str, keep_default_na=False, nrows=nrows
+            )
     except Exception as e:  # pandas raises many types: the file and the reason, one line
         raise DataError(f"cannot read the table '{path}': {str(e).splitlines()[0]}") from None
     df.columns = [str(c) for c in df.columns]
@@ -82,7 +87,7 @@ def is_tabular(path: Path) -> bool:
     if path.suffix.lower() not in (".csv", ".tsv", ".parquet", ".pq"):
         return False
     try:
-        df = read_table(path).head(200)
+        df = read_table(path, nrows=200).head(200)  # a Parquet file is read whole
     except DataError:
         return False
     if df.shape[1] < 3:

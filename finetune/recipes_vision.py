@@ -46,8 +46,7 @@ def setup(task: str, cfg, data, log):
     cfg = dataclasses.replace(cfg, backbone=spec.name, image_size=size, strategy=strategy)
     ds = load_dataset(data, cfg)
     log(describe(ds.summary))
-    contract_cls = tasks.get(task)
-    post = contract_cls.default_postprocessing(contract_cls)
+    post = tasks.get(task).default_postprocessing()
     model = vision.build(spec, len(ds.labels), size, cfg.weights, post)
     groups = backbones.parameter_groups(spec, model.backbone)
     mean, std = spec.mean, spec.std
@@ -203,6 +202,7 @@ class DenseRecipe(_Recipe):
         self.mean, self.std = config["preprocessing"]["mean"], config["preprocessing"]["std"]
         self.size = self.contract.size
         self.splits: dict[str, tuple] = {}
+        self._golds: dict[str, list] = {}
         self.outputs: dict[str, list] = {}
         self.loader: DataLoader | None = None
 
@@ -213,6 +213,14 @@ class DenseRecipe(_Recipe):
                 getattr(self.ds, name), self.size, self.mean, self.ds.task
             )
         return self.splits[name]
+
+    def golds(self, name: str) -> list:
+        """What the contract scores a split against, read as export reads the holdout (its
+        stored JSON), once per split rather than once per epoch."""
+        if name not in self._golds:
+            c = self.contract
+            self._golds[name] = [c.gold(c.stored_target(t)) for t in self.split(name)[1]]
+        return self._golds[name]
 
     def augment(self, strategy: str) -> bool:
         return True if self.cfg.augment is None else self.cfg.augment
@@ -256,7 +264,7 @@ class DenseRecipe(_Recipe):
         outputs = []
         for s in progress(range(0, len(items), EVAL_BATCH // 4), f"scoring {split}"):
             outputs.extend(self.contract.run(run, items[s : s + EVAL_BATCH // 4])[0])
-        golds = [self.contract.gold(self.contract.stored_target(t)) for t in targets]
+        golds = self.golds(split)
         metrics = self.contract.score(outputs, golds)
         self.outputs[split] = outputs  # the grid of report/ draws the validation ones
         return {"loss": total / max(1, len(items)), **metrics}

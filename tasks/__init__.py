@@ -23,6 +23,7 @@ REGISTRY = {
     "tabular-classification": "tasks.tabular:TabularClassification",
 }
 DENSE_VISION_TASKS = ("object-detection", "semantic-segmentation")
+TREE_TASKS = ("tabular-classification",)  # scikit-learn models: skl2onnx, no torch half
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
 
 
@@ -35,6 +36,10 @@ def get(name: str) -> type[Task]:
 
 def uses_tokenizer(name: str) -> bool:
     return name in TEXT_TASKS
+
+
+def uses_trees(name: str) -> bool:
+    return name in TREE_TASKS
 
 
 def load_tokenizer(folder: str | Path, spec: dict):
@@ -52,4 +57,13 @@ def create(spec: dict, tokenizer=None, limits: Limits | None = None) -> Task:
     return get(spec["task"])(spec, tokenizer, limits)
 
 
-__all__ = ["REGISTRY", "Limits", "Task", "create", "get", "load_tokenizer", "uses_tokenizer"]
+__all__ = [
+    "REGISTRY",
+    "Limits",
+    "Task",
+    "create",
+    "get",
+    "load_tokenizer",
+    "uses_tokenizer",
+    "uses_trees",
+]

@@ -73,7 +73,8 @@ class Task:
 
     # ------------------------------------------------------------------ contract
 
-    def default_postprocessing(self) -> dict:
+    @classmethod
+    def default_postprocessing(cls) -> dict:
         return {}
 
     def decode(self, value) -> Prepared:

@@ -29,7 +29,8 @@ class ObjectDetection(DenseVision):
     }
     params = {"min_score": float, "render": bool}
 
-    def default_postprocessing(self) -> dict:
+    @classmethod
+    def default_postprocessing(cls) -> dict:
         return {"min_score": 0.3, "max_detections": 100, "iou_threshold": 0.5}
 
     # ------------------------------------------------------------------ model

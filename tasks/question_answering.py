@@ -77,7 +77,8 @@ class QuestionAnswering(WindowedTask):
         "rain drops or ice crystals within a cloud.",
     }
 
-    def default_postprocessing(self) -> dict:
+    @classmethod
+    def default_postprocessing(cls) -> dict:
         return {"max_answer_length": 30, "allow_no_answer": False}
 
     # ------------------------------------------------------------------ inputs

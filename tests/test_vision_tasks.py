@@ -263,7 +263,7 @@ def test_resnet50_models_build_and_give_the_task_outputs(name):
 
     spec = vision.REGISTRY[name]
     contract = tasks.get(spec.task)
-    model = vision.build(spec, 2, 64, "random", contract.default_postprocessing(contract))
+    model = vision.build(spec, 2, 64, "random", contract.default_postprocessing())
     with torch.no_grad():
         outs = model.eval().export_outputs(torch.randn(2, 3, 64, 64))
     assert len(outs) == len(contract.onnx_outputs) and all(len(o) == 2 for o in outs)
