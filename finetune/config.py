@@ -13,6 +13,7 @@ AUTO_BACKBONES = {
     "text-classification": "minilm",
     "object-detection": "fcos_mobilenet_v2",
     "semantic-segmentation": "lraspp_mobilenet_v2",
+    "audio-classification": "whisper_tiny_en",
 }
 MONITORS = (
     "auto",
@@ -62,6 +63,8 @@ class TrainConfig:
     target_precision: float | None = None  # tables, two classes: threshold for this precision
     # on validation (None: the best F1)
     init_from: str | None = None  # tables: continue training the trees of this earlier run
+    clip_seconds: float | None = None  # audio: the model's input window in seconds (longer
+    # clips are cut); None = the longest clip of the data, rounded up to 0.1 s, at most 30
     max_length: int = 128  # tokens per window (texts longer than this are read in windows)
     max_windows: int = 8  # text classification: windows read per text, their logits averaged
     stride: int = 0  # entities, answers: tokens shared by consecutive windows; 0 = max_length/4
@@ -142,6 +145,10 @@ class TrainConfig:
             out.append(f"patience must be >= 1, got {self.patience}")
         if self.image_size is not None and self.image_size < 16:
             out.append(f"image_size must be >= 16 pixels, got {self.image_size}")
+        if self.clip_seconds is not None and not 0.1 <= self.clip_seconds <= 30:
+            out.append(
+                f"clip_seconds must be from 0.1 to 30 s (Whisper's), got {self.clip_seconds}"
+            )
         if self.max_windows < 1:
             out.append(f"max_windows must be >= 1, got {self.max_windows}")
         if self.max_length < 8:

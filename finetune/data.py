@@ -16,8 +16,10 @@ that also appear in training (and test items in validation), labels unknown to t
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +29,14 @@ import numpy as np
 from finetune.data_spans import load_span_dataset, span_task
 from finetune.errors import DataError
 from finetune.splits import ROLES, three_way
+from tasks.audio import AUDIO_EXTS
 from tasks.common import resize_crop
+from tasks.errors import InputError
 
 IMAGE_TASK = "image-classification"
 TEXT_TASK = "text-classification"
+AUDIO_TASK = "audio-classification"
+MAX_CLIP_SECONDS = 30.0  # Whisper's window: longer clips are dropped as over-long
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_EXTS = {
@@ -82,9 +88,10 @@ class Dataset:
 
 @dataclass
 class _Record:
-    item: Path | str  # image path, or the text itself
+    item: Path | str  # image path, or the text itself (audio: the file, base64)
     label: str | None
     key: str = ""  # content hash
+    seconds: float = 0.0  # audio: the clip's duration
 
 
 # --------------------------------------------------------------------------- layout
@@ -184,9 +191,14 @@ def _class_folder_task(root: Path) -> str:
     n_images = sum(n for ext, n in exts.items() if ext in IMAGE_EXTS)
     if n_images:
         return IMAGE_TASK
+    if sum(n for ext, n in exts.items() if ext in AUDIO_EXTS):
+        return AUDIO_TASK
     if exts.get(".txt"):
         return TEXT_TASK
-    raise DataError(f"no images or .txt files found in the class folders of '{root}'")
+    raise DataError(
+        f"no images, audio ({', '.join(AUDIO_EXTS)}) or .txt files found in the class "
+        f"folders of '{root}'"
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -201,7 +213,9 @@ def _class_folder_records(root: Path, task: str) -> list[_Record]:
             if not f.is_file():
                 continue
             ext = f.suffix.lower()
-            if task == IMAGE_TASK and ext in IMAGE_EXTS:
+            if (task == IMAGE_TASK and ext in IMAGE_EXTS) or (
+                task == AUDIO_TASK and ext in AUDIO_EXTS
+            ):
                 records.append(_Record(f, label_dir.name))
             elif task == TEXT_TASK and ext == ".txt":
                 records.append(
@@ -369,6 +383,37 @@ def _decode_images(records: list[_Record], prep: ImagePrep, undecodable: list[st
     return kept
 
 
+def _decode_audio(records: list[_Record], cfg, counts: Counter, undecodable: list[str]):
+    """The records whose audio decodes, each now holding the file as base64 (what a client
+    sends; the holdout keeps it so export and benchmarks replay the served path) and its
+    duration in seconds as `key2`. Counts empty and over-long clips (dropped)."""
+    from tasks.audio import read_audio
+
+    kept = []
+    limit = MAX_CLIP_SECONDS if cfg.clip_seconds is None else max(cfg.clip_seconds, 0.1)
+    for r in records:
+        data = Path(r.item).read_bytes()
+        try:
+            wave = read_audio(data, math.inf)
+        except InputError as e:
+            if "no samples" in e.detail or "empty" in e.detail:
+                counts["empty_audio"] += 1
+            else:
+                undecodable.append(str(r.item))
+            continue
+        seconds = len(wave) / 16_000
+        if not np.any(wave):
+            counts["empty_audio"] += 1
+            continue
+        if seconds > limit and cfg.clip_seconds is None:
+            counts["over_long"] += 1
+            continue
+        counts["cut_to_window"] += int(seconds > limit)
+        r.item, r.seconds = base64.b64encode(data).decode(), seconds
+        kept.append(r)
+    return kept
+
+
 def _check_classes(records: list[_Record], where: str, minimum: int) -> None:
     per_class = Counter(r.label for r in records)
     if not per_class:
@@ -416,6 +461,16 @@ def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> 
         parts = {
             role: _decode_images(recs, image_prep, undecodable) for role, recs in parts.items()
         }
+    if task == AUDIO_TASK:
+        parts = {
+            role: _decode_audio(recs, cfg, counts, undecodable) for role, recs in parts.items()
+        }
+        seconds = [r.seconds for recs in parts.values() for r in recs]
+        if seconds:
+            columns["clip_seconds"] = {
+                "median": round(float(np.median(seconds)), 3),
+                "max": round(float(np.max(seconds)), 3),
+            }
     _check_classes(parts["train"], str(sources["train"]), 1 + len(set(ROLES) - set(parts)))
     parts = three_way(
         parts,
@@ -456,6 +511,8 @@ def load_dataset(path: str | Path, cfg, image_prep: ImagePrep | None = None) -> 
             "unknown_test_label",
         )
     }
+    if task == AUDIO_TASK:
+        cleaning |= {k: int(counts[k]) for k in ("empty_audio", "over_long", "cut_to_window")}
     cleaning["undecodable"] = len(undecodable)
     cleaning["undecodable_files"] = undecodable[:MAX_LISTED_FILES]
     ds = Dataset(task, labels, *(split(parts[role]) for role in ROLES))
@@ -502,5 +559,5 @@ def describe(summary: dict) -> str:
         "cleaning: "
         + ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in c if k != "undecodable_files"),
     ]
-    lines += [f"  skipped undecodable image: {p}" for p in c["undecodable_files"]]
+    lines += [f"  skipped undecodable file: {p}" for p in c["undecodable_files"]]
     return "\n".join(lines)

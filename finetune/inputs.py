@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.data import IMAGE_TASK
+from finetune.data import AUDIO_TASK, IMAGE_TASK
 from tasks.common import encoding_columns, text_tokenizer
 from tasks.text_windows import window_feeds
 
@@ -47,6 +47,28 @@ class TextSet(torch.utils.data.Dataset):
         return self.texts[i], int(self.labels[i])
 
 
+class AudioSet(torch.utils.data.Dataset):
+    """Clips (base64 files) → the task contract's log-mel features, computed once up front."""
+
+    def __init__(self, clips: list[str], labels: np.ndarray, contract, chunk: int = 64):
+        from finetune.loop import progress
+
+        feeds: dict[str, list] = {}
+        starts = range(0, len(clips), chunk)
+        for s in progress(starts, f"log-mel features of {len(clips)} clips"):
+            part = contract.feeds([contract.from_holdout(c) for c in clips[s : s + chunk]])
+            for k, v in part.items():
+                feeds.setdefault(k, []).append(torch.from_numpy(v))
+        self.feeds = {k: torch.cat(v) for k, v in feeds.items()}
+        self.labels = torch.from_numpy(np.asarray(labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.feeds.items()}, self.labels[i]
+
+
 class Inputs:
     """Turns a loader batch into model inputs on the device (normalise or tokenize)."""
 
@@ -79,7 +101,7 @@ class Inputs:
             self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     def collate(self, batch):
-        if self.task == IMAGE_TASK:
+        if self.task in (IMAGE_TASK, AUDIO_TASK):
             return torch.utils.data.default_collate(batch)
         texts, labels = zip(*batch, strict=True)
         y = torch.tensor(labels, dtype=torch.long)

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from finetune import loop
-from finetune.data import IMAGE_TASK, Dataset
+from finetune.data import AUDIO_TASK, IMAGE_TASK, Dataset
 from finetune.heads import collate_windows
-from finetune.inputs import ImageSet, Inputs, TextSet
+from finetune.inputs import AudioSet, ImageSet, Inputs, TextSet
 from finetune.loop import Dist, progress
 from finetune.metrics import classification_metrics
 from tasks.common import INPUT_ORDER
@@ -89,6 +89,7 @@ class ClassifierRecipe(_Recipe):
         self.head_only = nn.Sequential(model.dropout, model.head)
         self.feature_inputs = Inputs("features", device)  # cached features: already pooled
         self.loaders: dict[str, DataLoader] = {}
+        self.audio: dict[str, AudioSet] = {}
         weight = None
         if cfg.class_weighting == "balanced":
             counts = np.bincount(ds.train.labels, minlength=len(ds.labels)).astype(np.float64)
@@ -122,6 +123,10 @@ class ClassifierRecipe(_Recipe):
         part = getattr(self.ds, split)
         if self.ds.task == IMAGE_TASK:
             return ImageSet(part.inputs, part.labels, augment)
+        if self.ds.task == AUDIO_TASK:  # features once per split (no audio augmentation)
+            if split not in self.audio:
+                self.audio[split] = AudioSet(part.inputs, part.labels, self.inputs.contract)
+            return self.audio[split]
         return TextSet(part.inputs, part.labels)
 
     def _plain_loader(self, split: str) -> DataLoader:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import shutil
 import time
@@ -177,8 +178,8 @@ def fine_tune(
         cfg, ds, model, groups, config = recipes_vision.setup(task, cfg, data, log)
         config["versions"] = _versions()
     else:
-        spec = backbones.resolve(cfg.backbone)
-        if tasks.uses_tokenizer(task) != tasks.uses_tokenizer(spec.task):
+        spec = backbones.resolve(cfg.backbone, task)
+        if _modality(task) != _modality(spec.task):
             raise DataError(
                 f"'{data}' holds {task} data but backbone '{spec.name}' is for {spec.task}"
             )
@@ -197,10 +198,12 @@ def fine_tune(
             prep, mean, std = backbones.image_prep(spec, cfg.image_size)
         ds = load_dataset(data, cfg, prep)
         log(describe(ds.summary))
+        if tasks.uses_audio(task):
+            cfg = dataclasses.replace(cfg, clip_seconds=_clip_seconds(cfg, ds, log))
         encoder, dim = backbones.build_encoder(spec, cfg.weights, prep)
         model = head_cls(encoder, dim, len(ds.labels), cfg.dropout)
         groups = backbones.parameter_groups(spec, encoder)
-        if task != IMAGE_TASK:
+        if tasks.uses_tokenizer(task):
             pretrained = cfg.weights in ("pretrained", "random")
             location = backbones.hf_location(spec) if pretrained else cfg.weights
             tokenizer = backbones.load_tokenizer(location)
@@ -233,6 +236,8 @@ def fine_tune(
     elif head_cls is backbones.Classifier:
         # Texts are tokenized as export and the service will: from the stored preprocessing.
         inputs = Inputs(task, device, mean, std, tokenizer, cfg.max_length, config["preprocessing"])
+        if tasks.uses_audio(task):  # clips become log-mel features through the task contract
+            inputs.contract = tasks.create(config)
         recipe = ClassifierRecipe(model, groups, ds, cfg, device, inputs)
     else:
         windows = text_tokenizer(tokenizer.backend_tokenizer.to_str(), config["preprocessing"])
@@ -297,6 +302,23 @@ def _image_size(data, spec, log) -> int | None:
         return None
     log(f"images are small (median side {side} px): input size {size} instead of {own}")
     return size
+
+
+def _modality(task: str) -> str:
+    if tasks.uses_tokenizer(task):
+        return "text"
+    return "audio" if tasks.uses_audio(task) else "images"
+
+
+def _clip_seconds(cfg: TrainConfig, ds: Dataset, log) -> float:
+    """The audio window: as asked, or the longest clip rounded up to 0.1 s (Whisper's
+    encoder then reads that many frames instead of 30 s of mostly padding)."""
+    if cfg.clip_seconds is not None:
+        return float(cfg.clip_seconds)
+    longest = ds.summary["clip_seconds"]["max"]
+    window = min(30.0, max(0.1, math.ceil(longest * 10 - 1e-6) / 10))
+    log(f"audio window {window:.1f} s (the longest clip is {longest:.2f} s)")
+    return window
 
 
 def _silent(*_args) -> None:
@@ -384,7 +406,7 @@ def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokeni
             "weights": cfg.weights,
             "feature_dim": dim,
             "groups": list(spec.groups),
-            **({"hf_config": encoder.model.config.to_dict()} if spec.family == "hf" else {}),
+            **backbones.hf_config(spec, encoder),
         },
         "head": {
             "type": head_cls.__name__,
@@ -393,29 +415,7 @@ def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokeni
             "dropout": cfg.dropout,
         },
         "labels": ds.labels,
-        "preprocessing": (
-            {
-                "resize": prep.resize,
-                "crop_size": prep.crop,
-                "interpolation": prep.interpolation,
-                "mean": list(mean),
-                "std": list(std),
-                "scale": 1 / 255,
-                "channels": "RGB",
-                "layout": "NCHW",
-                "resize_mode": "shorter-side, then centre crop",
-            }
-            if task == IMAGE_TASK
-            else {
-                "max_length": cfg.max_length,
-                "truncation": True,
-                "padding": "longest",
-                "tokenizer": checkpoint.TOKENIZER,
-                "pooling": encoder.pooling,
-                "input_names": list(tokenizer.model_input_names),
-                **window_preprocessing(cfg, tokenizer, task),
-            }
-        ),
+        "preprocessing": _preprocessing(task, cfg, prep, mean, std, encoder, tokenizer),
         "postprocessing": postprocessing(cfg, ds),
         "training": cfg.to_dict(),
         "seed": cfg.seed,
@@ -423,3 +423,42 @@ def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokeni
         "versions": _versions(),
         "data": ds.summary,
     }
+
+
+def _preprocessing(task, cfg, prep, mean, std, encoder, tokenizer) -> dict:
+    """How an input becomes the model's feeds; the task contract reads it (tasks/)."""
+    if tasks.uses_audio(task):
+        from tasks.audio import HOP, N_FFT, SAMPLE_RATE
+
+        return {
+            "sample_rate": SAMPLE_RATE,
+            "n_mels": int(encoder.encoder.config.num_mel_bins),
+            "n_fft": N_FFT,
+            "hop_length": HOP,
+            "clip_seconds": cfg.clip_seconds,
+            "features": "whisper log-mel (log10, floored 8 below the maximum, (x + 4) / 4)",
+            "input_names": ["input_features", "attention_mask"],
+        }
+    return (
+        {
+            "resize": prep.resize,
+            "crop_size": prep.crop,
+            "interpolation": prep.interpolation,
+            "mean": list(mean),
+            "std": list(std),
+            "scale": 1 / 255,
+            "channels": "RGB",
+            "layout": "NCHW",
+            "resize_mode": "shorter-side, then centre crop",
+        }
+        if task == IMAGE_TASK
+        else {
+            "max_length": cfg.max_length,
+            "truncation": True,
+            "padding": "longest",
+            "tokenizer": checkpoint.TOKENIZER,
+            "pooling": encoder.pooling,
+            "input_names": list(tokenizer.model_input_names),
+            **window_preprocessing(cfg, tokenizer, task),
+        }
+    )

@@ -5,29 +5,16 @@ example request and response on /predict)."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from collections.abc import Callable
 
 from starlette.responses import HTMLResponse, Response
 
 
-def example_input(rt):
-    """One input of the model's kind: the task's example, or a small base64 PNG."""
-    if not rt.heavy_inputs:
-        return rt.contract.example_input
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (120, 120, 120)).save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def examples(rt) -> tuple[dict, dict]:
     """An example /predict request and the shape of its answer (scores illustrative)."""
-    request = {"inputs": [example_input(rt)], **rt.contract.example_params()}
+    request = {"inputs": [rt.contract.example_input], **rt.contract.example_params()}
     response = {
         "model": rt.name,
         "version": rt.version,

@@ -84,6 +84,7 @@ class Runtime:
         threads: int = 0,
         max_image_pixels: int = 40_000_000,
         max_text_chars: int = 20_000,
+        max_audio_seconds: float = 60.0,
         max_batch_size: int = 32,
         load_model: bool = True,
         verify: bool = True,
@@ -109,7 +110,7 @@ class Runtime:
             if tasks.uses_tokenizer(self.task):
                 folder = self.folder / self.pre.get("tokenizer", "tokenizer")
                 self.tokenizer = tasks.load_tokenizer(folder, self.card)
-            limits = tasks.Limits(max_image_pixels, max_text_chars)
+            limits = tasks.Limits(max_image_pixels, max_text_chars, max_audio_seconds)
             self.contract = tasks.create(self.card, self.tokenizer, limits)
         except (FileNotFoundError, UnknownTask) as e:
             raise ArtifactError(str(e)) from e

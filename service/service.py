@@ -103,6 +103,7 @@ def _runtime() -> Runtime:
             threads=settings.thread_count(ON_GPU),
             max_image_pixels=settings.max_image_pixels,
             max_text_chars=settings.max_text_chars,
+            max_audio_seconds=settings.max_audio_seconds,
             max_batch_size=settings.max_batch_size,
             verify=False,  # _check_artifact verified the files when this process imported us
             warm=False,  # Batcher warms the session up on the thread that runs every batch
@@ -266,7 +267,8 @@ class Tuneserve:
         render: bool | None = None,
         ctx: bentoml.Context = None,
     ) -> PredictResponse:
-        """Predict for texts, base64-encoded images or {"question", "context"} objects:
+        """Predict for texts, base64-encoded images or audio, table rows or {"question",
+        "context"} objects:
         {"inputs": [...]}, with "top_k": k for classification, "min_score" for detection and
         "render": true for an annotated PNG (detection, segmentation)."""
         try:
@@ -284,13 +286,13 @@ class Tuneserve:
         render: bool | None = None,
         ctx: bentoml.Context = None,
     ) -> PredictResponse:
-        """Predict for uploaded image files (multipart/form-data, field `files`)."""
+        """Predict for uploaded image or audio files (multipart/form-data, field `files`)."""
         try:
             if not self.rt.heavy_inputs:
                 raise InputError(
                     "wrong_route",
-                    f"/predict_file takes image files; this {self.rt.task} model takes JSON: "
-                    "use /predict",
+                    f"/predict_file takes image or audio files; this {self.rt.task} model "
+                    "takes JSON: use /predict",
                 )
             raw = [Path(f).read_bytes() for f in files]
             params = {"top_k": top_k, "min_score": min_score, "render": render}

@@ -85,6 +85,7 @@ class Settings:
     max_body_bytes: int = 20 * 1024 * 1024  # request body, bytes, counted as it streams (413)
     max_image_pixels: int = 40_000_000  # width x height from the header (decompression bombs)
     max_text_chars: int = 20_000  # characters per text (413 above)
+    max_audio_seconds: int = 60  # duration per audio clip, read from its header (413 above)
     # BentoML's per-request access log line and OpenTelemetry span cost about 30% of a worker's
     # request-handling CPU (bench/RESULTS.md); the Prometheus metrics count every request
     # anyway. On: one log line per request; spans for BentoML's `tracing` exporter.
@@ -125,6 +126,9 @@ class Settings:
             max_body_bytes=_int("TUNESERVE_MAX_BODY_BYTES", cls.max_body_bytes, 1024, big),
             max_image_pixels=_int("TUNESERVE_MAX_IMAGE_PIXELS", cls.max_image_pixels, 1, big),
             max_text_chars=_int("TUNESERVE_MAX_TEXT_CHARS", cls.max_text_chars, 1, big),
+            max_audio_seconds=_int(
+                "TUNESERVE_MAX_AUDIO_SECONDS", cls.max_audio_seconds, 1, 24 * 3600
+            ),
             access_log=_bool("TUNESERVE_ACCESS_LOG", cls.access_log),
             tracing=_bool("TUNESERVE_TRACING", cls.tracing),
         )

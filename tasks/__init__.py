@@ -21,10 +21,12 @@ REGISTRY = {
     "object-detection": "tasks.detection:ObjectDetection",
     "semantic-segmentation": "tasks.segmentation:SemanticSegmentation",
     "tabular-classification": "tasks.tabular:TabularClassification",
+    "audio-classification": "tasks.audio:AudioClassification",
 }
 DENSE_VISION_TASKS = ("object-detection", "semantic-segmentation")
 TREE_TASKS = ("tabular-classification",)  # scikit-learn models: skl2onnx, no torch half
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
+AUDIO_TASKS = ("audio-classification",)
 
 
 def get(name: str) -> type[Task]:
@@ -40,6 +42,10 @@ def uses_tokenizer(name: str) -> bool:
 
 def uses_trees(name: str) -> bool:
     return name in TREE_TASKS
+
+
+def uses_audio(name: str) -> bool:
+    return name in AUDIO_TASKS
 
 
 def load_tokenizer(folder: str | Path, spec: dict):
@@ -64,6 +70,7 @@ __all__ = [
     "create",
     "get",
     "load_tokenizer",
+    "uses_audio",
     "uses_tokenizer",
     "uses_trees",
 ]

@@ -36,6 +36,7 @@ class Limits:
 
     max_image_pixels: int = 40_000_000
     max_text_chars: int = 20_000
+    max_audio_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

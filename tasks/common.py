@@ -15,7 +15,13 @@ from tasks.errors import InputError
 RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
 # Positional order of a model's inputs (the encoders' forward() signatures): ONNX export
 # and the PyTorch models called through a task contract both follow it.
-INPUT_ORDER = ("pixel_values", "input_ids", "attention_mask", "token_type_ids")
+INPUT_ORDER = (
+    "pixel_values",
+    "input_features",
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+)
 
 
 @dataclass

@@ -94,7 +94,15 @@ class ImageInput:
     """What every image task does with its prepared uint8 HWC inputs (a mixin of Task)."""
 
     heavy_inputs = True  # decoding runs on the service's threads
-    example_input = "<base64 PNG/JPEG>"
+
+    @property
+    def example_input(self) -> str:
+        """A small grey PNG, base64 (the API docs' example request)."""
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (120, 120, 120)).save(buf, "PNG")
+        return base64.b64encode(buf.getvalue()).decode()
 
     @staticmethod
     def holdout_request(value) -> str:
