@@ -89,7 +89,11 @@ async def model_metadata(name: str, version: str | None = None):
         "name": rt.name,
         "versions": [rt.version],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in task.oip_input_names],
+        "inputs": [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in task.oip_input_names]
+        + [
+            {"name": n, "datatype": "FP32", "shape": [-1, int(k)]}
+            for n, k in task.oip_numeric_inputs.items()
+        ],
         "outputs": [
             {"name": o.name, "datatype": o.datatype, "shape": [-1, *o.shape]}
             for o in task.oip_outputs()
@@ -190,12 +194,51 @@ def parse_request(body: bytes, header_len: str | None) -> tuple[dict, list]:
     return head, tensors
 
 
+NUMERIC_INPUTS = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
+
+
+def _numeric_values(tensor: dict, where: str, binary: bytes, offset: int):
+    """A numeric input tensor as a float64 array of its shape (tables: FP32 [n, features])."""
+    datatype = tensor["datatype"]
+    shape = _field(tensor, "shape", list, where, required=True)
+    dims = [_count(d, f"{where}.shape dimension") for d in shape]
+    n = int(np.prod(dims)) if dims else 1
+    size = (_field(tensor, "parameters", dict, where) or {}).get("binary_data_size")
+    if size is not None:
+        size = _count(size, f"{where}.parameters.binary_data_size")
+        if offset + size > len(binary):
+            raise InputError(
+                "bad_tensor",
+                f"binary_data_size {size} exceeds the {len(binary) - offset} bytes sent",
+            )
+        dtype = np.dtype(NUMERIC_INPUTS[datatype])
+        values = np.frombuffer(binary, dtype, size // dtype.itemsize, offset)
+        offset += size
+    elif isinstance(tensor.get("data"), list):
+        flat = _flatten(tensor["data"])
+        if any(isinstance(v, bool) or not isinstance(v, int | float | None) for v in flat):
+            raise InputError("wrong_type", f"{where}: {datatype} data elements are numbers")
+        values = np.array([np.nan if v is None else v for v in flat], dtype=np.float64)
+    else:
+        raise InputError("bad_tensor", f"{where} has neither 'data' nor binary data")
+    if values.size != n:
+        raise InputError(
+            "bad_tensor", f"shape {dims} does not hold the {values.size} elements sent"
+        )
+    return values.astype(np.float64).reshape(dims), offset
+
+
 def _tensor_values(tensor: dict, where: str, binary: bytes, offset: int) -> tuple[list, int]:
     """The elements of one BYTES input tensor, from JSON data or the binary extension (tensors
-    sent as binary follow one another in the body, in the order of 'inputs')."""
+    sent as binary follow one another in the body, in the order of 'inputs'); a numeric
+    tensor comes back as a numpy array of its shape."""
+    if tensor.get("datatype") in NUMERIC_INPUTS:
+        return _numeric_values(tensor, where, binary, offset)
     if tensor.get("datatype") != "BYTES":
         raise InputError(
-            "wrong_type", f"{where} must have datatype BYTES (texts or encoded images)"
+            "wrong_type",
+            f"{where} must have datatype BYTES (texts, encoded images or audio, table values) "
+            f"or, for tables, FP32 [n, features]",
         )
     shape = _field(tensor, "shape", list, where)
     tparams = _field(tensor, "parameters", dict, where) or {}

@@ -168,9 +168,7 @@ class PredictResponse(BaseModel):
     # detection, segmentation).
     predictions: (
         list[Prediction] | list[Entities] | list[Answer] | list[Detections] | list[Segmentation]
-    ) = Field(
-        union_mode="left_to_right"
-    )
+    ) = Field(union_mode="left_to_right")
 
 
 @bentoml.asgi_app(oip_app, path="/")

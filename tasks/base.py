@@ -57,6 +57,7 @@ class Task:
     metric = "accuracy"  # the primary metric: early stopping default, variant gates
     onnx_outputs: dict[str, dict[int, str]] = {}  # ONNX output name → dynamic axes
     oip_input_names: tuple[str, ...] = ("INPUT",)  # one name: any single tensor is taken
+    oip_numeric_inputs: dict[str, int] = {}  # FP32 [n, k] tensors taken: name → k (tables)
     params: dict[str, type] = {}  # request fields beyond `inputs` (top_k, ...)
     example_input: object = "a text"
 
@@ -180,7 +181,10 @@ class Task:
         """Raw request values from the named input tensors (values: str or bytes)."""
         if len(tensors) != 1:
             raise InputError("bad_request", "send exactly one input tensor in 'inputs'")
-        return list(next(iter(tensors.values())))
+        values = next(iter(tensors.values()))
+        if isinstance(values, np.ndarray):
+            raise InputError("wrong_type", f"a {self.name} model takes a BYTES input tensor")
+        return list(values)
 
     def oip_tensors(self, outputs: Sequence, responses: list[dict]) -> dict:
         """name → numpy array or list of str (BYTES), first axis the inputs."""

@@ -44,6 +44,7 @@ class TabularClassification(Task):
             if f["kind"] == "categorical"
         }
         self.oip_input_names = tuple(self.columns)
+        self.oip_numeric_inputs = {FEATURES: len(self.columns)}
         # One drift check per column (the first MAX_FEATURES), beside the four of every task.
         self.checks = type(self).checks + tuple(FEATURE + c for c in self.columns[:MAX_FEATURES])
 
@@ -85,6 +86,8 @@ class TabularClassification(Task):
         return float(value)
 
     def decode(self, value) -> Prepared:
+        if isinstance(value, Prepared):  # an OIP FP32 row, checked by encoded_rows
+            return value
         if not isinstance(value, dict):
             raise InputError(
                 "wrong_type",
@@ -233,7 +236,18 @@ class TabularClassification(Task):
     # ------------------------------------------------------------------ OIP
 
     def oip_items(self, tensors: dict[str, list]) -> list:
-        """One BYTES tensor per feature, named as the feature (numbers as their text)."""
+        """One BYTES tensor per feature, named as the feature (numbers as their text), or
+        one FP32 [n, features] tensor `features` in the card's column order, categories as
+        their index (the card's `categories` order; len(categories) = unseen), NaN missing."""
+        if FEATURES in tensors and FEATURES not in self.columns:
+            if len(tensors) != 1:
+                raise InputError(
+                    "bad_request", f"send '{FEATURES}' alone, not with {list(tensors)}"
+                )
+            return list(self.encoded_rows(tensors[FEATURES]))
+        numeric = [k for k, v in tensors.items() if isinstance(v, np.ndarray)]
+        if numeric:
+            raise InputError("wrong_type", f"{', '.join(numeric)}: per-feature tensors are BYTES")
         unknown = sorted(set(tensors) - set(self.columns))
         if unknown:
             raise InputError("bad_request", f"unknown input tensor(s) {', '.join(unknown)}")
@@ -241,6 +255,32 @@ class TabularClassification(Task):
         if len(counts) != 1:
             raise InputError("bad_request", "the feature tensors hold different numbers of rows")
         return [{k: _plain(v[i]) for k, v in tensors.items()} for i in range(counts.pop())]
+
+    def encoded_rows(self, x) -> list[Prepared]:
+        """Rows already encoded as the model's floats, each value checked (400 naming the
+        row and the column)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.features):
+            raise InputError(
+                "bad_tensor",
+                f"'{FEATURES}' must be [n, {len(self.features)}] (columns "
+                f"{', '.join(self.columns)}), got {list(x.shape)}",
+            )
+        for j, f in enumerate(self.features):
+            col = x[:, j]
+            if f["kind"] == "categorical":
+                n = len(f["categories"])
+                bad = ~np.isnan(col) & ((col != np.round(col)) | (col < 0) | (col > n))
+            else:
+                bad = np.isinf(col)
+            if bad.any():
+                i = int(np.argmax(bad))
+                allowed = f"a category index 0..{n}" if f["kind"] == "categorical" else "finite"
+                raise InputError(
+                    "wrong_type",
+                    f"row {i}, column '{f['name']}': {col[i]!r} is not {allowed}",
+                )
+        return [Prepared(row) for row in x]
 
     def oip_outputs(self) -> list[Output]:
         n = len(self.labels)

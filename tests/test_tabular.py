@@ -6,6 +6,7 @@ own probabilities, `--init-from`, and a live service (JSON, tritonclient OIP, ba
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import numpy as np
@@ -168,6 +169,28 @@ def test_live_service_json_oip_and_bad_rows(table_run, tmp_path):
             tensors.append(t)
         res = client.infer("loans", tensors)
         assert [x.decode() for x in res.as_numpy("label")] == [p["label"] for p in got]
+        # One FP32 [n, features] tensor in the card's column order, categories as indices
+        # (binary and JSON), the way Triton's and MLServer's tabular clients send rows.
+        card = json.loads((art / "card.json").read_text())
+        cities = next(f for f in card["preprocessing"]["features"] if f["name"] == "city")
+        lima, other = cities["categories"].index("lima"), len(cities["categories"])
+        encoded = np.array([[500.0, lima, 40.0], [np.nan, other, 30.0]], dtype=np.float32)
+        for binary in (True, False):
+            t = triton.InferInput("features", [2, 3], "FP32")
+            t.set_data_from_numpy(encoded, binary_data=binary)
+            res = client.infer("loans", [t])
+            assert [x.decode() for x in res.as_numpy("label")] == [p["label"] for p in got]
+            probs = res.as_numpy("probabilities")
+            for row, answer in zip(probs, got, strict=True):
+                for entry in answer["top_k"]:
+                    assert row[card["labels"].index(entry["label"])] == pytest.approx(
+                        entry["score"], abs=1e-6
+                    )
+        for bad, where in ((encoded[:, :2], "[n, 3]"), (encoded + [0, 0.5, 0], "column 'city'")):
+            t = triton.InferInput("features", list(bad.shape), "FP32")
+            t.set_data_from_numpy(np.ascontiguousarray(bad, dtype=np.float32))
+            with pytest.raises(Exception, match=re.escape(where)):
+                client.infer("loans", [t])
         for body in (
             {"inputs": [{"amount": 1, "city": "rome"}]},
             {"inputs": ["a text"]},
