@@ -19,6 +19,7 @@ from export.preprocess import IMAGE_INPUT
 from tasks.common import INPUT_ORDER
 
 AUDIO_INPUT = "input_features"
+TABLE_INPUT = "features"
 
 OUTPUTS = ("logits", "pooled_embedding")  # classification; each task names its own (tasks/)
 DEFAULT_OPSET = 18
@@ -47,6 +48,15 @@ class TextGraph(nn.Module):
         return self.model.export_outputs(input_ids, attention_mask, token_type_ids)
 
 
+class TableGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features):
+        return self.model.export_outputs(features)
+
+
 class AudioGraph(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -66,12 +76,14 @@ def graph_for(model: nn.Module, task: str) -> nn.Module:
 
     if tasks.uses_tokenizer(task):
         return TextGraph(model).eval()
+    if tasks.uses_tables(task):
+        return TableGraph(model).eval()
     return (AudioGraph(model) if tasks.uses_audio(task) else ImageGraph(model)).eval()
 
 
 def _axes(names: list[str]) -> dict[int, str]:
-    """Texts vary in length; images and audio windows have the model's fixed size."""
-    fixed = IMAGE_INPUT in names or AUDIO_INPUT in names
+    """Texts vary in length; images, audio windows and table rows have a fixed size."""
+    fixed = bool({IMAGE_INPUT, AUDIO_INPUT, TABLE_INPUT} & set(names))
     return {0: "batch"} if fixed else {0: "batch", 1: "sequence"}
 
 

@@ -78,7 +78,7 @@ def export_checkpoint(
         )
     name = _sanitize(name or run.resolve().name)
     base = Path(out) / name
-    weights = ckpt_mod.TREES if tasks.uses_trees(ckpt.task) else ckpt_mod.WEIGHTS
+    weights = ckpt_mod.weights_file(ckpt.config)
     source_sha = card_mod.sha256_file(run / weights)
     if skip_existing and version is None and base.is_dir():
         latest = base / f"v{int(next_version(base)[1:]) - 1}"
@@ -204,7 +204,7 @@ def _build(
 
     stage()
     feeder = Feeder(ckpt, tokenizer)
-    if tasks.uses_trees(ckpt.task):  # scikit-learn trees: skl2onnx, not torch.onnx
+    if ckpt_mod.is_trees(ckpt.config):  # scikit-learn trees: skl2onnx, not torch.onnx
         from export import tabular
 
         path, details, fp32, parity = tabular.convert_and_check(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import CheckpointError
-from tasks import DENSE_VISION_TASKS, uses_trees
+from tasks import DENSE_VISION_TASKS
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -30,6 +30,7 @@ TOKENIZER = "tokenizer"
 RESUME = "resume"
 REQUIRED = (WEIGHTS, CONFIG, HOLDOUT, METRICS)
 TREES = "model.skops"  # tabular runs: the scikit-learn model (skops format, no pickle)
+MLP_FAMILY = "tabular-mlp"  # tabular runs with --backbone mlp (finetune/tabular_mlp.py)
 
 
 @dataclass
@@ -132,8 +133,17 @@ def build_model(ckpt: Checkpoint):
 
     cfg = ckpt.config
     b = cfg["backbone"]
-    if uses_trees(cfg["task"]):
+    if is_trees(cfg):
         return load_trees(ckpt.path)
+    if b["family"] == MLP_FAMILY:
+        from finetune.tabular_mlp import TabularMLP
+
+        head = cfg["head"]
+        model = TabularMLP(
+            cfg["preprocessing"]["features"], len(cfg["labels"]), head["hidden"], head["dropout"]
+        )
+        _load_weights(model, ckpt)
+        return model.eval()
     if cfg["task"] in DENSE_VISION_TASKS:
         from finetune import vision
 
@@ -162,6 +172,15 @@ def build_model(ckpt: Checkpoint):
     model = head(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
     _load_weights(model, ckpt)
     return model.eval()
+
+
+def is_trees(config: dict) -> bool:
+    """A scikit-learn model (skl2onnx at export), not a torch one."""
+    return config["backbone"].get("family") == "sklearn"
+
+
+def weights_file(config: dict) -> str:
+    return TREES if is_trees(config) else WEIGHTS
 
 
 def load_trees(run: Path):

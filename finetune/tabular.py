@@ -1,4 +1,5 @@
-"""Tabular classification: gradient-boosted trees (scikit-learn's HistGradientBoosting).
+"""Tabular classification: gradient-boosted trees (scikit-learn's HistGradientBoosting), the
+default, or an MLP with embeddings for categories (`--backbone mlp`, finetune/tabular_mlp.py).
 
     python -m finetune ../shared/data/german_credit/german.data --label-column -1
 
@@ -8,9 +9,11 @@ weights inversely proportional to the class counts when the rarest class is unde
 the rows (or with --class-weighting balanced), and for two classes a decision threshold
 chosen on validation, for the best F1 or --target-precision, stored with the model.
 `--init-from RUN` continues an earlier run's trees on new rows of the same schema (more
-boosting rounds from where it stopped), the way a fraud model is refreshed each month.
+boosting rounds from where it stopped; an MLP's weights at a tenth of the learning rate),
+the way a fraud model is refreshed each month.
 
-The model is saved with skops (a safe, inspectable format: no pickle is executed on load).
+Trees are saved with skops (a safe, inspectable format: no pickle is executed on load), the
+MLP with safetensors.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +33,6 @@ from finetune.data import describe
 from finetune.data_tabular import TASK, load_tabular_dataset, schema
 from finetune.errors import CheckpointError, DataError
 
-MODEL = checkpoint.TREES
 ROUNDS = 300  # boosting rounds at most (early stopping on an inner 10% usually stops first)
 MORE_ROUNDS = (
     50  # --init-from: rounds added on the new data (no early stopping: it would stop at once)
@@ -66,10 +70,32 @@ def encode(contract, rows: list[dict]) -> np.ndarray:
     return np.stack([contract.decode(r).value for r in rows]) if rows else np.zeros((0, 0))
 
 
+TREES, MLP = "gradient-boosting", "mlp"  # --backbone values for tables (auto: trees)
+
+
+def _kind(cfg, init) -> str:
+    """trees or mlp: as --backbone asks, or as the --init-from run was trained."""
+    if init is not None:
+        kind = MLP if init[1]["backbone"]["family"] == checkpoint.MLP_FAMILY else TREES
+        if cfg.backbone not in ("auto", kind):
+            raise DataError(f"--init-from '{cfg.init_from}' is a {kind} run, not {cfg.backbone}")
+        return kind
+    if cfg.backbone in ("auto", TREES):
+        return TREES
+    if cfg.backbone == MLP:
+        return MLP
+    raise DataError(
+        f"backbone '{cfg.backbone}' does not apply to tables; use {TREES} (default) or {MLP}"
+    )
+
+
 def _earlier(run: Path, features: list[str]):
     """The model and schema of `--init-from RUN`; the feature columns must be the same."""
-    config = checkpoint.read_json(run / checkpoint.CONFIG)
-    if config.get("task") != TASK or not (run / MODEL).is_file():
+    try:
+        config = checkpoint.read_json(run / checkpoint.CONFIG)
+    except CheckpointError:
+        config = {}
+    if config.get("task") != TASK or not (run / checkpoint.weights_file(config)).is_file():
         raise CheckpointError(f"--init-from '{run}' is not a finished tabular run", str(run))
     old = [f["name"] for f in config["preprocessing"]["features"]]
     if old != features:
@@ -79,7 +105,7 @@ def _earlier(run: Path, features: list[str]):
             f"{', '.join(missing) or '-'}; new here {', '.join(extra) or '-'}"
             + ("" if missing or extra else "; same columns in another order")
         )
-    return checkpoint.load_trees(run), config
+    return checkpoint.build_model(checkpoint.load_checkpoint(run)), config
 
 
 def fine_tune_table(data: Path, out: Path, cfg, log=print) -> dict:
@@ -104,15 +130,11 @@ def fine_tune_table(data: Path, out: Path, cfg, log=print) -> dict:
     y = {role: getattr(ds, role).labels for role in ("train", "val", "test")}
     shares = np.bincount(y["train"], minlength=len(labels)) / len(y["train"])
     balanced = cfg.class_weighting == "balanced" or shares.min() < RARE
-    if init is not None:
-        model = init[0]
-        model.set_params(
-            warm_start=True, early_stopping=False, max_iter=model.n_iter_ + MORE_ROUNDS
-        )
-        log(f"continuing '{cfg.init_from}' ({model.n_iter_} rounds) on {len(y['train'])} rows")
+    if _kind(cfg, init) == MLP:
+        fitted = _fit_mlp(features, labels, x, y, cfg, balanced, init, log)
     else:
-        model = _select(x["train"], y["train"], balanced, cfg.seed, log)
-    model.fit(x["train"], y["train"])
+        fitted = _fit_trees(x, y, cfg, balanced, init, log)
+    proba = fitted.proba
     post = {}
     if len(labels) == 2:
         from tasks.metrics import choose_threshold
@@ -120,7 +142,7 @@ def fine_tune_table(data: Path, out: Path, cfg, log=print) -> dict:
         # The positive class is the rarer one (fraud, default): its precision and recall
         # are what a threshold trades.
         positive = int(np.argmin(np.bincount(y["train"], minlength=2)))
-        p_val = model.predict_proba(x["val"])[:, positive]
+        p_val = proba(x["val"])[:, positive]
         post = {
             "positive": labels[positive],
             "threshold": choose_threshold(y["val"] == positive, p_val, cfg.target_precision),
@@ -131,16 +153,76 @@ def fine_tune_table(data: Path, out: Path, cfg, log=print) -> dict:
     contract = _contract(features, labels, post)
     figures = {}
     for role in ("val", "test"):
-        scores = contract.score(model.predict_proba(x[role]), y[role])
+        scores = contract.score(proba(x[role]), y[role])
         figures |= {f"{role}_{k}": v for k, v in scores.items()}
-    result = {"epoch": int(model.n_iter_), "strategy": "gradient-boosting", **figures}
-    _write(out, cfg, ds, features, labels, post, model, x, y, result, balanced, t0)
+    kind = fitted.config["backbone"]["name"]
+    result = {"epoch": fitted.epochs, "strategy": kind, **figures}
+    _write(out, cfg, ds, features, labels, post, fitted, x, y, result, t0)
     log(
-        f"{model.n_iter_} boosting rounds; "
+        f"{fitted.epochs} {'boosting rounds' if kind == TREES else 'epochs (best)'}; "
         + "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if k.startswith(("val", "test")))
     )
     log(f"checkpoint: {out}/  (report: {out}/report/)")
     return result
+
+
+@dataclass
+class Fitted:
+    """A trained table model, whichever kind: its probabilities and what to save."""
+
+    model: object
+    proba: Callable[[np.ndarray], np.ndarray]
+    epochs: int  # boosting rounds, or the MLP's best epoch
+    config: dict  # config.json's backbone and head
+    history: list = field(default_factory=list)  # the MLP's epochs (curves.png)
+    metric: str = ""  # the MLP's early-stopping score in `history`
+
+
+def _fit_trees(x, y, cfg, balanced, init, log) -> Fitted:
+    if init is not None:
+        model = init[0]
+        model.set_params(
+            warm_start=True, early_stopping=False, max_iter=model.n_iter_ + MORE_ROUNDS
+        )
+        log(f"continuing '{cfg.init_from}' ({model.n_iter_} rounds) on {len(y['train'])} rows")
+    else:
+        model = _select(x["train"], y["train"], balanced, cfg.seed, log)
+    model.fit(x["train"], y["train"])
+    described = {
+        "backbone": {"name": TREES, "family": "sklearn", "source": "scikit-learn"},
+        "head": {
+            "type": "HistGradientBoostingClassifier",
+            "rounds": int(model.n_iter_),
+            "class_weight": "balanced" if balanced else None,
+        },
+    }
+    return Fitted(model, model.predict_proba, int(model.n_iter_), described)
+
+
+def _fit_mlp(features, labels, x, y, cfg, balanced, init, log) -> Fitted:
+    from finetune import tabular_mlp as mlp
+
+    lr = cfg.lr
+    if init is not None:
+        model, lr = init[0], cfg.lr / 10
+        log(f"continuing the MLP of '{cfg.init_from}' at learning rate {lr:g}")
+    else:
+        model = mlp.TabularMLP(features, len(labels), mlp.HIDDEN, cfg.dropout)
+    settings = mlp.MLPConfig(lr=lr, dropout=cfg.dropout, seed=cfg.seed)
+    history, metric = mlp.train(model, x, y, settings, balanced, log)
+    best = max(history, key=lambda h: h[metric])["epoch"]
+    described = {
+        "backbone": {"name": MLP, "family": checkpoint.MLP_FAMILY, "source": "random init"},
+        "head": {
+            "type": "TabularMLP",
+            "hidden": model.head.in_features,
+            "dropout": model.body[2].p,
+            "epochs": len(history),
+            "class_weight": "balanced" if balanced else None,
+        },
+    }
+    proba = lambda a: mlp.predict_proba(model, a)  # noqa: E731
+    return Fitted(model, proba, best, described, history, metric)
 
 
 def _select(x, y, balanced: bool, seed: int, log):
@@ -163,9 +245,7 @@ def _select(x, y, balanced: bool, seed: int, log):
     return best
 
 
-def _write(out, cfg, ds, features, labels, post, model, x, y, result, balanced, t0) -> None:
-    import skops.io as sio
-
+def _write(out, cfg, ds, features, labels, post, fitted: Fitted, x, y, result, t0) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -173,12 +253,7 @@ def _write(out, cfg, ds, features, labels, post, model, x, y, result, balanced, 
         "format_version": checkpoint.FORMAT_VERSION,
         "task": TASK,
         "status": "complete",
-        "backbone": {"name": "gradient-boosting", "family": "sklearn", "source": "scikit-learn"},
-        "head": {
-            "type": "HistGradientBoostingClassifier",
-            "rounds": int(model.n_iter_),
-            "class_weight": "balanced" if balanced else None,
-        },
+        **fitted.config,
         "labels": labels,
         "preprocessing": {"features": features, "input_names": ["features"]},
         "postprocessing": post,
@@ -188,18 +263,27 @@ def _write(out, cfg, ds, features, labels, post, model, x, y, result, balanced, 
         "result": result,
     }
     checkpoint.write_json(out / checkpoint.CONFIG, config)
-    sio.dump(model, out / MODEL)
+    if checkpoint.is_trees(config):
+        import skops.io as sio
+
+        sio.dump(fitted.model, out / checkpoint.TREES)
+    else:
+        checkpoint.save_weights(out, fitted.model)
     n = min(cfg.holdout_size, len(y["test"]))
     idx = np.sort(np.random.default_rng(cfg.seed).choice(len(y["test"]), n, replace=False))
     checkpoint.save_holdout(out, x["test"][idx].astype(np.float64), y["test"][idx])
     best = {**result, "wall_seconds": round(time.perf_counter() - t0, 1)}
-    checkpoint.write_json(out / checkpoint.METRICS, {"best": best, "epochs": []})
-    _report(out / "report", model, x["val"], y["val"], labels, post)
+    checkpoint.write_json(out / checkpoint.METRICS, {"best": best, "epochs": fitted.history})
+    _report(out / "report", fitted, x["val"], y["val"], labels, post)
 
 
-def _report(folder: Path, model, x, y, labels, post) -> None:
-    """pr_curve.png and calibration.png on validation (two classes)."""
+def _report(folder: Path, fitted: Fitted, x, y, labels, post) -> None:
+    """pr_curve.png and calibration.png on validation (two classes); the MLP's curves."""
     folder.mkdir(exist_ok=True)
+    if fitted.history:
+        from finetune.report import plot_curves
+
+        plot_curves(fitted.history, folder / "curves.png", fitted.epochs, fitted.metric)
     if len(labels) != 2:
         return
     import matplotlib
@@ -210,7 +294,7 @@ def _report(folder: Path, model, x, y, labels, post) -> None:
     from sklearn.metrics import precision_recall_curve
 
     pos = labels.index(post.get("positive", labels[1]))
-    p = model.predict_proba(x)[:, pos]
+    p = fitted.proba(x)[:, pos]
     y = np.asarray(y) == pos
     precision, recall, thresholds = precision_recall_curve(y, p)
     fig, ax = plt.subplots(figsize=(5, 4))

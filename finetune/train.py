@@ -156,7 +156,7 @@ def fine_tune(
     np.random.seed(cfg.seed)
 
     task = detect_task(data)
-    if tasks.uses_trees(task):
+    if tasks.uses_tables(task):
         if resume:
             raise FinetuneError("--resume does not apply to tabular runs (they take seconds)")
         from finetune.tabular import fine_tune_table

@@ -24,7 +24,7 @@ REGISTRY = {
     "audio-classification": "tasks.audio:AudioClassification",
 }
 DENSE_VISION_TASKS = ("object-detection", "semantic-segmentation")
-TREE_TASKS = ("tabular-classification",)  # scikit-learn models: skl2onnx, no torch half
+TABLE_TASKS = ("tabular-classification",)  # finetune/tabular.py: trees or an MLP, no shared loop
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
 AUDIO_TASKS = ("audio-classification",)
 
@@ -40,8 +40,8 @@ def uses_tokenizer(name: str) -> bool:
     return name in TEXT_TASKS
 
 
-def uses_trees(name: str) -> bool:
-    return name in TREE_TASKS
+def uses_tables(name: str) -> bool:
+    return name in TABLE_TASKS
 
 
 def uses_audio(name: str) -> bool:
@@ -72,5 +72,5 @@ __all__ = [
     "load_tokenizer",
     "uses_audio",
     "uses_tokenizer",
-    "uses_trees",
+    "uses_tables",
 ]

@@ -18,6 +18,7 @@ RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling v
 INPUT_ORDER = (
     "pixel_values",
     "input_features",
+    "features",
     "input_ids",
     "attention_mask",
     "token_type_ids",

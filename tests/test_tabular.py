@@ -231,3 +231,32 @@ def test_per_column_drift_fires_on_the_shifted_column_only(table_run, tmp_path):
     assert max(same.values()) < 1.0, same
     shifted = scores(make_table(tmp_path / "shifted.csv", n=200, seed=12, shift=150.0))
     assert shifted["feature:amount"] >= 1.0 and shifted["feature:city"] < 1.0, shifted
+
+
+def test_mlp_trains_exports_like_the_trees_and_continues(table_run, tmp_path):
+    """`--backbone mlp`: embeddings for categories, missing flags; its ONNX graph takes the
+    trees' input, so the service answers the same way; `--init-from` continues its weights."""
+    from export.pipeline import export_checkpoint
+    from finetune.train import fine_tune
+    from service.runtime import Runtime
+
+    tmp, _, _ = table_run
+    cfg = TrainConfig(backbone="mlp", test_fraction=0.3)
+    result = fine_tune(tmp / "loans.csv", tmp_path / "mlp", cfg, log=quiet)
+    assert result["strategy"] == "mlp" and result["val_roc_auc"] > 0.8, result
+    assert (tmp_path / "mlp" / "report" / "curves.png").is_file()
+    art = export_checkpoint(tmp_path / "mlp", tmp_path / "art", name="m", register=False, log=quiet)
+    card = json.loads((art / "card.json").read_text())
+    assert card["parity"]["passed"] and card["inputs"][0]["shape"] == ["batch", 3]
+    assert [o["name"] for o in card["outputs"]] == ["probabilities"]
+    rt = Runtime(art)
+    risky = rt.predict([rt.prepare({"amount": 600.0, "city": "lima", "age": 40})])[0]
+    safe = rt.predict([rt.prepare({"amount": 50, "city": "paris", "age": 40})])[0]
+    assert risky["label"] == "bad" and safe["label"] == "good"
+    later = make_table(tmp_path / "next.csv", n=300, seed=7)
+    again = TrainConfig(test_fraction=0.3, init_from=str(tmp_path / "mlp"))
+    refreshed = fine_tune(later, tmp_path / "refresh", again, log=quiet)
+    assert refreshed["strategy"] == "mlp" and refreshed["val_roc_auc"] > 0.8
+    trees = TrainConfig(backbone="gradient-boosting", init_from=str(tmp_path / "mlp"))
+    with pytest.raises(DataError, match="is a mlp run"):
+        fine_tune(later, tmp_path / "bad", trees, log=quiet)
