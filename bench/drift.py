@@ -1,4 +1,7 @@
-"""Drift on real text: `python bench/drift.py --run RUN [--artifact ART]`.
+"""Drift on real data: `python bench/drift.py --run RUN [--artifact ART]`.
+
+A tabular run (German credit) is compared with Evidently's data-drift preset on the same
+windows: bench/drift_tabular.py. A text run:
 
 The sms_spam model's exported calibration (reference.json) with the service's runtime and
 monitor: windows of held-out SMS texts (in distribution: the calibration's own holdout, so
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+import tasks  # noqa: E402
 from serve import artifact_for  # noqa: E402
 
 
@@ -48,8 +52,19 @@ def main() -> int:
     p.add_argument("--artifact", default=None)
     p.add_argument("--agnews", default=str(ROOT.parent / "shared/data/agnews/test.tsv"))
     p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--trials", type=int, default=20, help="tables: trials per shift")
+    p.add_argument("--step", type=int, default=40, help="tables: shifted rows added per check")
     args = p.parse_args()
     run, agnews = Path(args.run), Path(args.agnews)
+    if (run / "config.json").is_file() and tasks.uses_tables(
+        json.loads((run / "config.json").read_text())["task"]
+    ):
+        from drift_tabular import compare, report
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-drift-"))
+        artifact = artifact_for(run, args.artifact, tmp)
+        print(report(compare(run, artifact, args.trials, args.step, 0), args.trials))
+        return 0
     if not run.is_dir() or not agnews.is_file():
         print(f"needs {run} and {agnews}; skipped")
         return 0
