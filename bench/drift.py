@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import tasks  # noqa: E402
 from serve import artifact_for  # noqa: E402
+
+import tasks  # noqa: E402
 
 
 def scores_for(rt, drift: dict, texts: list[str], step: int = 25) -> tuple[dict | None, int | None]:

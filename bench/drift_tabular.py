@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -56,8 +55,9 @@ for rows in job["windows"]:
     for c in job["categorical"]:
         cur[c] = cur[c].astype("object")
     d = Report([DataDriftPreset()]).run(current_data=cur, reference_data=ref).dict()
-    share = next(m["value"]["share"] for m in d["metrics"] if "DriftedColumnsCount" in m["metric_name"])
-    p = [m["value"] for m in d["metrics"] if m["metric_name"].startswith("ValueDrift")]
+    m = {x["metric_name"]: x["value"] for x in d["metrics"]}
+    share = next(v["share"] for k, v in m.items() if k.startswith("DriftedColumnsCount"))
+    p = [v for k, v in m.items() if k.startswith("ValueDrift")]
     out.append({"share": share, "drifted": sum(v < 0.05 for v in p), "min_p": min(p)})
 json.dump(out, open(sys.argv[2], "w"))
 """

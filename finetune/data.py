@@ -1,8 +1,9 @@
 """Data loading and cleaning (DESIGN.md §1).
 
 Layouts, detected from the path:
-- image or text class folders: `<root>/<label>/*.jpg|*.txt`, optionally pre-split as
-  `<root>/train/<label>/...` plus `<root>/{val,dev}/<label>/...` and `<root>/test/<label>/...`;
+- image, audio or text class folders: `<root>/<label>/*.jpg|*.wav|*.txt`, optionally
+  pre-split as `<root>/train/<label>/...` plus `<root>/{val,dev}/<label>/...` and
+  `<root>/test/<label>/...`;
 - a text table (CSV, TSV, JSONL, Parquet, or an extension-less file sniffed as one), or a
   folder holding `train.*` and `val.*` / `dev.*` and / or `test.*` tables.
 
@@ -386,8 +387,9 @@ def _decode_images(records: list[_Record], prep: ImagePrep, undecodable: list[st
 def _decode_audio(records: list[_Record], cfg, counts: Counter, undecodable: list[str]):
     """The records whose audio decodes, each now holding the file as base64 (what a client
     sends; the holdout keeps it so export and benchmarks replay the served path) and its
-    duration in seconds as `key2`. Counts empty and over-long clips (dropped)."""
-    from tasks.audio import read_audio
+    duration. Counts empty or silent clips and over-long ones (dropped), and clips longer
+    than an asked --clip-seconds (kept: the window cuts them)."""
+    from tasks.audio import SAMPLE_RATE, read_audio
 
     kept = []
     limit = MAX_CLIP_SECONDS if cfg.clip_seconds is None else max(cfg.clip_seconds, 0.1)
@@ -396,12 +398,12 @@ def _decode_audio(records: list[_Record], cfg, counts: Counter, undecodable: lis
         try:
             wave = read_audio(data, math.inf)
         except InputError as e:
-            if "no samples" in e.detail or "empty" in e.detail:
+            if e.reason == "empty_audio":
                 counts["empty_audio"] += 1
             else:
                 undecodable.append(str(r.item))
             continue
-        seconds = len(wave) / 16_000
+        seconds = len(wave) / SAMPLE_RATE
         if not np.any(wave):
             counts["empty_audio"] += 1
             continue

@@ -65,9 +65,21 @@ _tokens = bentoml.metrics.Histogram(
     labelnames=LABELS,
     buckets=(4, 8, 16, 32, 64, 128, 256, 512),
 )
+_duration = bentoml.metrics.Histogram(
+    name="tuneserve_input_audio_seconds",
+    documentation="Duration of an audio clip as sent",
+    labelnames=LABELS,
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60),
+)
+_loudness = bentoml.metrics.Histogram(
+    name="tuneserve_input_audio_loudness_dbfs",
+    documentation="RMS level of an audio clip, dB below full scale",
+    labelnames=LABELS,
+    buckets=(-60, -50, -40, -30, -20, -10, 0),
+)
 _truncated = bentoml.metrics.Counter(
     name="tuneserve_input_truncated",
-    documentation="Texts cut at the model's maximum length",
+    documentation="Texts cut at the model's maximum length, audio clips at its window",
     labelnames=LABELS,
 )
 _unknown = bentoml.metrics.Histogram(
@@ -147,6 +159,8 @@ def inputs(rt, stats: dict) -> None:
         "pixels": _pixels,
         "tokens": _tokens,
         "unknown_ratio": _unknown,
+        "duration": _duration,
+        "loudness": _loudness,
     }
     for key, histogram in series.items():
         child = histogram.labels(model=rt.name, version=rt.version)

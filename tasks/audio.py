@@ -60,7 +60,7 @@ def read_audio(data: bytes, max_seconds: float) -> np.ndarray:
     import soundfile as sf
 
     if not data:
-        raise InputError("bad_audio", "the audio input is empty")
+        raise InputError("empty_audio", "the audio input is empty")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, frames = f.samplerate, f.frames
@@ -80,7 +80,7 @@ def read_audio(data: bytes, max_seconds: float) -> np.ndarray:
             f"cannot decode the audio (WAV, FLAC, OGG or MP3): {str(e).splitlines()[0][:120]}",
         ) from None
     if wave.shape[0] == 0:
-        raise InputError("bad_audio", "the audio holds no samples")
+        raise InputError("empty_audio", "the audio holds no samples")
     return resample(wave.mean(axis=1), rate)
 
 

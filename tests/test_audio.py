@@ -221,6 +221,9 @@ def test_live_service_json_upload_oip_and_bad_audio(audio_run, tmp_path):
         ):
             r = httpx.post(url + "/predict", json=payload, timeout=60)
             assert r.status_code == status and r.json()["error"] == error, (payload, r.text)
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        assert "tuneserve_input_audio_seconds_bucket" in metrics
+        assert "tuneserve_input_audio_loudness_dbfs_bucket" in metrics
         assert {"feature:loudness", "input", "embedding"} <= drift_checks(art)
         assert drift_checks_scored(url, art, body["inputs"][0]) == drift_checks(art)
     finally:
