@@ -7,10 +7,10 @@ rate) and to Evidently's default data-drift preset (`DataDriftPreset`, in its ow
 environment, bench/.venv-evidently, created here: Evidently is not a tuneserve dependency).
 Evidently's reference is the same holdout rows tuneserve calibrated on.
 
-Each trial starts from a window of rows the holdout did not hold (no shift: a false alarm
-if a detector fires), then replaces its rows with shifted ones, `--step` at a time, until
-the window is all shifted: the samples to detection are the shifted rows in the window
-when a detector first fires. Shifts: the widest numeric column scaled by 1.3, a third of the
+Each trial starts from a window of rows the holdout did not hold, drawn without replacement
+(no shift: a false alarm if a detector fires), then replaces its rows with shifted ones,
+`--step` at a time, until the window is all shifted: the samples to detection are the
+shifted rows in the window when a detector first fires. Shifts: the widest numeric column scaled by 1.3, a third of the
 rows given the first categorical column's rarest category, and the rarer class oversampled
 to 60% of the rows (prior shift, which moves every column a little).
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
+import time
 import venv
 from pathlib import Path
 
@@ -58,7 +60,8 @@ for rows in job["windows"]:
     m = {x["metric_name"]: x["value"] for x in d["metrics"]}
     share = next(v["share"] for k, v in m.items() if k.startswith("DriftedColumnsCount"))
     p = [v for k, v in m.items() if k.startswith("ValueDrift")]
-    out.append({"share": share, "drifted": sum(v < 0.05 for v in p), "min_p": min(p)})
+    drifted = int(sum(v < 0.05 for v in p))
+    out.append({"share": float(share), "drifted": drifted, "min_p": float(min(p))})
 json.dump(out, open(sys.argv[2], "w"))
 """
 
@@ -79,7 +82,7 @@ def _shifts(contract, pool: np.ndarray, labels: np.ndarray, rng) -> dict:
         j = max(numeric, key=lambda k: len(np.unique(pool[:, k][~np.isnan(pool[:, k])])))
 
         def scaled(n, j=j):
-            x = pool[rng.integers(0, len(pool), n)].copy()
+            x = pool[rng.choice(len(pool), n, replace=False)]
             x[:, j] *= 1.3
             return x
 
@@ -89,7 +92,7 @@ def _shifts(contract, pool: np.ndarray, labels: np.ndarray, rng) -> dict:
         rare = len(feats[j]["categories"]) - 1
 
         def mixed(n, j=j, rare=rare):
-            x = pool[rng.integers(0, len(pool), n)].copy()
+            x = pool[rng.choice(len(pool), n, replace=False)]
             x[rng.random(n) < 1 / 3, j] = rare
             return x
 
@@ -99,8 +102,13 @@ def _shifts(contract, pool: np.ndarray, labels: np.ndarray, rng) -> dict:
 
     def prior(n):
         k = int(round(0.6 * n))
-        return np.concatenate(
-            [pos[rng.integers(0, len(pos), k)], neg[rng.integers(0, len(neg), n - k)]]
+        return rng.permutation(
+            np.concatenate(
+                [
+                    pos[rng.choice(len(pos), k, replace=False)],
+                    neg[rng.choice(len(neg), n - k, replace=False)],
+                ]
+            )
         )
 
     shifts[f"class '{contract.labels[rarer]}' at 60%"] = prior
@@ -148,13 +156,15 @@ def compare(run: Path, artifact: Path, trials: int, step: int, seed: int) -> dic
     windows, where = [], []  # every window, and (shift, trial, shifted rows)
     for name, shifted in shifts.items():
         for t in range(trials):
-            base = pool[rng.integers(0, len(pool), WINDOW)]
+            base = pool[rng.choice(len(pool), WINDOW, replace=False)]
             new = shifted(WINDOW)
             for k in levels:
                 windows.append(np.concatenate([base[k:], new[:k]]))
                 where.append((name, t, k))
     print(f"{len(windows)} windows of {WINDOW} rows: tuneserve ...", flush=True)
+    t0 = time.perf_counter()
     fired = {"tuneserve": [tuneserve_fires(w) for w in windows]}
+    print(f"  tuneserve: {time.perf_counter() - t0:.0f} s (model, monitor and row decoding)")
     print("Evidently DataDriftPreset ...", flush=True)
     categorical = [f["name"] for f in contract.features if f["kind"] == "categorical"]
     job = {
@@ -163,15 +173,14 @@ def compare(run: Path, artifact: Path, trials: int, step: int, seed: int) -> dic
         "reference": [_raw(contract, r) for r in ckpt.holdout_inputs],
         "windows": [[_raw(contract, r) for r in w] for w in windows],
     }
-    tmp = artifact.parent / ".evidently-job.json"
-    result = tmp.with_suffix(".out.json")
-    tmp.write_text(json.dumps(job))
-    script = tmp.with_suffix(".py")
-    script.write_text(RUNNER)
-    subprocess.run([evidently_python(), script, tmp, result], check=True)
-    ev = json.loads(result.read_text())
-    for f in (tmp, result, script):
-        f.unlink()
+    with tempfile.TemporaryDirectory(prefix="bench-evidently-") as folder:
+        job_file, result, script = (Path(folder) / n for n in ("job.json", "out.json", "run.py"))
+        job_file.write_text(json.dumps(job))
+        script.write_text(RUNNER)
+        t0 = time.perf_counter()
+        subprocess.run([evidently_python(), script, job_file, result], check=True)
+        print(f"  Evidently: {time.perf_counter() - t0:.0f} s for {len(windows)} windows")
+        ev = json.loads(result.read_text())
     fired["Evidently (dataset drift: >= 50% of columns)"] = [e["share"] >= 0.5 for e in ev]
     fired["Evidently (any column, p < 0.05)"] = [e["drifted"] >= 1 for e in ev]
     return {"fired": fired, "where": where, "shifts": list(shifts), "levels": levels}

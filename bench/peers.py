@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +44,11 @@ COMMON = ("tokenizers", "numpy", "pillow")
 PACKAGES = {
     "bentoml": ["bentoml==1.4.40"],
     "litserve": ["litserve==0.2.19"],
-    "mlserver": ["mlserver==1.7.1"],
+    "mlserver": ["mlserver==1.7.1", "uvloop<0.22"],  # 0.22's get_event_loop breaks its workers
     "rayserve": ["ray[serve]==2.60.0"],
     "pytriton": ["nvidia-pytriton==0.7.0"],
-    "torchserve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0"],
+    # the worker imports torch (the handler does not use it); the CPU build is enough
+    "torchserve": ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "torch"],
 }
 
 
@@ -59,15 +59,40 @@ def onnxruntime_pin() -> str:
     return f"onnxruntime=={onnxruntime.__version__}"
 
 
+# PyTriton 0.7's Triton Python-backend stub fails on CPython 3.11.7's multiprocessing
+# ('_thread.RLock' object has no attribute '_recursion_count'): it runs under 3.12.
+PYTHON_VERSION = {"pytriton": "3.12"}
+
+
+def interpreter(version: str | None) -> str:
+    """This Python, or another installed version (on PATH or under pyenv)."""
+    if version is None:
+        return sys.executable
+    found = shutil.which(f"python{version}")
+    if found and subprocess.run([found, "-V"], capture_output=True).returncode == 0:
+        return found
+    for candidate in sorted(Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}")):
+        return str(candidate)
+    raise RuntimeError(f"needs Python {version}, which is not installed here")
+
+
 def peer_python(name: str) -> Path:
     python = VENVS / name / "bin" / "python"
     if not (VENVS / name / ".installed").is_file():
         print(f"  creating {VENVS / name} ({' '.join(PACKAGES[name])}) ...", flush=True)
-        venv.create(VENVS / name, with_pip=True, clear=True)
+        shutil.rmtree(VENVS / name, ignore_errors=True)
+        base = interpreter(PYTHON_VERSION.get(name))
+        subprocess.run([base, "-m", "venv", str(VENVS / name)], check=True)
         pkgs = [*PACKAGES[name], onnxruntime_pin(), *COMMON]
         subprocess.run([python, "-m", "pip", "install", "-q", *pkgs], check=True)
         (VENVS / name / ".installed").touch()
     return python
+
+
+def libdir(python: Path) -> str:
+    """Where the interpreter's libpython lives (Triton's Python stub loads it)."""
+    code = "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
 
 
 # --------------------------------------------------------------------------- the peers
@@ -169,7 +194,7 @@ def launch(peer: Peer, artifact: Path, mode: str, port: int, work: Path):
                 "--version",
                 "1",
                 "--handler",
-                str(SERVERS / "torchserve_peer.py:handle"),
+                str(SERVERS / "torchserve_peer.py"),  # its module-level handle()
                 "--extra-files",
                 str(SERVERS / "common.py"),
                 "--export-path",
@@ -202,6 +227,8 @@ def launch(peer: Peer, artifact: Path, mode: str, port: int, work: Path):
         cmd += ["--ts-config", str(folder / "config.properties")]
     else:
         cmd = [python, str(SERVERS / f"{peer.name}_peer.py")]
+        if peer.name == "pytriton":
+            env["LD_LIBRARY_PATH"] = libdir(python)
     return start([str(c) for c in cmd], env, log)
 
 
@@ -241,9 +268,9 @@ def measure(peer: Peer, mode: str, artifact: Path, values: list, truth: list | N
 
     port = free_port()
     url = f"http://127.0.0.1:{port}{peer.path}"
-    row = {"peer": peer.name, "mode": mode}
-    proc = launch(peer, artifact, mode, port, work)
+    row, proc = {"peer": peer.name, "mode": mode}, None
     try:
+        proc = launch(peer, artifact, mode, port, work)
         row["ready_s"] = wait_answer(url, peer.body(values[0]), proc)
         sample = values[: args.check]
         got = [peer.label(httpx.post(url, json=peer.body(v), timeout=60).json()) for v in sample]
@@ -263,7 +290,8 @@ def measure(peer: Peer, mode: str, artifact: Path, values: list, truth: list | N
     except Exception as e:  # a peer that fails is reported, not fatal to the others
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
-        stop(proc)
+        if proc is not None:
+            stop(proc)
         if peer.name == "torchserve":
             subprocess.run(["pkill", "-f", "org.pytorch.serve"], check=False)
     return row
@@ -278,7 +306,8 @@ def build_artifact(kind: str, tmp: Path) -> Path:
     from finetune.config import TrainConfig
     from finetune.train import fine_tune
 
-    data = ROOT.parent / "shared" / "data" / ("sms_spam" if kind == "text" else "flowers12")
+    shared = ROOT.parent / "shared" / "data"
+    data = shared / ("sms_spam/SMSSpamCollection" if kind == "text" else "flowers12")
     cfg = TrainConfig(strategy="feature-extraction", epochs=1, holdout_size=256)
     print(f"building a {kind} artifact from {data} ...", flush=True)
     fine_tune(data, tmp / f"{kind}-run", cfg, log=lambda _s: None)

@@ -65,7 +65,7 @@ _tokens = bentoml.metrics.Histogram(
     labelnames=LABELS,
     buckets=(4, 8, 16, 32, 64, 128, 256, 512),
 )
-_duration = bentoml.metrics.Histogram(
+_audio_seconds = bentoml.metrics.Histogram(
     name="tuneserve_input_audio_seconds",
     documentation="Duration of an audio clip as sent",
     labelnames=LABELS,
@@ -159,7 +159,7 @@ def inputs(rt, stats: dict) -> None:
         "pixels": _pixels,
         "tokens": _tokens,
         "unknown_ratio": _unknown,
-        "duration": _duration,
+        "duration": _audio_seconds,
         "loudness": _loudness,
     }
     for key, histogram in series.items():

@@ -50,8 +50,13 @@ def test_raccoon_detector_offline_map50(tmp_path):
     MobileNetV2 FCOS (bench/RESULTS.md: the settings and the figures)."""
     data = _need(DATA / "raccoon")
     cfg = TrainConfig(
-        backbone="fcos_mobilenet_v2", image_size=320, epochs=24, patience=10, batch_size=8,
-        lr=1e-3, warmup=0.05,
+        backbone="fcos_mobilenet_v2",
+        image_size=320,
+        epochs=24,
+        patience=10,
+        batch_size=8,
+        lr=1e-3,
+        warmup=0.05,
     )
     result = fine_tune(data, tmp_path / "run", cfg, log=quiet)
     assert result["val_map50"] >= 0.50
@@ -62,8 +67,14 @@ def test_camvid_segmenter_offline_miou(tmp_path):
     ignored, with the offline MobileNetV2 LR-ASPP."""
     data = _need(DATA / "camvid_small")
     cfg = TrainConfig(
-        backbone="lraspp_mobilenet_v2", image_size=384, epochs=40, patience=10, batch_size=8,
-        lr=3e-3, warmup=0.05, ignore_index=11,
+        backbone="lraspp_mobilenet_v2",
+        image_size=384,
+        epochs=40,
+        patience=10,
+        batch_size=8,
+        lr=3e-3,
+        warmup=0.05,
+        ignore_index=11,
     )
     result = fine_tune(data, tmp_path / "run", cfg, log=quiet)
     assert result["val_miou"] >= 0.40
@@ -112,3 +123,16 @@ def test_german_credit_trees_and_mlp(tmp_path):
             for seed in (0, 1, 2)
         ]
         assert np.mean(aucs) >= 0.78, (backbone, aucs)
+    lines = data.read_text().splitlines()
+    first, second = tmp_path / "first.data", tmp_path / "second.data"
+    first.write_text("\n".join(lines[:500]) + "\n")
+    second.write_text("\n".join(lines[500:]) + "\n")
+    for backbone in ("gradient-boosting", "mlp"):
+        cfg = TrainConfig(backbone=backbone, label_column="-1", val_fraction=0.2)
+        fine_tune(first, tmp_path / f"{backbone}-first", cfg, log=quiet)
+        alone = fine_tune(second, tmp_path / f"{backbone}-alone", cfg, log=quiet)
+        more = TrainConfig(
+            label_column="-1", val_fraction=0.2, init_from=str(tmp_path / f"{backbone}-first")
+        )
+        refreshed = fine_tune(second, tmp_path / f"{backbone}-more", more, log=quiet)
+        assert refreshed["val_roc_auc"] >= alone["val_roc_auc"], backbone
