@@ -11,8 +11,9 @@ Each trial starts from a window of rows the holdout did not hold, drawn without 
 (no shift: a false alarm if a detector fires), then replaces its rows with shifted ones,
 `--step` at a time, until the window is all shifted: the samples to detection are the
 shifted rows in the window when a detector first fires. Shifts: the widest numeric column
-scaled by 1.3, a third of the rows given the first categorical column's rarest category, and the rarer class oversampled
-to 60% of the rows (prior shift, which moves every column a little).
+scaled by 1.3, a third of the rows given the first categorical column's rarest category,
+and the rarer class oversampled to 60% of the rows (prior shift: every column moves a
+little).
 """
 
 from __future__ import annotations
