@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test test-slow lint bench bench-serve image tools wrk
+.PHONY: demo test test-slow lint bench bench-serve bench-peers image tools wrk
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: $(VENV)/.installed
 wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+
+# tuneserve against plain BentoML, LitServe, MLServer, Ray Serve, Triton (PyTriton) and
+# TorchServe, each in its own venv under bench/.venv-peers (created on first use); needs
+# ../shared/data (sms_spam, flowers12) and Java for TorchServe.
+bench-peers: $(VENV)/.installed wrk
+	$(PY) bench/peers.py
 
 # Needs a text checkpoint in runs/sms_spam (README, "Fine-tune your own data").
 bench-serve: $(VENV)/.installed wrk

@@ -223,6 +223,7 @@ def launch(peer: Peer, artifact: Path, mode: str, port: int, work: Path):
             + "\n"
         )
         env["PATH"] = f"{bindir}{os.pathsep}{os.environ['PATH']}"
+        env["TMPDIR"] = str(folder)  # its pid file: one per run, not /tmp/.model_server.pid
         cmd = [bindir / "torchserve", "--start", "--foreground", "--ncs"]
         cmd += ["--ts-config", str(folder / "config.properties")]
     else:

@@ -194,6 +194,20 @@ def parse_request(body: bytes, header_len: str | None) -> tuple[dict, list]:
     return head, tensors
 
 
+def _binary_part(tensor: dict, where: str, binary: bytes, offset: int):
+    """(this tensor's bytes of the binary extension or None when it came as JSON, the offset
+    of the next tensor's)."""
+    size = (_field(tensor, "parameters", dict, where) or {}).get("binary_data_size")
+    if size is None:
+        return None, offset
+    size = _count(size, f"{where}.parameters.binary_data_size")
+    if offset + size > len(binary):
+        raise InputError(
+            "bad_tensor", f"binary_data_size {size} exceeds the {len(binary) - offset} bytes sent"
+        )
+    return binary[offset : offset + size], offset + size
+
+
 NUMERIC_INPUTS = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
 
 
@@ -203,17 +217,9 @@ def _numeric_values(tensor: dict, where: str, binary: bytes, offset: int):
     shape = _field(tensor, "shape", list, where, required=True)
     dims = [_count(d, f"{where}.shape dimension") for d in shape]
     n = int(np.prod(dims)) if dims else 1
-    size = (_field(tensor, "parameters", dict, where) or {}).get("binary_data_size")
-    if size is not None:
-        size = _count(size, f"{where}.parameters.binary_data_size")
-        if offset + size > len(binary):
-            raise InputError(
-                "bad_tensor",
-                f"binary_data_size {size} exceeds the {len(binary) - offset} bytes sent",
-            )
-        dtype = np.dtype(NUMERIC_INPUTS[datatype])
-        values = np.frombuffer(binary, dtype, size // dtype.itemsize, offset)
-        offset += size
+    raw, offset = _binary_part(tensor, where, binary, offset)
+    if raw is not None:
+        values = np.frombuffer(raw, np.dtype(NUMERIC_INPUTS[datatype]))
     elif isinstance(tensor.get("data"), list):
         flat = _flatten(tensor["data"])
         if any(isinstance(v, bool) or not isinstance(v, int | float | None) for v in flat):
@@ -241,17 +247,9 @@ def _tensor_values(tensor: dict, where: str, binary: bytes, offset: int) -> tupl
             f"or, for tables, FP32 [n, features]",
         )
     shape = _field(tensor, "shape", list, where)
-    tparams = _field(tensor, "parameters", dict, where) or {}
-    size = tparams.get("binary_data_size")
-    if size is not None:
-        size = _count(size, f"{where}.parameters.binary_data_size")
-        if offset + size > len(binary):
-            raise InputError(
-                "bad_tensor",
-                f"binary_data_size {size} exceeds the {len(binary) - offset} bytes sent",
-            )
-        values: list = _bytes_elements(binary[offset : offset + size])
-        offset += size
+    raw, offset = _binary_part(tensor, where, binary, offset)
+    if raw is not None:
+        values: list = _bytes_elements(raw)
     elif isinstance(tensor.get("data"), list):
         values = _flatten(tensor["data"])
         for v in values:

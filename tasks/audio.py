@@ -18,7 +18,6 @@ the duration, `feature:loudness` the RMS level in dBFS.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import math
 from functools import lru_cache
@@ -26,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 
 from tasks.classification import Classification
-from tasks.common import Prepared
+from tasks.common import Prepared, encoded_bytes
 from tasks.drift import CHECKS, FEATURE, Samples
 from tasks.errors import InputError
 
@@ -38,20 +37,6 @@ MASK = "attention_mask"
 LOUDNESS = "loudness"
 SILENCE_DB = -100.0  # dBFS of an all-zero clip
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
-
-
-def audio_bytes(value) -> bytes:
-    """A request value (base64 string or raw bytes) as bytes; InputError otherwise."""
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise InputError("invalid_base64", "audio input is not valid base64") from None
-    if not isinstance(value, bytes | bytearray):
-        raise InputError(
-            "wrong_type", f"audio inputs are base64 strings, got {type(value).__name__}"
-        )
-    return bytes(value)
 
 
 def read_audio(data: bytes, max_seconds: float) -> np.ndarray:
@@ -185,7 +170,7 @@ class AudioClassification(Classification):
         return base64.b64encode(wav_bytes(0.3 * np.sin(2 * np.pi * 440 * t))).decode()
 
     def decode(self, value) -> Prepared:
-        return Prepared(read_audio(audio_bytes(value), self.limits.max_audio_seconds))
+        return Prepared(read_audio(encoded_bytes(value, "audio"), self.limits.max_audio_seconds))
 
     def from_holdout(self, value) -> Prepared:
         return self.decode(str(value))  # base64 of the original file: the served path

@@ -3,6 +3,8 @@ image crop and its brightness, the text tokenizer as every stage configures it."
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
 from dataclasses import dataclass
@@ -32,6 +34,21 @@ class Prepared:
     value: object
     pixels: int = 0  # images: width x height as sent, for the input-size statistics
     size: tuple[int, int] | None = None  # detection, segmentation: (width, height) as sent
+
+
+def encoded_bytes(value, what: str) -> bytes:
+    """A request value holding a file (base64 string, or raw bytes from an upload or OIP's
+    binary extension) as bytes; InputError otherwise. `what`: image, audio."""
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError("invalid_base64", f"{what} input is not valid base64") from None
+    if not isinstance(value, bytes | bytearray):
+        raise InputError(
+            "wrong_type", f"{what} inputs are base64 strings, got {type(value).__name__}"
+        )
+    return bytes(value)
 
 
 def softmax(logits) -> np.ndarray:

@@ -9,14 +9,13 @@ of the image as sent: scale = size / max(width, height), content at the top left
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 from collections.abc import Sequence
 
 import numpy as np
 
 from tasks.base import Task
-from tasks.common import RESAMPLE, Prepared, brightness, normalize, read_image
+from tasks.common import RESAMPLE, Prepared, brightness, encoded_bytes, normalize, read_image
 from tasks.errors import InputError
 
 IMAGE_INPUT = "pixel_values"
@@ -63,16 +62,7 @@ def pad_fill(mean: Sequence[float]) -> tuple[int, int, int]:
 
 def image_bytes(value) -> bytes:
     """A request value (base64 string or raw bytes) as bytes; InputError otherwise."""
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise InputError("invalid_base64", "image input is not valid base64") from None
-    if not isinstance(value, bytes | bytearray):
-        raise InputError(
-            "wrong_type", f"image inputs are base64 strings, got {type(value).__name__}"
-        )
-    return bytes(value)
+    return encoded_bytes(value, "image")
 
 
 def png_base64(array: np.ndarray) -> str:
