@@ -208,7 +208,7 @@ def _fit_mlp(features, labels, x, y, cfg, balanced, init, log) -> Fitted:
         log(f"continuing the MLP of '{cfg.init_from}' at learning rate {lr:g}")
     else:
         model = mlp.TabularMLP(features, len(labels), mlp.HIDDEN, cfg.dropout)
-    settings = mlp.MLPConfig(lr=lr, dropout=cfg.dropout, seed=cfg.seed)
+    settings = mlp.MLPConfig(lr=lr, seed=cfg.seed)
     history, metric = mlp.train(model, x, y, settings, balanced, log)
     best = max(history, key=lambda h: h[metric])["epoch"]
     described = {

@@ -30,9 +30,9 @@ BATCH = 64  # rows per step
 
 @dataclass(frozen=True)
 class MLPConfig:
-    hidden: int = HIDDEN
-    dropout: float = 0.2
-    lr: float = 1e-3
+    """How the MLP trains (the network's shape is TabularMLP's arguments)."""
+
+    lr: float = 1e-3  # AdamW; --init-from continues at a tenth
     weight_decay: float = 1e-4
     epochs: int = EPOCHS
     patience: int = PATIENCE

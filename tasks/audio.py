@@ -216,6 +216,3 @@ class AudioClassification(Classification):
         rng = np.random.default_rng(0)
         short = Prepared(np.zeros(HOP * 10, dtype=np.float32))
         return short, Prepared((0.1 * rng.standard_normal(self.samples)).astype(np.float32))
-
-    def oip_items(self, tensors):
-        return super().oip_items(tensors)  # raw bytes (binary) or base64 strings (JSON)
