@@ -260,3 +260,22 @@ def test_drift_fires_on_quieter_audio(audio_run, tmp_path):
     assert same["feature:loudness"] < 1.0 and same["input"] < 1.0, same
     quiet_clips = scores(0.03, 12)
     assert quiet_clips["feature:loudness"] >= 1.0, quiet_clips
+
+
+def test_bad_audio_data_stops_the_cli_with_one_line(tmp_path):
+    """A class whose every clip is broken leaves one class: a one-line error naming the
+    folder; a window over Whisper's 30 s is refused before any work."""
+    from tests.conftest import run_module
+
+    root = make_clips(tmp_path / "clips", per_class=3)
+    for f in (root / "low").iterdir():
+        f.write_bytes(b"RIFF, but not audio")
+    for f in (root / "mid").iterdir():
+        f.unlink()
+    (root / "mid").rmdir()
+    r = run_module("finetune", str(root), "--out", str(tmp_path / "run"), timeout=120)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "only one class" in last and str(root) in last, last
+    r = run_module("finetune", str(root), "--clip-seconds", "40", timeout=120)
+    assert r.returncode != 0 and "clip_seconds" in r.stderr.strip().splitlines()[-1]
