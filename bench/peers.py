@@ -224,6 +224,8 @@ def launch(peer: Peer, artifact: Path, mode: str, port: int, work: Path):
         )
         env["PATH"] = f"{bindir}{os.pathsep}{os.environ['PATH']}"
         env["TMPDIR"] = str(folder)  # its pid file: one per run, not /tmp/.model_server.pid
+        # its logs (./logs by default, i.e. the repository) go with the run's files
+        env["LOG_LOCATION"] = env["METRICS_LOCATION"] = str(folder / "logs")
         cmd = [bindir / "torchserve", "--start", "--foreground", "--ncs"]
         cmd += ["--ts-config", str(folder / "config.properties")]
     else:
