@@ -209,8 +209,7 @@ def _fit_mlp(features, labels, x, y, cfg, balanced, init, log) -> Fitted:
     else:
         model = mlp.TabularMLP(features, len(labels), mlp.HIDDEN, cfg.dropout)
     settings = mlp.MLPConfig(lr=lr, seed=cfg.seed)
-    history, metric = mlp.train(model, x, y, settings, balanced, log)
-    best = max(history, key=lambda h: h[metric])["epoch"]
+    history, metric, best = mlp.train(model, x, y, settings, balanced, log)
     described = {
         "backbone": {"name": MLP, "family": checkpoint.MLP_FAMILY, "source": "random init"},
         "head": {

@@ -107,8 +107,8 @@ def predict_proba(model: TabularMLP, x: np.ndarray) -> np.ndarray:
 
 def train(model: TabularMLP, x: dict, y: dict, cfg: MLPConfig, balanced: bool, log):
     """AdamW with early stopping on validation; the best epoch's weights are kept.
-    Returns the per-epoch history (train and validation loss, validation score) and the
-    score's name."""
+    Returns the per-epoch history (train and validation loss, validation score), the
+    score's name and the epoch whose weights were kept."""
     torch.manual_seed(cfg.seed)
     xt = torch.from_numpy(x["train"].astype(np.float32))
     yt = torch.from_numpy(y["train"].astype(np.int64))
@@ -120,7 +120,7 @@ def train(model: TabularMLP, x: dict, y: dict, cfg: MLPConfig, balanced: bool, l
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best, best_state, since, history, metric = -np.inf, None, 0, [], ""
+    best, best_state, best_epoch, since, history, metric = -np.inf, None, 0, 0, [], ""
     xv, yv = x["val"].astype(np.float32), y["val"]
     for epoch in progress(range(cfg.epochs), "MLP epochs"):
         model.train()
@@ -138,7 +138,7 @@ def train(model: TabularMLP, x: dict, y: dict, cfg: MLPConfig, balanced: bool, l
             {"epoch": epoch + 1, "train_loss": total / len(yt), "val_loss": val_loss, metric: score}
         )
         if score > best + 1e-6:
-            best, since = score, 0
+            best, best_epoch, since = score, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since += 1
@@ -146,4 +146,4 @@ def train(model: TabularMLP, x: dict, y: dict, cfg: MLPConfig, balanced: bool, l
                 log(f"MLP: early stopping after epoch {epoch + 1} (best {best:.4f})")
                 break
     model.load_state_dict(best_state)
-    return history, metric
+    return history, metric, best_epoch
