@@ -219,7 +219,12 @@ def _numeric_values(tensor: dict, where: str, binary: bytes, offset: int):
     n = int(np.prod(dims)) if dims else 1
     raw, offset = _binary_part(tensor, where, binary, offset)
     if raw is not None:
-        values = np.frombuffer(raw, np.dtype(NUMERIC_INPUTS[datatype]))
+        dtype = np.dtype(NUMERIC_INPUTS[datatype])
+        if len(raw) % dtype.itemsize:
+            raise InputError(
+                "bad_tensor", f"{where}: {len(raw)} bytes are not whole {datatype} elements"
+            )
+        values = np.frombuffer(raw, dtype)
     elif isinstance(tensor.get("data"), list):
         flat = _flatten(tensor["data"])
         if any(isinstance(v, bool) or not isinstance(v, int | float | None) for v in flat):

@@ -260,3 +260,25 @@ def test_mlp_trains_exports_like_the_trees_and_continues(table_run, tmp_path):
     trees = TrainConfig(backbone="gradient-boosting", init_from=str(tmp_path / "mlp"))
     with pytest.raises(DataError, match="is a mlp run"):
         fine_tune(later, tmp_path / "bad", trees, log=quiet)
+
+
+def test_numeric_oip_tensors_with_broken_binary_parts_are_400s():
+    """A binary part that is not whole elements, or a shape that does not hold the elements,
+    is a 400 naming the tensor (numpy would raise a 500 on the first)."""
+    from service.errors import InputError
+    from service.oip import parse_request
+
+    for size, shape, match in ((7, [1, 2], "not whole FP32"), (12, [1, 2], "does not hold")):
+        head = {
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "FP32",
+                    "shape": shape,
+                    "parameters": {"binary_data_size": size},
+                }
+            ]
+        }
+        body = json.dumps(head).encode()
+        with pytest.raises(InputError, match=match):
+            parse_request(body + b"\0" * size, str(len(body)))
