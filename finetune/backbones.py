@@ -338,7 +338,7 @@ def _whisper_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None):
     return whisper.build_encoder(spec, weights, hf_config)
 
 
-def hf_config(spec: BackboneSpec, encoder: nn.Module) -> dict:
+def saved_architecture(spec: BackboneSpec, encoder: nn.Module) -> dict:
     """The architecture of a Hugging Face backbone, saved so export rebuilds it offline."""
     if spec.family == "hf":
         return {"hf_config": encoder.model.config.to_dict()}

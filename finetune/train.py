@@ -406,7 +406,7 @@ def _config(task, spec, cfg, encoder, dim, head_cls, ds, prep, mean, std, tokeni
             "weights": cfg.weights,
             "feature_dim": dim,
             "groups": list(spec.groups),
-            **backbones.hf_config(spec, encoder),
+            **backbones.saved_architecture(spec, encoder),
         },
         "head": {
             "type": head_cls.__name__,
