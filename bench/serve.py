@@ -180,9 +180,11 @@ def main() -> int:
         help="load generator (bench/load.py); auto: wrk when installed, else aiohttp",
     )
     p.add_argument(
-        "--drift-overhead",
-        action="store_true",
-        help="only compare the service with drift monitoring on and off (64 clients)",
+        "--compare",
+        choices=sorted(COMPARISONS),
+        default=None,
+        help="only compare service settings at 64 clients: drift monitoring off and on, or "
+        "the front end (uvicorn's h11 or httptools parser, BentoML's route or the short path)",
     )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,8 +202,8 @@ def main() -> int:
     artifact = artifact_for(run, args.artifact, tmp)
     clients = [int(c) for c in args.clients.split(",")]
     peer = not args.no_peer and ckpt.config["task"] == "text-classification"
-    if args.drift_overhead:
-        return drift_overhead(artifact, bodies, args.seconds, tmp, args.load)
+    if args.compare:
+        return compare_settings(args.compare, artifact, bodies, args.seconds, tmp, args.load)
     tool = generator(args.load)
     print(
         f"model: {artifact}  inputs: {len(texts)} holdout inputs  CPU: {os.cpu_count()} cores  "
@@ -268,38 +270,53 @@ def main() -> int:
     return 0
 
 
-def drift_overhead(artifact: Path, bodies: list, seconds: float, tmp: Path, tool: str) -> int:
-    """Service throughput at 64 clients with drift monitoring off and on, alternated twice."""
-    rps: dict[str, list[float]] = {"off": [], "on": []}
-    for setting in ("off", "on", "off", "on"):
+# Service settings compared by --compare, each as (name, extra environment) pairs. "h11" runs
+# uvicorn on its pure-Python HTTP parser by shadowing httptools with a module that fails to
+# import (uvicorn picks httptools when it imports, else h11).
+COMPARISONS = {
+    "drift": [("drift off", {"TUNESERVE_DRIFT_INTERVAL_S": "0"}), ("drift on", {})],
+    "front-end": [
+        ("h11, BentoML route", {"TUNESERVE_FAST_PREDICT": "0", "H11": "1"}),
+        ("h11, short path", {"H11": "1"}),
+        ("httptools, BentoML route", {"TUNESERVE_FAST_PREDICT": "0"}),
+        ("httptools, short path", {}),
+    ],
+}
+
+
+def compare_settings(
+    kind: str, artifact: Path, bodies: list, seconds: float, tmp: Path, tool: str
+) -> int:
+    """Service throughput at 64 clients under each setting of `kind`, alternated twice."""
+    shadow = tmp / "no-httptools"
+    shadow.mkdir(exist_ok=True)
+    (shadow / "httptools.py").write_text("raise ImportError('shadowed by bench/serve.py')\n")
+    configs = COMPARISONS[kind]
+    rps: dict[str, list[float]] = {name: [] for name, _ in configs}
+    for name, extra in configs * 2:
         port = free_port()
-        env = {
-            "TUNESERVE_MODEL": str(artifact),
-            "PYTHONPATH": python_path(),
-            "TUNESERVE_DRIFT_INTERVAL_S": "0" if setting == "off" else "15",
-        }
-        svc = start(
-            [sys.executable, "-m", "bentoml", "serve", "--port", str(port)],
-            env,
-            tmp / f"drift-{setting}.log",
-        )
+        extra = dict(extra)
+        path = python_path()
+        if extra.pop("H11", None):
+            path = f"{shadow}{os.pathsep}{path}"
+        env = {"TUNESERVE_MODEL": str(artifact), "PYTHONPATH": path, **extra}
+        log = tmp / f"{kind}-{len(rps[name])}-{name.replace(' ', '_').replace(',', '')}.log"
+        svc = start([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], env, log)
         try:
             wait_ready(f"http://127.0.0.1:{port}/readyz", svc)
             url = f"http://127.0.0.1:{port}/predict"
             load(url, bodies, 64, 3, tool)  # warm-up
             r = load(url, bodies, 64, seconds, tool)
-            rps[setting].append(r["rps"])
-            print(
-                f"drift {setting}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, "
-                f"non-200 {r['errors']}"
-            )
+            rps[name].append(r["rps"])
+            print(f"{name}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, non-200 {r['errors']}")
         finally:
             stop(svc)
-    on, off = statistics.mean(rps["on"]), statistics.mean(rps["off"])
-    print(
-        f"drift on / off throughput at 64 clients: {on / off:.3f} ({100 * (1 - on / off):+.1f}% "
-        "overhead)"
-    )
+    base = statistics.mean(rps[configs[0][0]])
+    for name, _ in configs:
+        print(
+            f"{name}: mean {statistics.mean(rps[name]):.1f} req/s at 64 clients, "
+            f"{statistics.mean(rps[name]) / base:.3f} x {configs[0][0]}"
+        )
     return 0
 
 

@@ -61,7 +61,7 @@ class RequestGuard:
             length = self._declared_length(headers)
             if length is None and "transfer-encoding" not in headers:
                 return await self.app(scope, receive, send)  # no body (GET probes, /metrics)
-            body = await self._read_body(receive)
+            body = await read_body(receive, self.max_body_bytes)
             if body is None:  # the client went away
                 return
             if scope["method"] == "POST" and scope["path"] in MULTIPART_ROUTES:
@@ -95,24 +95,6 @@ class RequestGuard:
             )
         return int(raw)
 
-    async def _read_body(self, receive) -> bytes | None:
-        parts, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise Rejected(
-                    "body_too_large",
-                    f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                    413,
-                )
-            parts.append(chunk)
-            more = message.get("more_body", False)
-        return b"".join(parts)
-
     async def _check_multipart(self, scope, headers: Headers, body: bytes) -> None:
         ctype = headers.get("content-type", "")
         if not ctype.startswith("multipart/"):
@@ -142,6 +124,25 @@ class RequestGuard:
         if e.status == 413:  # the rest of the body is never read: the connection must close
             response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+async def read_body(receive, max_bytes: int | None = None) -> bytes | None:
+    """The whole request body, or None when the client went away; Rejected (413) as soon as
+    it passes `max_bytes`."""
+    parts, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise Rejected(
+                "body_too_large", f"request body exceeds the limit of {max_bytes} bytes", 413
+            )
+        parts.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(parts)
 
 
 def replay(body: bytes, receive):

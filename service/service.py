@@ -26,6 +26,7 @@ from service.apidocs import ApiDocs
 from service.batching import Batcher
 from service.drift import Monitor
 from service.errors import ArtifactError, InputError
+from service.fastpath import FastPredict
 from service.guard import RequestGuard
 from service.oip import oip_app
 from service.runtime import Runtime, listed_precisions, usable_providers
@@ -299,14 +300,21 @@ class Tuneserve:
             return reject(self.rt, e, ctx)
 
 
-def served_runtime() -> Runtime | None:
-    """This worker's runtime, once the service is instantiated."""
+def served_service() -> Tuneserve | None:
+    """This worker's service instance, once instantiated (its runtime loaded)."""
     from bentoml.exceptions import BentoMLException
 
     try:
-        return getattr(bentoml.get_current_service(), "rt", None)
+        svc = bentoml.get_current_service()
     except BentoMLException:
         return None
+    return svc if hasattr(svc, "rt") else None
+
+
+def served_runtime() -> Runtime | None:
+    """This worker's runtime, once the service is instantiated."""
+    svc = served_service()
+    return None if svc is None else svc.rt
 
 
 def count_rejection(reason: str) -> None:
@@ -323,6 +331,8 @@ Tuneserve.add_asgi_middleware(
     api_keys=settings.api_keys,
     on_reject=count_rejection,
 )
+if settings.fast_predict:
+    Tuneserve.add_asgi_middleware(FastPredict, service=served_service)
 Tuneserve.add_asgi_middleware(ApiDocs, runtime=served_runtime)
 
 

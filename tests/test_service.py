@@ -451,6 +451,24 @@ def test_text_errors(text_server, payload, status, reason):
     assert r.status_code == status and r.json()["error"] == reason
 
 
+@pytest.mark.parametrize(
+    "inputs",
+    [["win free prize now", "see you at home"], ["  "], ["x" * 201], []],
+)
+def test_short_path_answers_as_the_route_does(text_server, inputs):
+    """JSON /predict is answered by service/fastpath.py; `"top_k": 2.0` (a float the route's
+    pydantic model coerces) sends the same request through BentoML's route instead. Only the
+    route adds BentoML's `server` header: it tells which one answered."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    short = httpx.post(text_server + "/predict", json={"inputs": inputs, "top_k": 2}, headers=auth)
+    route = httpx.post(
+        text_server + "/predict", json={"inputs": inputs, "top_k": 2.0}, headers=auth
+    )
+    assert "server" not in short.headers and "server" in route.headers
+    assert short.status_code == route.status_code
+    assert short.content == route.content
+
+
 def test_text_model_refuses_file_uploads(text_server):
     r = httpx.post(
         text_server + "/predict_file",
