@@ -183,8 +183,9 @@ def main() -> int:
         "--compare",
         choices=sorted(COMPARISONS),
         default=None,
-        help="only compare service settings at 64 clients: drift monitoring off and on, or "
-        "the front end (uvicorn's h11 or httptools parser, BentoML's route or the short path)",
+        help="only compare service settings at 64 clients: drift monitoring off and on, fp32 "
+        "and int8, or the front end (uvicorn's h11 or httptools parser, BentoML's route or the "
+        "short path)",
     )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -275,6 +276,10 @@ def main() -> int:
 # import (uvicorn picks httptools when it imports, else h11).
 COMPARISONS = {
     "drift": [("drift off", {"TUNESERVE_DRIFT_INTERVAL_S": "0"}), ("drift on", {})],
+    "precision": [
+        ("fp32", {"TUNESERVE_PRECISION": "fp32"}),
+        ("int8", {"TUNESERVE_PRECISION": "int8"}),
+    ],
     "front-end": [
         ("h11, BentoML route", {"TUNESERVE_FAST_PREDICT": "0", "H11": "1"}),
         ("h11, short path", {"H11": "1"}),

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import tasks
 from export import card as card_mod
-from export import convert, quantize
+from export import convert, gate, quantize
 from export.errors import CheckpointInvalid, ExportError, VariantError, VersionExists
 from export.parity import check_parity
 from export.preprocess import Feeder, input_names
@@ -172,6 +172,77 @@ def _torch_graph(model, ckpt, feeder, work: Path, opset: int, tolerance: float, 
     return path, details, fp32, check_parity(graph, fp32, feeder, tolerance=tolerance)
 
 
+def _variant(
+    precision,
+    fp32: Path,
+    work: Path,
+    feeder,
+    outputs,
+    metric: str,
+    fp32_value: float,
+    max_drop: float,
+    rejected: list,
+    log,
+) -> dict | None:
+    """The first method of `precision` that passes the paired gate (export/gate.py), its file
+    written and its card entry returned; every method that failed goes into `rejected`."""
+    file = work / card_mod.VARIANT_FILES[precision]
+    if precision == "int8":
+        prepared = quantize.prepare(fp32, work)
+        tries = [(m, ["CPUExecutionProvider"]) for m in quantize.methods(feeder)]
+    else:
+        prepared = None
+        tries = [(quantize.FP16, quantize.cuda_providers())]
+    try:
+        for method, providers in tries:
+            try:
+                method.write(prepared or fp32, file, feeder)
+                scores, answers = quantize.score(_session(file, providers), feeder, outputs)
+            except VariantError:
+                raise
+            except Exception as e:  # a converter bug must not cost the fp32 artifact
+                file.unlink(missing_ok=True)
+                reason = f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                rejected.append({"precision": precision, "method": method.name, "reason": reason})
+                log(f"{precision} ({method.name}) not written: {reason}")
+                continue
+            skip = quantize.calibration_size(feeder) if method.calibrated else 0
+            verdict = gate.judge(feeder.contract, outputs, answers, feeder.targets, max_drop, skip)
+            value = scores[f"holdout_{metric}"]
+            if not verdict.passed:
+                file.unlink()
+                reason = verdict.reason(metric)
+                rejected.append(
+                    {
+                        "precision": precision,
+                        "method": method.name,
+                        "reason": reason,
+                        "gate": verdict.to_dict(),
+                    }
+                )
+                log(f"{precision} ({method.name}) not written: {reason}")
+                continue
+            log(
+                f"{precision} variant ({method.name}): holdout {metric.replace('_', ' ')} "
+                f"{value:.4f} (fp32 {fp32_value:.4f}), 95% upper bound of the drop "
+                f"{verdict.drop_upper_95:.4f}, agreement {scores['agreement_with_fp32']:.4f}"
+            )
+            return {
+                "precision": precision,
+                "file": file.name,
+                "method": method.name,
+                "validated_on": providers[0],
+                **scores,
+                f"{metric}_drop": fp32_value - value,
+                "gate": verdict.to_dict(),
+                "sha256": card_mod.sha256_file(file),
+            }
+        return None
+    finally:
+        if prepared is not None:
+            prepared.unlink(missing_ok=True)
+
+
 def _build(
     ckpt,
     model,
@@ -226,48 +297,11 @@ def _build(
     variants, rejected = [], []
     for precision in ("int8",) * int8 + ("fp16",) * fp16:
         stage()
-        file = work / card_mod.VARIANT_FILES[precision]
-        try:
-            if precision == "int8":
-                method = quantize.int8(path, file, feeder, work)
-                providers = ["CPUExecutionProvider"]
-            else:
-                method = quantize.fp16(path, file)
-                providers = quantize.cuda_providers()
-            scores = quantize.score(_session(file, providers), feeder, outputs)
-        except VariantError:
-            raise
-        except Exception as e:  # a converter bug must not cost the fp32 artifact
-            file.unlink(missing_ok=True)
-            reason = f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            rejected.append({"precision": precision, "reason": reason})
-            log(f"{precision} variant not written: {reason}")
-            continue
-        value = scores[f"holdout_{metric}"]
-        drop = fp32_value - value
-        entry = {
-            "precision": precision,
-            "file": file.name,
-            "method": method,
-            "validated_on": providers[0],
-            **scores,
-            f"{metric}_drop": drop,
-        }
-        if drop > max_drop:
-            file.unlink()
-            reason = (
-                f"holdout {metric.replace('_', ' ')} {value:.4f} is {drop:.4f} below "
-                f"fp32 {fp32_value:.4f} (allowed {max_drop:g})"
-            )
-            rejected.append({"precision": precision, "method": method, "reason": reason})
-            log(f"{precision} variant not written: {reason}")
-            continue
-        entry["sha256"] = card_mod.sha256_file(file)
-        variants.append(entry)
-        log(
-            f"{precision} variant: holdout {metric.replace('_', ' ')} {value:.4f} "
-            f"(fp32 {fp32_value:.4f}), agreement {scores['agreement_with_fp32']:.4f}"
+        entry = _variant(
+            precision, path, work, feeder, outputs, metric, fp32_value, max_drop, rejected, log
         )
+        if entry is not None:
+            variants.append(entry)
 
     stage()
     reference = build_reference(

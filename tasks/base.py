@@ -140,6 +140,11 @@ class Task:
         """What must be equal for two outputs to give the same answer."""
         raise NotImplementedError
 
+    def item_correct(self, outputs: Sequence, targets: Sequence) -> np.ndarray | None:
+        """Per input, whether the answer is right (the paired variant gate); None where the
+        task's metric is not a mean over inputs."""
+        return None
+
     def drift_prior(self, train_per_class: dict[str, int]) -> list[float] | None:
         """Reference shares of the prediction check; None = measured on the holdout."""
         return None

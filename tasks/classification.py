@@ -71,6 +71,11 @@ class Classification(Task):
     def answer_key(self, output) -> int:
         return int(np.argmax(output))
 
+    def item_correct(self, outputs, targets) -> np.ndarray:
+        return np.array(
+            [self.answer_key(o) == int(t) for o, t in zip(outputs, targets, strict=True)]
+        )
+
     def score(self, outputs, targets) -> dict:
         from tasks.metrics import classification_metrics
 
