@@ -71,7 +71,11 @@ class TrainConfig:
     max_answer_length: int = 30  # question answering: the longest answer, in tokens
     augment: bool | None = None  # images: random crop + flip; None: when the backbone trains
     cache_features: bool = True  # feature-extraction without augmentation: run the backbone once
-    holdout_size: int = 256  # test samples kept in holdout.npz for export's gates
+    # export's paired int8 gate needs about 800 items to bound a drop within 1 point with 95%
+    # confidence (export/gate.py); images and clips are stored whole, so fewer of them
+    holdout_size: int | None = (
+        None  # test samples kept for export's gates; None = 2000 texts or rows, 256 images or clips
+    )
     budget_minutes: float = 120.0  # auto: wall time it may spend; later epochs are not run
     text_column: str | None = None  # None = guessed (by name, else the longest strings)
     label_column: str | None = None  # None = guessed (by name, else the fewest distinct values)
@@ -93,6 +97,10 @@ class TrainConfig:
             if self.label_smoothing is None
             else self.label_smoothing,
         )
+
+    def holdout_for(self, heavy_inputs: bool) -> int:
+        """Test samples kept in holdout.npz (`holdout_size`, or its default by input kind)."""
+        return self.holdout_size or (256 if heavy_inputs else 2000)
 
     @classmethod
     def field_help(cls) -> dict[str, str]:

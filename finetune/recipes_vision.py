@@ -90,7 +90,7 @@ def save_holdout(out, ds: Dataset, cfg, config: dict) -> None:
     from finetune import checkpoint
 
     rng = np.random.default_rng(cfg.seed)
-    n = min(cfg.holdout_size, len(ds.test))
+    n = min(cfg.holdout_for(heavy_inputs=True), len(ds.test))
     idx = np.sort(rng.choice(len(ds.test), size=n, replace=False))
     part = type(ds.test)(
         [ds.test.inputs[i] for i in idx], ds.test.labels[idx], [ds.test.targets[i] for i in idx]

@@ -268,7 +268,7 @@ def _write(out, cfg, ds, features, labels, post, fitted: Fitted, x, y, result, t
         sio.dump(fitted.model, out / checkpoint.TREES)
     else:
         checkpoint.save_weights(out, fitted.model)
-    n = min(cfg.holdout_size, len(y["test"]))
+    n = min(cfg.holdout_for(heavy_inputs=False), len(y["test"]))
     idx = np.sort(np.random.default_rng(cfg.seed).choice(len(y["test"]), n, replace=False))
     checkpoint.save_holdout(out, x["test"][idx].astype(np.float64), y["test"][idx])
     best = {**result, "wall_seconds": round(time.perf_counter() - t0, 1)}

@@ -328,7 +328,7 @@ def _silent(*_args) -> None:
 def _save_holdout(out: Path, ds: Dataset, cfg: TrainConfig) -> None:
     """Up to `holdout_size` test examples: what export gates, checks and calibrates on."""
     rng = np.random.default_rng(cfg.seed)
-    n = min(cfg.holdout_size, len(ds.test))
+    n = min(cfg.holdout_for(tasks.get(ds.task).heavy_inputs), len(ds.test))
     idx = np.sort(rng.choice(len(ds.test), size=n, replace=False))
     held = ds.test.inputs[idx] if ds.task == IMAGE_TASK else [ds.test.inputs[i] for i in idx]
     targets = None if ds.test.targets is None else [json.dumps(ds.test.targets[i]) for i in idx]
