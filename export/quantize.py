@@ -116,6 +116,8 @@ def _dynamic(per_channel: bool, only_weights: bool, outlier_share: float = 0.0):
         options = {}
         if only_weights:
             nodes = [n.name for n in weight_matmuls(onnx.load(str(prepared)))]
+            if not nodes:  # ONNX Runtime reads an empty list as "every node"
+                raise ValueError("the graph has no MatMul with a weight to quantize")
             skip = set(outlier_matmuls(prepared, feeder, outlier_share)) if outlier_share else set()
             options = {"nodes_to_quantize": [n for n in nodes if n not in skip]}
         quantize_dynamic(
