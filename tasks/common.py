@@ -165,10 +165,13 @@ def brightness(crops: np.ndarray) -> np.ndarray:
 
 def normalize(crops: np.ndarray, mean, std) -> np.ndarray:
     """uint8 NHWC crops → float32 NCHW, `(x / 255 - mean) / std`, as the backbone was trained."""
-    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-    x = crops.transpose(0, 3, 1, 2).astype(np.float32)
-    return ((x / 255.0 - m) / s).astype(np.float32)
+    s = np.asarray(std, dtype=np.float32)
+    # One float copy in the crops' own (NHWC) memory order, scaled and shifted in place, then
+    # seen as NCHW: five passes over the batch before took 8% of the image service's CPU.
+    x = crops.astype(np.float32)
+    x *= 1.0 / (255.0 * s)
+    x += -np.asarray(mean, dtype=np.float32) / s
+    return x.transpose(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------- texts
