@@ -185,9 +185,13 @@ class Runtime:
         self.predict([long] * self.max_batch_size)
         return timings
 
-    def fastest_chunk(self, item: Prepared, items_per_try: int = 32, tries: int = 2) -> int:
+    def fastest_chunk(
+        self, item: Prepared, items_per_try: int = 32, tries: int = 2, max_call_s: float = 0.25
+    ) -> int:
         """The batch size (a power of two up to max_batch_size) with the most items/s, the
-        smallest of those within 3% of the best (less latency for the same throughput)."""
+        smallest of those within 3% of the best (less latency for the same throughput).
+        Sizes stop doubling once one call takes `max_call_s` (Whisper on a 30-s window: about
+        0.1 s per clip), so that start-up stays within seconds."""
         import time
 
         feeds = self.feeds([item] * self.max_batch_size)
@@ -203,6 +207,8 @@ class Runtime:
                     self.session.run(None, part)
                 best = min(best, (time.perf_counter() - t0) / (calls * size))
             per_item[size] = best
+            if best * size > max_call_s:
+                break
             size *= 2
         fastest = min(per_item.values())
         chunk = min(s for s, t in per_item.items() if t <= fastest * 1.03)

@@ -194,6 +194,22 @@ def test_gpu_padding_keeps_results_and_limits_shapes(image_artifact_dir, image_r
     assert [rt.padded(n) for n in (1, 3, 5, 9, 17, 20, 40)] == [1, 4, 8, 16, 20, 20, 40]
 
 
+def test_a_batch_in_measured_calls_gives_the_same_answers(image_artifact_dir, image_run):
+    """Image models on CPUs run a batch in calls of the size measured fastest at warm-up (a
+    power of two up to the batch bound); joined, the calls equal one call of the batch."""
+    from finetune import checkpoint
+
+    rt = Runtime(image_artifact_dir, precision="fp32", max_batch_size=8)
+    assert rt.chunk in (1, 2, 4, 8)
+    items = [Prepared(x) for x in checkpoint.load_checkpoint(image_run[0]).holdout_inputs[:3]] * 2
+    rt.chunk = 8
+    whole, whole_emb = rt.run(items)
+    rt.chunk = 4  # calls of 4 and 2
+    parts, parts_emb = rt.run(items)
+    np.testing.assert_allclose(parts, whole, atol=1e-5)
+    np.testing.assert_allclose(parts_emb, whole_emb, atol=1e-5)
+
+
 def test_input_statistics_of_a_batch(image_artifact_dir, text_artifact_dir):
     """Brightness (every 4th pixel) and size for images; token count, truncation and the
     unknown-token share for texts: the numbers the service exports per batch."""
