@@ -1,5 +1,6 @@
 """tuneserve against the serving systems users would pick instead: `make bench-peers`, or
-`python bench/peers.py [--text-artifact DIR] [--image-artifact DIR] [--seconds 10]`.
+`python bench/peers.py [--text-artifact DIR] [--image-artifact DIR] [--seconds 10]
+[--task-artifact DIR ...]`.
 
 Every peer runs in its own virtual environment (bench/.venv-peers/<peer>, created here from
 PyPI: the newest plain BentoML, LitServe, MLServer, Ray Serve, Triton through PyTriton,
@@ -15,6 +16,11 @@ the batching policy. Before any timing, each peer's labels on a sample of inputs
 equal tuneserve's. Load: wrk (closed loop, one input per request) at 1, 32 and 64 clients.
 Prints one table per artifact: req/s, p50, p99, errors, server CPU (cores) and RSS at 64
 clients, time to ready, and tuneserve ÷ peer at 32 and 64 clients.
+
+Artifacts of the other tasks (`--task-artifact`: entities, answers, detection, segmentation,
+tables, audio) run against `--task-peers` (Triton by default, the fastest peer on text and
+images) through the task contract's own batch path; their answers are checked on labels,
+offsets and texts (`peer_servers/common.py: answer_key`).
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from load import load  # noqa: E402
+from peer_servers.common import answer_key  # noqa: E402
 from serve import free_port, rss_mb, start, stop  # noqa: E402
 
 SERVERS = ROOT / "bench" / "peer_servers"
 VENVS = ROOT / "bench" / ".venv-peers"
 WORKERS, MAX_BATCH, WAIT_S = 2, 32, 0.01
-COMMON = ("tokenizers", "numpy", "pillow")
+COMMON = ("tokenizers", "numpy", "pillow", "soundfile", "scipy")  # what tasks/ imports
 PACKAGES = {
     "bentoml": ["bentoml==1.4.40"],
     "litserve": ["litserve==0.2.19"],
@@ -117,7 +124,7 @@ PEERS = {
         "tuneserve",
         "/predict",
         lambda v: {"inputs": [v]},
-        lambda r: r["predictions"][0]["label"],
+        lambda r: answer_key(r["predictions"][0]),
         ("bucketed",),
     ),
     "bentoml": Peer("bentoml", "/predict", lambda v: {"inputs": [v]}, lambda r: r[0]),
@@ -272,6 +279,8 @@ def measure(peer: Peer, mode: str, artifact: Path, values: list, truth: list | N
     port = free_port()
     url = f"http://127.0.0.1:{port}{peer.path}"
     row, proc = {"peer": peer.name, "mode": mode}, None
+    if peer.name != "tuneserve":  # every peer's request carries strings: JSON inputs as text
+        values = [v if isinstance(v, str) else json.dumps(v) for v in values]
     try:
         proc = launch(peer, artifact, mode, port, work)
         row["ready_s"] = wait_answer(url, peer.body(values[0]), proc)
@@ -280,7 +289,7 @@ def measure(peer: Peer, mode: str, artifact: Path, values: list, truth: list | N
         row["labels"] = got
         if truth is not None and got != truth[: len(got)]:
             wrong = sum(a != b for a, b in zip(got, truth, strict=False))
-            row["error"] = f"{wrong} of {len(got)} labels differ from tuneserve's"
+            row["error"] = f"{wrong} of {len(got)} answers differ from tuneserve's"
             return row
         bodies = [peer.body(v) for v in values]
         load(url, bodies, 8, 3)  # warm-up
@@ -361,6 +370,16 @@ def main() -> int:
     p.add_argument("--image-artifact", default=None, help="an image artifact; None: build one")
     p.add_argument("--only", default="text,image", help="which artifacts: text, image or both")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated peers")
+    p.add_argument(
+        "--task-artifact",
+        action="append",
+        default=[],
+        help="an artifact of another task (entities, answers, detection, segmentation, "
+        "tables, audio; its checkpoint's holdout is the load), run against --task-peers",
+    )
+    p.add_argument(
+        "--task-peers", default="pytriton", help="peers for --task-artifact (default: the best)"
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per level")
     p.add_argument("--clients", default="1,32,64", help="closed-loop client counts")
     p.add_argument("--check", type=int, default=32, help="inputs whose labels must agree")
@@ -370,15 +389,26 @@ def main() -> int:
         print("note: no wrk on PATH (make wrk); the Python load generator costs more CPU")
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     names = ["tuneserve"] + [n for n in args.peers.split(",") if n in PEERS and n != "tuneserve"]
-    for kind in args.only.split(","):
-        given = args.text_artifact if kind == "text" else args.image_artifact
+    task_names = ["tuneserve"] + [n for n in args.task_peers.split(",") if n in PEERS]
+    runs = [(kind, None, names) for kind in args.only.split(",") if kind]
+    runs += [
+        (json.loads((Path(a) / "card.json").read_text())["task"], a, task_names)
+        for a in args.task_artifact
+    ]
+    for kind, given, names in runs:
+        if kind in ("text", "image"):
+            given = args.text_artifact if kind == "text" else args.image_artifact
         artifact = Path(given) if given else build_artifact(kind, work)
         values = request_values(artifact)
         print(f"\n## {kind}: {artifact}\n", flush=True)
         rows, truth = [], None
         for name in names:
             peer = PEERS[name]
-            for mode in peer.modes if kind == "text" else peer.modes[:1]:
+            # other tasks: the contract's own batch path, as tuneserve runs it
+            modes = peer.modes if kind == "text" else peer.modes[:1]
+            if kind not in ("text", "image"):
+                modes = peer.modes[-1:]
+            for mode in modes:
                 print(f"  {name} ({mode}) ...", flush=True)
                 row = measure(peer, mode, artifact, values, truth, args, work)
                 if name == "tuneserve":
