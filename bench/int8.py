@@ -49,7 +49,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from export import gate, quantize
+    from export import quantize
     from export.preprocess import Feeder
     from finetune import checkpoint
 
@@ -70,13 +70,10 @@ def main() -> int:
     extra = () if feeder.contract.heavy_inputs else (quantize.EVERY_MATMUL,)  # for reference
     for i, method in enumerate(tried + extra):
         out = tmp / f"int8-{i}.onnx"
-        method.write(prepared, out, feeder)
-        sess = session(out)
-        scores, answers = quantize.score(sess, feeder, reference)
-        skip = quantize.calibration_size(feeder) if method.calibrated else 0
-        verdict = gate.judge(
-            feeder.contract, reference, answers, feeder.targets, args.max_drop, skip
+        scores, verdict = quantize.trial(
+            method, prepared, out, feeder, reference, args.max_drop, ["CPUExecutionProvider"]
         )
+        sess = session(out)  # one intra-op thread, as a serving worker
         speed = {}
         for bs in (1, 32):
             batches = [feeder.feeds(feeder.take(bs, k * bs)) for k in range(8)]

@@ -389,25 +389,25 @@ def main() -> int:
         print("note: no wrk on PATH (make wrk); the Python load generator costs more CPU")
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     names = ["tuneserve"] + [n for n in args.peers.split(",") if n in PEERS and n != "tuneserve"]
-    task_names = ["tuneserve"] + [n for n in args.task_peers.split(",") if n in PEERS]
-    runs = [(kind, None, names) for kind in args.only.split(",") if kind]
+    task_names = ["tuneserve"] + [
+        n for n in args.task_peers.split(",") if n in PEERS and n != "tuneserve"
+    ]
+    given = {"text": args.text_artifact, "image": args.image_artifact}
+    runs = [(kind, given.get(kind), names) for kind in args.only.split(",") if kind]
     runs += [
         (json.loads((Path(a) / "card.json").read_text())["task"], a, task_names)
         for a in args.task_artifact
     ]
-    for kind, given, names in runs:
-        if kind in ("text", "image"):
-            given = args.text_artifact if kind == "text" else args.image_artifact
-        artifact = Path(given) if given else build_artifact(kind, work)
+    for kind, folder, peers in runs:
+        artifact = Path(folder) if folder else build_artifact(kind, work)
         values = request_values(artifact)
         print(f"\n## {kind}: {artifact}\n", flush=True)
         rows, truth = [], None
-        for name in names:
+        for name in peers:
             peer = PEERS[name]
-            # other tasks: the contract's own batch path, as tuneserve runs it
-            modes = peer.modes if kind == "text" else peer.modes[:1]
-            if kind not in ("text", "image"):
-                modes = peer.modes[-1:]
+            # text: both modes; images: one size, one mode; other tasks: the contract's own
+            # batch path, as tuneserve runs it
+            modes = {"text": peer.modes, "image": peer.modes[:1]}.get(kind, peer.modes[-1:])
             for mode in modes:
                 print(f"  {name} ({mode}) ...", flush=True)
                 row = measure(peer, mode, artifact, values, truth, args, work)

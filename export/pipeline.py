@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import tasks
 from export import card as card_mod
-from export import convert, gate, quantize
+from export import convert, quantize
 from export.errors import CheckpointInvalid, ExportError, VariantError, VersionExists
 from export.parity import check_parity
 from export.preprocess import Feeder, input_names
@@ -178,7 +178,6 @@ def _variant(
     work: Path,
     feeder,
     outputs,
-    metric: str,
     fp32_value: float,
     max_drop: float,
     rejected: list,
@@ -187,6 +186,7 @@ def _variant(
     """The first method of `precision` that passes the paired gate (export/gate.py), its file
     written and its card entry returned; every method that failed goes into `rejected`."""
     file = work / card_mod.VARIANT_FILES[precision]
+    metric = feeder.contract.metric
     if precision == "int8":
         prepared = quantize.prepare(fp32, work)
         tries = [(m, ["CPUExecutionProvider"]) for m in quantize.methods(feeder)]
@@ -196,8 +196,9 @@ def _variant(
     try:
         for method, providers in tries:
             try:
-                method.write(prepared or fp32, file, feeder)
-                scores, answers = quantize.score(_session(file, providers), feeder, outputs)
+                scores, verdict = quantize.trial(
+                    method, prepared or fp32, file, feeder, outputs, max_drop, providers
+                )
             except VariantError:
                 raise
             except Exception as e:  # a converter bug must not cost the fp32 artifact
@@ -206,8 +207,6 @@ def _variant(
                 rejected.append({"precision": precision, "method": method.name, "reason": reason})
                 log(f"{precision} ({method.name}) not written: {reason}")
                 continue
-            skip = quantize.calibration_size(feeder) if method.calibrated else 0
-            verdict = gate.judge(feeder.contract, outputs, answers, feeder.targets, max_drop, skip)
             value = scores[f"holdout_{metric}"]
             if not verdict.passed:
                 file.unlink()
@@ -298,7 +297,7 @@ def _build(
     for precision in ("int8",) * int8 + ("fp16",) * fp16:
         stage()
         entry = _variant(
-            precision, path, work, feeder, outputs, metric, fp32_value, max_drop, rejected, log
+            precision, path, work, feeder, outputs, fp32_value, max_drop, rejected, log
         )
         if entry is not None:
             variants.append(entry)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export import gate
 from export.errors import VariantError
 from export.preprocess import Feeder
 
@@ -215,6 +216,25 @@ FP16 = Method("float16 weights and compute, float32 inputs and outputs", _fp16)
 def predict(session, feeder: Feeder):
     """(per-item outputs, embeddings, input statistics) for the whole holdout."""
     return feeder.run(session)
+
+
+def trial(
+    method: Method,
+    source: Path,
+    out: Path,
+    feeder: Feeder,
+    reference,
+    max_drop: float,
+    providers: list[str],
+) -> tuple[dict, gate.Verdict]:
+    """Write `method`'s variant of `source` to `out`, score it on the holdout and judge it
+    against the fp32 `reference` outputs, leaving out the items it calibrated on."""
+    import onnxruntime as ort
+
+    method.write(source, out, feeder)
+    scores, answers = score(ort.InferenceSession(str(out), providers=providers), feeder, reference)
+    skip = calibration_size(feeder) if method.calibrated else 0
+    return scores, gate.judge(feeder.contract, reference, answers, feeder.targets, max_drop, skip)
 
 
 def score(session, feeder: Feeder, reference_outputs) -> tuple[dict, list]:

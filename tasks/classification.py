@@ -15,13 +15,14 @@ from tasks.common import (
     Prepared,
     check_text,
     decode_image,
+    encoded_bytes,
     encoding_columns,
     length_buckets,
     softmax,
     unknown_id,
 )
 from tasks.drift import Samples
-from tasks.vision import ImageInput, image_bytes
+from tasks.vision import ImageInput
 
 
 class Classification(Task):
@@ -105,7 +106,7 @@ class ImageClassification(ImageInput, Classification):
     name = "image-classification"
 
     def decode(self, value) -> Prepared:
-        value = image_bytes(value)
+        value = encoded_bytes(value, "image")
         pre = self.pre
         return decode_image(
             value,

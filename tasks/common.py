@@ -106,15 +106,14 @@ def resize_crop(im, resize: int, crop: int, interpolation: str) -> np.ndarray:
     w, h = im.size
     scale = resize / min(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
     if crop > min(size):  # the crop is larger than the resized image: cut with a black border
         im = im.convert("RGB").resize(size, RESAMPLE[interpolation])
-        left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
         return np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
     if im.format == "JPEG":
         im.draft("RGB", size)
         w, h = im.size  # the decoded scale, still at least `size`
     im = im.convert("RGB")
-    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
     sx, sy = w / size[0], h / size[1]
     box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
     return np.asarray(im.resize((crop, crop), RESAMPLE[interpolation], box=box), dtype=np.uint8)

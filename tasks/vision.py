@@ -60,11 +60,6 @@ def pad_fill(mean: Sequence[float]) -> tuple[int, int, int]:
     return tuple(int(round(m * 255)) for m in mean)
 
 
-def image_bytes(value) -> bytes:
-    """A request value (base64 string or raw bytes) as bytes; InputError otherwise."""
-    return encoded_bytes(value, "image")
-
-
 def png_base64(array: np.ndarray) -> str:
     from PIL import Image
 
@@ -124,7 +119,7 @@ class DenseVision(ImageInput, Task):
     def decode(self, value) -> Prepared:
         fill, interp = pad_fill(self.pre["mean"]), self.pre["interpolation"]
         crop, (w, h) = read_image(
-            image_bytes(value),
+            encoded_bytes(value, "image"),
             self.limits.max_image_pixels,
             lambda im: letterbox(im, self.size, fill, interp)[0],
         )
