@@ -31,6 +31,7 @@ from service.guard import RequestGuard
 from service.oip import oip_app
 from service.runtime import Runtime, listed_precisions, usable_providers
 from service.settings import Settings
+from service.timeouts import install as cancel_request_timers
 
 log = logging.getLogger("tuneserve")
 try:
@@ -38,7 +39,6 @@ try:
 except SystemExit as e:  # a bad setting: one line, before BentoML starts any worker
     print(e.code, file=sys.stderr)
     raise SystemExit(2) from None
-accept_one_per_turn()  # before uvicorn starts serving in this worker
 
 
 def bento_model(spec: str) -> Path | None:
@@ -93,6 +93,9 @@ def _check_artifact() -> tuple[Path, bool]:
 
 
 ARTIFACT, ON_GPU = _check_artifact()
+# before uvicorn starts serving in this worker (BentoML sets the index before importing us)
+accept_one_per_turn(bentoml.server_context.worker_index, settings.worker_count(ON_GPU))
+cancel_request_timers()
 
 
 def _runtime() -> Runtime:

@@ -281,8 +281,9 @@ def test_64_concurrent_requests_are_batched(image_server, image_artifact_dir):
 
 def test_a_burst_of_connections_is_shared_by_the_workers(image_server):
     """64 keep-alive clients connecting at once, each sending a request right away: each worker
-    takes a share (service/accept.py). asyncio's own accept loop gave the first worker awake
-    all 64 in most bursts, leaving the other worker idle for as long as the connections lived."""
+    takes its share within a quarter (service/accept.py). asyncio's own accept loop gave the
+    first worker awake all 64 in most bursts, leaving the other worker idle for as long as the
+    connections lived; one connection per turn alone still split 47/17."""
     workers = _workers(image_server)
     if len(workers) < 2:
         pytest.skip("one worker on this machine")
@@ -308,7 +309,8 @@ def test_a_burst_of_connections_is_shared_by_the_workers(image_server):
         for s in conns:
             s.close()
     assert sum(held) == 64
-    assert min(held) >= 64 // len(workers) // 4, f"connections per worker: {held}"
+    fair = 64 // len(workers)
+    assert min(held) >= fair * 3 // 4, f"connections per worker: {held}"
 
 
 def test_access_log_and_tracing_follow_the_settings(image_server, text_server):

@@ -46,9 +46,13 @@ def test_voc_layout_cleaning_and_stem_lists(tmp_path):
     assert ds.summary["splits"] == {"train": "given", "val": "given", "test": "carved"}
     assert len(ds.val) == 10 and len(ds.train) + len(ds.test) == 19
     assert ds.labels == sorted(SHAPES)
-    clipped = [t for t, x in zip(ds.train.targets + ds.test.targets,
-                                 ds.train.inputs + ds.test.inputs, strict=True)
-               if len(t["boxes"]) and t["boxes"][:, 2].max() == x.shape[1]]
+    clipped = [
+        t
+        for t, x in zip(
+            ds.train.targets + ds.test.targets, ds.train.inputs + ds.test.inputs, strict=True
+        )
+        if len(t["boxes"]) and t["boxes"][:, 2].max() == x.shape[1]
+    ]
     assert clipped, "the box past the right edge ends at the image's width"
 
 
@@ -75,9 +79,15 @@ def test_coco_json_layout(tmp_path):
         images.append({"id": i, "file_name": f"img{i}.png", "width": 80, "height": 64})
         for obj in ET.fromstring(tree).iter("object"):
             b = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
-            annotations.append({"id": len(annotations) + 1, "image_id": i,
-                                "category_id": 1 + sorted(SHAPES).index(obj.findtext("name")),
-                                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": 1 + sorted(SHAPES).index(obj.findtext("name")),
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "iscrowd": 0,
+                }
+            )
     coco = tmp_path / "coco"
     coco.mkdir()
     (root / "images").rename(coco / "images")
@@ -152,8 +162,16 @@ def _red_finder(size: int, mean, std):
 def test_boxes_land_on_the_image_pixels_after_letterbox():
     import tasks
 
-    spec = {"task": "object-detection", "labels": ["red"], "preprocessing": {
-        "image_size": 64, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}}
+    spec = {
+        "task": "object-detection",
+        "labels": ["red"],
+        "preprocessing": {
+            "image_size": 64,
+            "interpolation": "bilinear",
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        },
+    }
     task = tasks.create(spec)
     red = _red_finder(64, [0.5] * 3, [0.25] * 3)
 
@@ -187,16 +205,28 @@ def test_masks_come_back_at_the_image_size():
     import tasks
     from tasks.vision import read_png_base64
 
-    spec = {"task": "semantic-segmentation", "labels": ["other", "red"], "preprocessing": {
-        "image_size": 64, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}}
+    spec = {
+        "task": "semantic-segmentation",
+        "labels": ["other", "red"],
+        "preprocessing": {
+            "image_size": 64,
+            "interpolation": "bilinear",
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        },
+    }
     task = tasks.create(spec)
     red = _red_finder(64, [0.5] * 3, [0.25] * 3)
 
     def session_run(feeds):
         m = red(feeds).astype(np.uint8)
         n = len(m)
-        return [m, np.zeros((n, 2, 8, 8), np.float32), np.ones(n, np.float32),
-                np.zeros((n, 4), np.float32)]
+        return [
+            m,
+            np.zeros((n, 2, 8, 8), np.float32),
+            np.ones(n, np.float32),
+            np.zeros((n, 4), np.float32),
+        ]
 
     px = np.full((90, 60, 3), 128, np.uint8)  # tall: padded on the right
     px[10:40, 20:50] = (255, 0, 0)
@@ -222,8 +252,13 @@ def test_fast_nms_in_the_graph_matches_torchvision_greedy_nms():
     from finetune import vision
 
     torch.manual_seed(0)
-    model = vision.build(vision.REGISTRY["fcos_mobilenet_v2"], 2, 96, "random",
-                         {"max_detections": 100, "iou_threshold": 0.5}).eval()
+    model = vision.build(
+        vision.REGISTRY["fcos_mobilenet_v2"],
+        2,
+        96,
+        "random",
+        {"max_detections": 100, "iou_threshold": 0.5},
+    ).eval()
     x = torch.randn(3, 3, 96, 96)
     with torch.no_grad():
         boxes, scores, labels, _ = model.export_outputs(x)
@@ -289,9 +324,18 @@ def test_every_registered_model_exports_with_parity(name, tmp_path):
     from tasks.common import Prepared
 
     spec = vision.REGISTRY[name]
-    contract = tasks.create({"task": spec.task, "labels": ["a", "b"], "preprocessing": {
-        "image_size": 64, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225]}})
+    contract = tasks.create(
+        {
+            "task": spec.task,
+            "labels": ["a", "b"],
+            "preprocessing": {
+                "image_size": 64,
+                "interpolation": "bilinear",
+                "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225],
+            },
+        }
+    )
     torch.manual_seed(0)
     model = vision.build(spec, 2, 64, "random", contract.post).eval()
     if spec.task == "object-detection":
@@ -364,8 +408,9 @@ def _dense_run(kind: str, data, tmp, backbone: str):
         ignore_index=3,
     )
     result = fine_tune(data, tmp / "run", cfg, log=quiet)
-    art = export_checkpoint(tmp / "run", tmp / "art", name=f"tiny-{kind}", register=False,
-                            log=quiet)
+    art = export_checkpoint(
+        tmp / "run", tmp / "art", name=f"tiny-{kind}", register=False, log=quiet
+    )
     return tmp / "run", art, result
 
 
@@ -373,21 +418,21 @@ def _dense_run(kind: str, data, tmp, backbone: str):
 def dense(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "detection":
-        run, art, result = _dense_run("det", make_voc(tmp / "voc", n=120), tmp,
-                                      "fcos_mobilenet_v2")
+        run, art, result = _dense_run("det", make_voc(tmp / "voc", n=120), tmp, "fcos_mobilenet_v2")
     else:
-        run, art, result = _dense_run("seg", make_masks(tmp / "seg", n=120), tmp,
-                                      "lraspp_mobilenet_v2")
-    proc, url = _serve(art, tmp / "serve.log", TUNESERVE_WORKERS="1",
-                       TUNESERVE_DRIFT_INTERVAL_S="1")
+        run, art, result = _dense_run(
+            "seg", make_masks(tmp / "seg", n=120), tmp, "lraspp_mobilenet_v2"
+        )
+    proc, url = _serve(
+        art, tmp / "serve.log", TUNESERVE_WORKERS="1", TUNESERVE_DRIFT_INTERVAL_S="1"
+    )
     yield request.param, run, art, result, url
     _stop(proc)
 
 
 def test_finetune_metrics_report_and_card(dense):
     kind, run, art, result, _ = dense
-    keys = ("val_map", "val_map50") if kind == "detection" else ("val_miou",
-                                                                 "val_pixel_accuracy")
+    keys = ("val_map", "val_map50") if kind == "detection" else ("val_miou", "val_pixel_accuracy")
     best = json.loads((run / "metrics.json").read_text())["best"]
     assert all(k in best for k in (*keys, "val_loss"))
     assert (run / "report" / "predictions.png").is_file()
@@ -434,8 +479,11 @@ def test_service_json_upload_oip_bad_inputs_and_drift(dense):
     png = _png(px)
     b64 = base64.b64encode(png).decode()
     rt = Runtime(art)
-    expected = rt.predict([rt.prepare(b64)], min_score=0.0) if kind == "detection" else \
-        rt.predict([rt.prepare(b64)])
+    expected = (
+        rt.predict([rt.prepare(b64)], min_score=0.0)
+        if kind == "detection"
+        else rt.predict([rt.prepare(b64)])
+    )
 
     body = {"inputs": [b64]} | ({"min_score": 0.0} if kind == "detection" else {})
     r = httpx.post(url + "/predict", json=body, timeout=30)
