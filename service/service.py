@@ -9,6 +9,7 @@ path (`service.batching.Batcher`), which runs the ONNX Runtime session once per 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -210,6 +211,10 @@ class Tuneserve:
         )
         metrics.model_info(self.rt)
         metrics.reference(self.rt, reference.get("class_prior", {}))
+        # Everything loaded so far lives as long as the worker: keep it out of the collector's
+        # full passes, which otherwise scanned its ~130,000 objects about once a second under
+        # load, 75-100 ms each (the tables service's p99; bench/RESULTS.md).
+        gc.freeze()
 
     async def outputs(self, raw: list):
         """Validate every input, then one call into the batching path (InputError on misuse);
