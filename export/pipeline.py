@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -172,24 +173,26 @@ def _torch_graph(model, ckpt, feeder, work: Path, opset: int, tolerance: float, 
     return path, details, fp32, check_parity(graph, fp32, feeder, tolerance=tolerance)
 
 
-def _variant(
-    precision,
-    fp32: Path,
-    work: Path,
-    feeder,
-    outputs,
-    fp32_value: float,
-    max_drop: float,
-    rejected: list,
-    log,
-) -> dict | None:
+@dataclass(frozen=True)
+class Baseline:
+    """The fp32 graph and its holdout answers: what every variant is judged against."""
+
+    path: Path
+    work: Path  # the partial artifact folder the variant file is written into
+    feeder: Feeder
+    outputs: object  # fp32's raw outputs on the holdout (quantize.predict)
+    value: float  # fp32's holdout value of the task's metric
+    max_drop: float  # --max-accuracy-drop: bound on the 95% upper limit of the drop
+
+
+def _variant(precision: str, base: Baseline, rejected: list, log) -> dict | None:
     """The first method of `precision` that passes the paired gate (export/gate.py), its file
     written and its card entry returned; every method that failed goes into `rejected`."""
-    file = work / card_mod.VARIANT_FILES[precision]
-    metric = feeder.contract.metric
+    file = base.work / card_mod.VARIANT_FILES[precision]
+    metric = base.feeder.contract.metric
     if precision == "int8":
-        prepared = quantize.prepare(fp32, work)
-        tries = [(m, ["CPUExecutionProvider"]) for m in quantize.methods(feeder)]
+        prepared = quantize.prepare(base.path, base.work)
+        tries = [(m, ["CPUExecutionProvider"]) for m in quantize.methods(base.feeder)]
     else:
         prepared = None
         tries = [(quantize.FP16, quantize.cuda_providers())]
@@ -197,7 +200,13 @@ def _variant(
         for method, providers in tries:
             try:
                 scores, verdict = quantize.trial(
-                    method, prepared or fp32, file, feeder, outputs, max_drop, providers
+                    method,
+                    prepared or base.path,
+                    file,
+                    base.feeder,
+                    base.outputs,
+                    base.max_drop,
+                    providers,
                 )
             except VariantError:
                 raise
@@ -223,7 +232,7 @@ def _variant(
                 continue
             log(
                 f"{precision} variant ({method.name}): holdout {metric.replace('_', ' ')} "
-                f"{value:.4f} (fp32 {fp32_value:.4f}), 95% upper bound of the drop "
+                f"{value:.4f} (fp32 {base.value:.4f}), 95% upper bound of the drop "
                 f"{verdict.drop_upper_95:.4f}, agreement {scores['agreement_with_fp32']:.4f}"
             )
             return {
@@ -232,7 +241,7 @@ def _variant(
                 "method": method.name,
                 "validated_on": providers[0],
                 **scores,
-                f"{metric}_drop": fp32_value - value,
+                f"{metric}_drop": base.value - value,
                 "gate": verdict.to_dict(),
                 "sha256": card_mod.sha256_file(file),
             }
@@ -291,14 +300,12 @@ def _build(
     outputs, embeddings, stats = quantize.predict(fp32, feeder)
     metric = feeder.contract.metric  # the task's own metric gates the variants
     fp32_metrics = feeder.contract.score(outputs, feeder.targets)
-    fp32_value = fp32_metrics[metric]
+    base = Baseline(path, work, feeder, outputs, fp32_metrics[metric], max_drop)
 
     variants, rejected = [], []
     for precision in ("int8",) * int8 + ("fp16",) * fp16:
         stage()
-        entry = _variant(
-            precision, path, work, feeder, outputs, fp32_value, max_drop, rejected, log
-        )
+        entry = _variant(precision, base, rejected, log)
         if entry is not None:
             variants.append(entry)
 
