@@ -19,7 +19,6 @@ halved throughput for as long as the connections lived (bench/RESULTS.md). Two m
 from __future__ import annotations
 
 import asyncio.selector_events
-import atexit
 import importlib.util
 import logging
 import mmap
@@ -33,6 +32,7 @@ log = logging.getLogger("tuneserve")
 MAX_DEFER_S = 0.05  # longest a worker waits for the others before it accepts anyway
 RETRY_S = 0.002  # how often a waiting worker looks again (a woken worker is scheduled in ~1 ms)
 SLOTS = 256  # workers one file can count (settings cap TUNESERVE_WORKERS at 256)
+PREFIX = "tuneserve-connections-"  # + the arbiter's pid, in the temporary folder
 
 
 class Shares:
@@ -126,11 +126,23 @@ def _counted(protocol_factory, shares: Shares):
 
 
 def _shares(index: int, workers: int) -> Shares | None:
-    path = Path(tempfile.gettempdir()) / f"tuneserve-connections-{os.getppid()}"
+    folder = Path(tempfile.gettempdir())
+    _sweep(folder)
+    path = folder / f"{PREFIX}{os.getppid()}"
     try:
-        shares = Shares(index - 1, min(workers, SLOTS), path)
+        return Shares(index - 1, min(workers, SLOTS), path)
     except (OSError, ValueError) as e:
         log.warning("workers share connections one per turn only: %s: %s", path, e)
         return None
-    atexit.register(path.unlink, missing_ok=True)  # the others keep their mapping
-    return shares
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the files of servers whose arbiter is gone: BentoML's workers end without running
+    atexit handlers, so no worker can remove its server's file on the way out."""
+    for path in folder.glob(f"{PREFIX}*"):
+        try:
+            os.kill(int(path.name.removeprefix(PREFIX)), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, OSError):  # not ours, or another user's live process
+            pass

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from service.accept import Shares
+from service.accept import PREFIX, Shares, _sweep
 from service.timeouts import TimeoutMiddleware
 
 
@@ -86,3 +89,21 @@ def test_workers_see_each_others_connection_counts(tmp_path):
     first.add(-3)
     assert list(second.counts[:2]) == [0, 3]
     assert Shares(0, 2, path).counts[0] == 0, "a restarted worker starts from zero"
+
+
+def test_files_of_servers_that_are_gone_are_removed(tmp_path):
+    """Workers end without atexit handlers; the next server start removes what they left."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    (tmp_path / f"{PREFIX}{gone}").write_bytes(b"")
+    (tmp_path / f"{PREFIX}{os.getpid()}").write_bytes(b"")
+    (tmp_path / f"{PREFIX}notapid").write_bytes(b"")
+    _sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{PREFIX}{os.getpid()}",
+        f"{PREFIX}notapid",
+    ]
