@@ -72,10 +72,9 @@ class TrainConfig:
     augment: bool | None = None  # images: random crop + flip; None: when the backbone trains
     cache_features: bool = True  # feature-extraction without augmentation: run the backbone once
     # export's paired int8 gate needs about 800 items to bound a drop within 1 point with 95%
-    # confidence (export/gate.py); images and clips are stored whole, so fewer of them
-    holdout_size: int | None = (
-        None  # test samples kept for export's gates; None = 2000 texts or rows, 256 images or clips
-    )
+    # confidence (export/gate.py); images and clips are stored whole, so fewer of them (the
+    # 2000 also holds for table rows, the 256 for audio clips)
+    holdout_size: int | None = None  # test samples for export's gates; None: 2000 texts, 256 images
     budget_minutes: float = 120.0  # auto: wall time it may spend; later epochs are not run
     text_column: str | None = None  # None = guessed (by name, else the longest strings)
     label_column: str | None = None  # None = guessed (by name, else the fewest distinct values)

@@ -93,3 +93,14 @@ def test_error_and_config_modules_import_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_training_setting_has_its_help_text():
+    """`--help` reads each field's trailing comment (TrainConfig.field_help): a field whose
+    comment a formatter moved off its line lost its help silently once (--holdout-size)."""
+    import dataclasses
+
+    from finetune.config import TrainConfig
+
+    helps = TrainConfig.field_help()
+    assert [f.name for f in dataclasses.fields(TrainConfig) if f.name not in helps] == []
