@@ -196,6 +196,11 @@ def _variant(precision: str, base: Baseline, rejected: list, log) -> dict | None
     else:
         prepared = None
         tries = [(quantize.FP16, quantize.cuda_providers())]
+
+    def reject(method: quantize.Method, reason: str, **gate) -> None:
+        rejected.append({"precision": precision, "method": method.name, "reason": reason, **gate})
+        log(f"{precision} ({method.name}) not written: {reason}")
+
     try:
         for method, providers in tries:
             try:
@@ -212,23 +217,14 @@ def _variant(precision: str, base: Baseline, rejected: list, log) -> dict | None
                 raise
             except Exception as e:  # a converter bug must not cost the fp32 artifact
                 file.unlink(missing_ok=True)
-                reason = f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                rejected.append({"precision": precision, "method": method.name, "reason": reason})
-                log(f"{precision} ({method.name}) not written: {reason}")
+                reject(
+                    method, f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                )
                 continue
             value = scores[f"holdout_{metric}"]
             if not verdict.passed:
                 file.unlink()
-                reason = verdict.reason(metric)
-                rejected.append(
-                    {
-                        "precision": precision,
-                        "method": method.name,
-                        "reason": reason,
-                        "gate": verdict.to_dict(),
-                    }
-                )
-                log(f"{precision} ({method.name}) not written: {reason}")
+                reject(method, verdict.reason(metric), gate=verdict.to_dict())
                 continue
             log(
                 f"{precision} variant ({method.name}): holdout {metric.replace('_', ' ')} "

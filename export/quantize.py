@@ -80,14 +80,14 @@ def weight_matmuls(model) -> list:
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
-def outlier_matmuls(prepared: Path, feeder: Feeder, share: float) -> list[str]:
+def outlier_matmuls(model, feeder: Feeder, share: float) -> list[str]:
     """The `share` of weight MatMuls whose input activations have the largest outliers (peak
     over root mean square, on calibration items): run-time int8 scales each activation tensor by
-    its peak, so those lose the most precision (Dettmers et al. 2022, LLM.int8())."""
+    its peak, so those lose the most precision (Dettmers et al. 2022, LLM.int8()). `model`
+    (the prepared fp32 graph) gains the MatMuls' inputs as outputs."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(prepared))
     nodes = weight_matmuls(model)
     known = {o.name for o in model.graph.output}
     for name in dict.fromkeys(n.input[0] for n in nodes):
@@ -116,10 +116,11 @@ def _dynamic(per_channel: bool, only_weights: bool, outlier_share: float = 0.0):
 
         options = {}
         if only_weights:
-            nodes = [n.name for n in weight_matmuls(onnx.load(str(prepared)))]
+            model = onnx.load(str(prepared))
+            nodes = [n.name for n in weight_matmuls(model)]
             if not nodes:  # ONNX Runtime reads an empty list as "every node"
                 raise ValueError("the graph has no MatMul with a weight to quantize")
-            skip = set(outlier_matmuls(prepared, feeder, outlier_share)) if outlier_share else set()
+            skip = set(outlier_matmuls(model, feeder, outlier_share)) if outlier_share else set()
             options = {"nodes_to_quantize": [n for n in nodes if n not in skip]}
         quantize_dynamic(
             str(prepared),

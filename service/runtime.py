@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,6 @@ class Runtime:
         first requests are not slow and ONNX Runtime's memory arena is at its peak size from
         the start (it otherwise grew RSS by a fifth in the first minute of load). Returns
         (batch size, seconds) of the short-input calls, timed after a first untimed one."""
-        import time
-
         short, long = self.contract.warm_items()
         sizes = [1, 8]
         if self.pad_to_pow2:
@@ -192,8 +191,6 @@ class Runtime:
         smallest of those within 3% of the best (less latency for the same throughput).
         Sizes stop doubling once one call takes `max_call_s` (Whisper on a 30-s window: about
         0.1 s per clip), so that start-up stays within seconds."""
-        import time
-
         feeds = self.feeds([item] * self.max_batch_size)
         per_item = {}
         size = 1
