@@ -242,6 +242,20 @@ def test_masks_come_back_at_the_image_size():
     assert read_png_base64(answer["image"]).shape == (90, 60, 3)
 
 
+def test_normalize_matches_torchvision_and_hands_onnx_runtime_contiguous_nchw():
+    import torch
+    from torchvision.transforms import functional as TF
+
+    from tasks.common import normalize
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    crops = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    ours = normalize(crops, mean, std)
+    ref = torch.stack([TF.normalize(TF.to_tensor(c), mean, std) for c in crops]).numpy()
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
 def test_fast_nms_in_the_graph_matches_torchvision_greedy_nms():
     """The graph's batched NMS against torchvision's `batched_nms` on the same candidates:
     greedy NMS keeps a box that fast NMS may drop (its suppressor was itself suppressed), so
