@@ -326,7 +326,7 @@ def build_artifact(kind: str, tmp: Path) -> Path:
     return export_checkpoint(tmp / f"{kind}-run", tmp / "art", register=False, log=lambda _s: None)
 
 
-def request_values(artifact: Path) -> list:
+def request_values(artifact: Path, image_format: str) -> list:
     """Request values from the artifact's checkpoint holdout (texts, base64 images)."""
     from serve import request_inputs
 
@@ -337,7 +337,7 @@ def request_values(artifact: Path) -> list:
         raise SystemExit(
             f"the checkpoint of '{artifact}' ({run}) is not here: its holdout is the load"
         )
-    return request_inputs(checkpoint.load_checkpoint(run))
+    return request_inputs(checkpoint.load_checkpoint(run), image_format)
 
 
 # --------------------------------------------------------------------------- report
@@ -383,6 +383,12 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per level")
     p.add_argument("--clients", default="1,32,64", help="closed-loop client counts")
     p.add_argument("--check", type=int, default=32, help="inputs whose labels must agree")
+    p.add_argument(
+        "--image-format",
+        choices=["png", "jpeg"],
+        default="png",
+        help="how image requests carry the holdout: lossless PNG or JPEG at quality 90",
+    )
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     if not shutil.which("wrk"):
@@ -400,7 +406,7 @@ def main() -> int:
     ]
     for kind, folder, peers in runs:
         artifact = Path(folder) if folder else build_artifact(kind, work)
-        values = request_values(artifact)
+        values = request_values(artifact, args.image_format)
         print(f"\n## {kind}: {artifact}\n", flush=True)
         rows, truth = [], None
         for name in peers:

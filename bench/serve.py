@@ -96,13 +96,30 @@ def artifact_for(run: Path, artifact: str | None, tmp: Path) -> Path:
     return export_checkpoint(run, tmp / "art", int8=True, register=False, log=lambda _s: None)
 
 
-def request_inputs(ckpt) -> list:
-    """The holdout as the service receives it: texts, crops as base64 PNG, questions with
-    their contexts (the task contract's `holdout_request`)."""
+def request_inputs(ckpt, image_format: str = "png") -> list:
+    """The holdout as the service receives it: texts, images as base64 PNG (or JPEG, what a
+    camera or browser sends), questions with their contexts (the contract's `holdout_request`)."""
     from export.preprocess import contract_for
+    from tasks.vision import ImageInput
 
     contract = contract_for(ckpt)  # built from the run (tables: its columns)
-    return [contract.holdout_request(x) for x in ckpt.holdout_inputs]
+    values = [contract.holdout_request(x) for x in ckpt.holdout_inputs]
+    if image_format == "jpeg" and isinstance(contract, ImageInput):
+        values = [png_as_jpeg(v) for v in values]
+    return values
+
+
+def png_as_jpeg(value: str, quality: int = 90) -> str:
+    """A base64 PNG request re-encoded as a base64 JPEG (libjpeg's default 4:2:0 subsampling)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(base64.b64decode(value))) as im:
+        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:
@@ -174,6 +191,12 @@ def main() -> int:
     p.add_argument("--clients", default="1,32,64", help="closed-loop client counts")
     p.add_argument("--no-peer", action="store_true", help="skip (c) (it serves text models)")
     p.add_argument(
+        "--image-format",
+        choices=["png", "jpeg"],
+        default="png",
+        help="how image requests carry the holdout: lossless PNG or JPEG at quality 90",
+    )
+    p.add_argument(
         "--load",
         choices=["auto", "wrk", "aiohttp"],
         default="auto",
@@ -198,7 +221,7 @@ def main() -> int:
     from finetune import checkpoint
 
     ckpt = checkpoint.load_checkpoint(run)
-    texts = request_inputs(ckpt)
+    texts = request_inputs(ckpt, args.image_format)
     bodies = [{"inputs": [t]} for t in texts]
     artifact = artifact_for(run, args.artifact, tmp)
     clients = [int(c) for c in args.clients.split(",")]
