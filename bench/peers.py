@@ -1,6 +1,6 @@
 """tuneserve against the serving systems users would pick instead: `make bench-peers`, or
-`python bench/peers.py [--text-artifact DIR] [--image-artifact DIR] [--seconds 10]
-[--task-artifact DIR ...]`.
+`python bench/peers.py [--text-artifact DIR] [--image-artifact DIR] [--image-format png|jpeg]
+[--seconds 10] [--task-artifact DIR ...]`.
 
 Every peer runs in its own virtual environment (bench/.venv-peers/<peer>, created here from
 PyPI: the newest plain BentoML, LitServe, MLServer, Ray Serve, Triton through PyTriton,

@@ -1,4 +1,5 @@
-"""Serving benchmark: `python bench/serve.py --run runs/sms_spam [--artifact DIR] [--seconds 20]`.
+"""Serving benchmark: `python bench/serve.py --run runs/sms_spam [--artifact DIR] [--seconds 20]
+[--image-format png|jpeg]`.
 
 In one process tree, on the same model and the same inputs (the checkpoint's holdout):
   (a) raw in-process ONNX Runtime at its best batch size: the limit;
