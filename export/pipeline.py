@@ -12,12 +12,11 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 import tasks
 from export import card as card_mod
@@ -31,6 +30,39 @@ from export.reference import build_reference
 def _sanitize(name: str) -> str:
     name = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
     return name or "model"
+
+
+class Steps:
+    """The export's named steps: a tqdm bar on a terminal; otherwise (logs, CI, a pipe) one
+    plain line per step, as training prints its progress."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.done, self.t0 = names, 0, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(names), desc="export", unit="step", leave=False)
+
+    def __call__(self) -> None:
+        """Start the next step."""
+        name = self.names[self.done]
+        if self.bar is not None:
+            self.bar.set_description(f"export: {name}", refresh=False)
+            self.bar.update(self.done - self.bar.n)  # the steps finished so far
+            self.bar.refresh()
+        else:
+            print(
+                f"export: {name} ({self.done + 1}/{len(self.names)}), "
+                f"{time.perf_counter() - self.t0:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.done += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def next_version(folder: Path, also_taken: list[str] = ()) -> str:
@@ -271,12 +303,7 @@ def _build(
     from finetune import checkpoint as ckpt_mod
 
     stages = ["build", "export", "optimize", "parity"] + ["int8"] * int8 + ["fp16"] * fp16
-    bar = tqdm(stages + ["reference", "card"], desc="export", unit="step", leave=False)
-    steps = iter(bar)
-
-    def stage() -> None:
-        bar.set_description(f"export: {next(steps)}")
-
+    stage = Steps(stages + ["reference", "card"])
     stage()
     feeder = Feeder(ckpt, tokenizer)
     if ckpt_mod.is_trees(ckpt.config):  # scikit-learn trees: skl2onnx, not torch.onnx
@@ -390,7 +417,7 @@ def _build(
         "reference": card_mod.REFERENCE,
     }
     card_mod.write_card(work, card)
-    bar.close()
+    stage.close()
     return card
 
 

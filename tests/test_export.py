@@ -224,6 +224,8 @@ def test_parity_failure_exits_2_and_leaves_nothing(image_run, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "parity check failed" in proc.stderr and "max abs diff" in proc.stderr
     assert not any((tmp_path / "colors").iterdir())  # no version, no partial folder
+    # stderr is a pipe here: one plain line per step, no bar redraws
+    assert "export: parity (4/" in proc.stderr and "\r" not in proc.stderr
 
 
 @pytest.mark.parametrize(
