@@ -64,6 +64,18 @@ class Steps:
         if self.bar is not None:
             self.bar.close()
 
+    def around(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log` with the bar cleared while it writes and drawn again after, so messages
+        do not land on the bar's line."""
+        if self.bar is None:
+            return log
+
+        def write(message: str) -> None:
+            with self.bar.external_write_mode():
+                log(message)
+
+        return write
+
 
 def next_version(folder: Path, also_taken: list[str] = ()) -> str:
     """v<N+1> above every v<N> in `folder` and in `also_taken` (the model store's versions)."""
@@ -304,6 +316,7 @@ def _build(
 
     stages = ["build", "export", "optimize", "parity"] + ["int8"] * int8 + ["fp16"] * fp16
     stage = Steps(stages + ["reference", "card"])
+    log = stage.around(log)
     stage()
     feeder = Feeder(ckpt, tokenizer)
     if ckpt_mod.is_trees(ckpt.config):  # scikit-learn trees: skl2onnx, not torch.onnx
