@@ -59,20 +59,19 @@ def main() -> int:
     fp32 = session(fp32_file)
     reference = quantize.predict(fp32, feeder)[0]
     metric = feeder.contract.metric
+    value = feeder.contract.score(reference, feeder.targets)[metric]
     print(
-        f"{args.run}: holdout {len(feeder)} items, fp32 {metric} "
-        f"{feeder.contract.score(reference, feeder.targets)[metric]:.4f}; "
+        f"{args.run}: holdout {len(feeder)} items, fp32 {metric} {value:.4f}; "
         f"calibrated methods use {quantize.calibration_size(feeder)} of them"
     )
     prepared = quantize.prepare(fp32_file, tmp)
+    fp32_base = quantize.Baseline(fp32_file, tmp, feeder, reference, value, args.max_drop)
     rows = []
     tried = quantize.methods(feeder)
     extra = () if feeder.contract.heavy_inputs else (quantize.EVERY_MATMUL,)  # for reference
     for i, method in enumerate(tried + extra):
         out = tmp / f"int8-{i}.onnx"
-        scores, verdict = quantize.trial(
-            method, prepared, out, feeder, reference, args.max_drop, ["CPUExecutionProvider"]
-        )
+        scores, verdict = quantize.trial(method, prepared, out, fp32_base, ["CPUExecutionProvider"])
         sess = session(out)  # one intra-op thread, as a serving worker
         speed = {}
         for bs in (1, 32):

@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import tasks
@@ -217,19 +216,7 @@ def _torch_graph(model, ckpt, feeder, work: Path, opset: int, tolerance: float, 
     return path, details, fp32, check_parity(graph, fp32, feeder, tolerance=tolerance)
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """The fp32 graph and its holdout answers: what every variant is judged against."""
-
-    path: Path
-    work: Path  # the partial artifact folder the variant file is written into
-    feeder: Feeder
-    outputs: object  # fp32's raw outputs on the holdout (quantize.predict)
-    value: float  # fp32's holdout value of the task's metric
-    max_drop: float  # --max-accuracy-drop: bound on the 95% upper limit of the drop
-
-
-def _variant(precision: str, base: Baseline, rejected: list, log) -> dict | None:
+def _variant(precision: str, base: quantize.Baseline, rejected: list, log) -> dict | None:
     """The first method of `precision` that passes the paired gate (export/gate.py), its file
     written and its card entry returned; every method that failed goes into `rejected`."""
     file = base.work / card_mod.VARIANT_FILES[precision]
@@ -249,13 +236,7 @@ def _variant(precision: str, base: Baseline, rejected: list, log) -> dict | None
         for method, providers in tries:
             try:
                 scores, verdict = quantize.trial(
-                    method,
-                    prepared or base.path,
-                    file,
-                    base.feeder,
-                    base.outputs,
-                    base.max_drop,
-                    providers,
+                    method, prepared or base.path, file, base, providers
                 )
             except VariantError:
                 raise
@@ -336,7 +317,7 @@ def _build(
     outputs, embeddings, stats = quantize.predict(fp32, feeder)
     metric = feeder.contract.metric  # the task's own metric gates the variants
     fp32_metrics = feeder.contract.score(outputs, feeder.targets)
-    base = Baseline(path, work, feeder, outputs, fp32_metrics[metric], max_drop)
+    base = quantize.Baseline(path, work, feeder, outputs, fp32_metrics[metric], max_drop)
 
     variants, rejected = [], []
     for precision in ("int8",) * int8 + ("fp16",) * fp16:

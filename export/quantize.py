@@ -219,23 +219,31 @@ def predict(session, feeder: Feeder):
     return feeder.run(session)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The fp32 graph and its holdout answers: what every variant is judged against."""
+
+    path: Path
+    work: Path  # the partial artifact folder the variant file is written into
+    feeder: Feeder
+    outputs: object  # fp32's raw outputs on the holdout (quantize.predict)
+    value: float  # fp32's holdout value of the task's metric
+    max_drop: float  # --max-accuracy-drop: bound on the 95% upper limit of the drop
+
+
 def trial(
-    method: Method,
-    source: Path,
-    out: Path,
-    feeder: Feeder,
-    reference,
-    max_drop: float,
-    providers: list[str],
+    method: Method, source: Path, out: Path, base: Baseline, providers: list[str]
 ) -> tuple[dict, gate.Verdict]:
     """Write `method`'s variant of `source` to `out`, score it on the holdout and judge it
-    against the fp32 `reference` outputs, leaving out the items it calibrated on."""
+    against the fp32 outputs of `base`, leaving out the items it calibrated on."""
     import onnxruntime as ort
 
+    feeder, reference = base.feeder, base.outputs
     method.write(source, out, feeder)
     scores, answers = score(ort.InferenceSession(str(out), providers=providers), feeder, reference)
     skip = calibration_size(feeder) if method.calibrated else 0
-    return scores, gate.judge(feeder.contract, reference, answers, feeder.targets, max_drop, skip)
+    verdict = gate.judge(feeder.contract, reference, answers, feeder.targets, base.max_drop, skip)
+    return scores, verdict
 
 
 def score(session, feeder: Feeder, reference_outputs) -> tuple[dict, list]:
