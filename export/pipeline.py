@@ -298,121 +298,125 @@ def _build(
     stages = ["build", "export", "optimize", "parity"] + ["int8"] * int8 + ["fp16"] * fp16
     stage = Steps(stages + ["reference", "card"])
     log = stage.around(log)
-    stage()
-    feeder = Feeder(ckpt, tokenizer)
-    if ckpt_mod.is_trees(ckpt.config):  # scikit-learn trees: skl2onnx, not torch.onnx
-        from export import tabular
-
-        path, details, fp32, parity = tabular.convert_and_check(
-            model, feeder, work, opset, tolerance, stage
-        )
-    else:
-        path, details, fp32, parity = _torch_graph(
-            model, ckpt, feeder, work, opset, tolerance, stage, log
-        )
-    log(
-        f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {tolerance:g}), top-1 "
-        f"agreement {parity.top1_agreement:.4f}, {parity.checks} checks"
-    )
-    outputs, embeddings, stats = quantize.predict(fp32, feeder)
-    metric = feeder.contract.metric  # the task's own metric gates the variants
-    fp32_metrics = feeder.contract.score(outputs, feeder.targets)
-    base = quantize.Baseline(path, work, feeder, outputs, fp32_metrics[metric], max_drop)
-
-    variants, rejected = [], []
-    for precision in ("int8",) * int8 + ("fp16",) * fp16:
+    # On a terminal the bar is cleared also when a step fails, so the CLI's error line
+    # starts a line of its own.
+    try:
         stage()
-        entry = _variant(precision, base, rejected, log)
-        if entry is not None:
-            variants.append(entry)
+        feeder = Feeder(ckpt, tokenizer)
+        if ckpt_mod.is_trees(ckpt.config):  # scikit-learn trees: skl2onnx, not torch.onnx
+            from export import tabular
 
-    stage()
-    reference = build_reference(
-        outputs, embeddings, stats, feeder, ckpt.config["data"].get("train_per_class", {})
-    )
-    ckpt_mod.write_json(work / card_mod.REFERENCE, reference)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(work / card_mod.TOKENIZER)
+            path, details, fp32, parity = tabular.convert_and_check(
+                model, feeder, work, opset, tolerance, stage
+            )
+        else:
+            path, details, fp32, parity = _torch_graph(
+                model, ckpt, feeder, work, opset, tolerance, stage, log
+            )
+        log(
+            f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {tolerance:g}), top-1 "
+            f"agreement {parity.top1_agreement:.4f}, {parity.checks} checks"
+        )
+        outputs, embeddings, stats = quantize.predict(fp32, feeder)
+        metric = feeder.contract.metric  # the task's own metric gates the variants
+        fp32_metrics = feeder.contract.score(outputs, feeder.targets)
+        base = quantize.Baseline(path, work, feeder, outputs, fp32_metrics[metric], max_drop)
 
-    stage()
-    inputs, output_sig = convert.io_signature(path)
-    weights = convert.weights_sha256(path)
-    convert.set_metadata(
-        path,
-        {
-            "tuneserve.name": name,
-            "tuneserve.version": version,
-            "tuneserve.task": ckpt.task,
-            "tuneserve.labels": ckpt.labels,
-            "tuneserve.weights_sha256": weights,
-            "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
-        },
-    )
-    metrics_best = ckpt.metrics.get("best") or {}
-    card = {
-        "schema_version": card_mod.SCHEMA_VERSION,
-        "name": name,
-        "version": version,
-        "task": ckpt.task,
-        "labels": ckpt.labels,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": inputs,
-        "input_names": input_names(ckpt.task, ckpt.config["preprocessing"]),
-        "outputs": output_sig,
-        "preprocessing": ckpt.config["preprocessing"],
-        "postprocessing": feeder.contract.post,
-        "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
-        "training": {
-            # `auto` resolves to the strategy it chose (older checkpoints: the one asked for)
-            "strategy": metrics_best.get("strategy", ckpt.config["training"]["strategy"]),
-            "best_epoch": metrics_best.get("epoch"),
-            **{
-                k: v
-                for k, v in metrics_best.items()
-                if k.startswith(("val_", "test_")) and isinstance(v, int | float)
+        variants, rejected = [], []
+        for precision in ("int8",) * int8 + ("fp16",) * fp16:
+            stage()
+            entry = _variant(precision, base, rejected, log)
+            if entry is not None:
+                variants.append(entry)
+
+        stage()
+        reference = build_reference(
+            outputs, embeddings, stats, feeder, ckpt.config["data"].get("train_per_class", {})
+        )
+        ckpt_mod.write_json(work / card_mod.REFERENCE, reference)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work / card_mod.TOKENIZER)
+
+        stage()
+        inputs, output_sig = convert.io_signature(path)
+        weights = convert.weights_sha256(path)
+        convert.set_metadata(
+            path,
+            {
+                "tuneserve.name": name,
+                "tuneserve.version": version,
+                "tuneserve.task": ckpt.task,
+                "tuneserve.labels": ckpt.labels,
+                "tuneserve.weights_sha256": weights,
+                "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
             },
-            **{
-                f"{split}_size": ckpt.config["data"][f"{split}_size"]
-                for split in ("train", "val", "test")
-                if f"{split}_size" in ckpt.config["data"]
+        )
+        metrics_best = ckpt.metrics.get("best") or {}
+        card = {
+            "schema_version": card_mod.SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "task": ckpt.task,
+            "labels": ckpt.labels,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs": inputs,
+            "input_names": input_names(ckpt.task, ckpt.config["preprocessing"]),
+            "outputs": output_sig,
+            "preprocessing": ckpt.config["preprocessing"],
+            "postprocessing": feeder.contract.post,
+            "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
+            "training": {
+                # `auto` resolves to the strategy it chose (older checkpoints: the one asked for)
+                "strategy": metrics_best.get("strategy", ckpt.config["training"]["strategy"]),
+                "best_epoch": metrics_best.get("epoch"),
+                **{
+                    k: v
+                    for k, v in metrics_best.items()
+                    if k.startswith(("val_", "test_")) and isinstance(v, int | float)
+                },
+                **{
+                    f"{split}_size": ckpt.config["data"][f"{split}_size"]
+                    for split in ("train", "val", "test")
+                    if f"{split}_size" in ckpt.config["data"]
+                },
+                "checkpoint": str(ckpt.path.resolve()),
+                "weights_sha256": source_sha,
             },
-            "checkpoint": str(ckpt.path.resolve()),
-            "weights_sha256": source_sha,
-        },
-        "export": {
-            **details,
-            "versions": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
-                "transformers": transformers.__version__,
-                "numpy": np.__version__,
-                "python": platform.python_version(),
+            "export": {
+                **details,
+                "versions": {
+                    "torch": torch.__version__,
+                    "onnx": onnx.__version__,
+                    "onnxruntime": onnxruntime.__version__,
+                    "transformers": transformers.__version__,
+                    "numpy": np.__version__,
+                    "python": platform.python_version(),
+                },
             },
-        },
-        "parity": parity.to_dict(),
-        "holdout": {
-            "size": len(feeder),
-            "metric": metric,
-            **{f"fp32_{k}": v for k, v in fp32_metrics.items()},
-        },
-        "files": {
-            "model": {
-                "file": path.name,
-                "precision": "fp32",
-                "sha256": card_mod.sha256_file(path),
-                "weights_sha256": weights,
+            "parity": parity.to_dict(),
+            "holdout": {
+                "size": len(feeder),
+                "metric": metric,
+                **{f"fp32_{k}": v for k, v in fp32_metrics.items()},
             },
-            "support": card_mod.support_files(work),
-        },
-        "variants": variants,
-        "rejected_variants": rejected,
-        "max_accuracy_drop": max_drop,
-        "reference": card_mod.REFERENCE,
-    }
-    card_mod.write_card(work, card)
-    stage.close()
-    return card
+            "files": {
+                "model": {
+                    "file": path.name,
+                    "precision": "fp32",
+                    "sha256": card_mod.sha256_file(path),
+                    "weights_sha256": weights,
+                },
+                "support": card_mod.support_files(work),
+            },
+            "variants": variants,
+            "rejected_variants": rejected,
+            "max_accuracy_drop": max_drop,
+            "reference": card_mod.REFERENCE,
+        }
+        card_mod.write_card(work, card)
+        return card
+    finally:
+        stage.close()
 
 
 __all__ = ["export_checkpoint", "next_version", "VariantError"]
