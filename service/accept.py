@@ -74,16 +74,17 @@ def accept_one_per_turn(index: int | None = None, workers: int = 1) -> None:
     loop_class = asyncio.selector_events.BaseSelectorEventLoop
     original = getattr(loop_class._accept_connection, "original", loop_class._accept_connection)
     shares = _shares(index, workers) if index and workers > 1 else None
-    waiting_since: list[float | None] = [None]
+    waiting_since: float | None = None  # when this worker began deferring
 
     # asyncio calls it with positional arguments: (protocol_factory, sock, sslcontext, server,
     # backlog, ssl timeouts); `backlog` is how many connections one call accepts.
     def accept(self, protocol_factory, sock, sslcontext=None, server=None, backlog=100, *rest):
+        nonlocal waiting_since
         if shares is not None:
             if shares.ahead():
                 now = time.monotonic()
-                waiting_since[0] = waiting_since[0] or now
-                if now - waiting_since[0] < MAX_DEFER_S:
+                waiting_since = waiting_since or now
+                if now - waiting_since < MAX_DEFER_S:
                     # as asyncio does when accept() runs out of file descriptors: stop
                     # reading the socket, serve it again shortly
                     self._remove_reader(sock.fileno())
@@ -91,7 +92,7 @@ def accept_one_per_turn(index: int | None = None, workers: int = 1) -> None:
                     self.call_later(RETRY_S, _resume, self, args)
                     return None
             else:
-                waiting_since[0] = None
+                waiting_since = None
             protocol_factory = _counted(protocol_factory, shares)
         return original(self, protocol_factory, sock, sslcontext, server, 1, *rest)
 

@@ -27,19 +27,18 @@ class TimeoutMiddleware(traffic.TimeoutMiddleware):
         started = loop.create_future()
         timer = loop.call_later(self.timeout, self._set_timer_out, started)
 
-        async def _send(message) -> None:
-            if not started.done():
-                started.set_result(None)
-                timer.cancel()
-            await send(message)
-
-        def finished(_) -> None:  # also when it ends without a response (an exception)
+        def release(_=None) -> None:
+            """The response started, or the app ended without one (an exception)."""
             timer.cancel()
             if not started.done():
                 started.set_result(None)
 
+        async def _send(message) -> None:
+            release()
+            await send(message)
+
         app = asyncio.ensure_future(self.app(scope, receive, _send))
-        app.add_done_callback(finished)
+        app.add_done_callback(release)
         try:
             await started
         except TimeoutError:

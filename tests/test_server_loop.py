@@ -16,18 +16,25 @@ from service.accept import PREFIX, Shares, _sweep
 from service.timeouts import TimeoutMiddleware
 
 
-def _call(app, path="/predict"):
-    """One request through `app`; returns (status, body, the middleware's timers still live)."""
-    sent = []
+async def _call_async(app, sent: list | None = None) -> None:
+    """One POST /predict through `app`; the messages it sends go into `sent`."""
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message):
-        sent.append(message)
+        if sent is not None:
+            sent.append(message)
+
+    await app({"type": "http", "method": "POST", "path": "/predict", "headers": []}, receive, send)
+
+
+def _call(app):
+    """One request through `app`; returns (status, body, the middleware's timers still live)."""
+    sent = []
 
     async def main():
-        await app({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+        await _call_async(app, sent)
         loop = asyncio.get_running_loop()
         return [h for h in loop._scheduled if not h.cancelled() and "_set_timer_out" in repr(h)]
 
@@ -65,16 +72,6 @@ def test_an_app_that_fails_before_answering_raises_at_once():
 
     with pytest.raises(RuntimeError, match="boom"):
         asyncio.run(asyncio.wait_for(_call_async(TimeoutMiddleware(broken, timeout=60)), 5))
-
-
-async def _call_async(app):
-    async def receive():
-        return {"type": "http.request", "body": b""}
-
-    async def send(message):
-        pass
-
-    await app({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
 
 
 def test_workers_see_each_others_connection_counts(tmp_path):
