@@ -30,6 +30,7 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from service import metrics
 from service.errors import InputError
 from service.runtime import Prepared, Runtime
+from service.threads import name_os_thread
 
 
 def shed(reason: str, detail: str, retry_after_s: float) -> InputError:
@@ -80,7 +81,9 @@ class Batcher:
         self.times = BatchTimes()
         # One ONNX Runtime call at a time, always from the same thread: the CUDA provider keeps
         # cuDNN/cuBLAS handles per calling thread, so a thread pool would create them anew.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="onnxruntime", initializer=name_os_thread
+        )
         # On this thread: CUDA handles, caches. Its timings seed the batch-time estimate.
         for n, seconds in self._thread.submit(rt.warm_up).result():
             self.times.add(n, seconds)

@@ -32,6 +32,7 @@ from service.guard import RequestGuard
 from service.oip import oip_app
 from service.runtime import Runtime, listed_precisions, usable_providers
 from service.settings import Settings
+from service.threads import name_os_thread
 from service.timeouts import install as cancel_request_timers
 
 log = logging.getLogger("tuneserve")
@@ -207,7 +208,9 @@ class Tuneserve:
         # Image decoding and resizing (tens of ms for a large photo) runs here, off the event
         # loop, so that probes and /metrics answer while it works; PIL releases the GIL.
         self.decoders = ThreadPoolExecutor(
-            settings.decode_thread_count(ON_GPU), thread_name_prefix="decode"
+            settings.decode_thread_count(ON_GPU),
+            thread_name_prefix="decode",
+            initializer=name_os_thread,
         )
         metrics.model_info(self.rt)
         metrics.reference(self.rt, reference.get("class_prior", {}))
@@ -360,6 +363,7 @@ def drift_monitor(rt: Runtime, drift: dict, settings: Settings) -> Monitor | Non
     metrics.drift_capacity(rt, monitor.window)
 
     def evaluate() -> None:
+        name_os_thread()
         while True:
             time.sleep(interval_s)
             try:

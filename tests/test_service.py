@@ -313,6 +313,18 @@ def test_a_burst_of_connections_is_shared_by_the_workers(image_server):
     assert min(held) >= fair * 3 // 4, f"connections per worker: {held}"
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names need Linux /proc")
+def test_worker_threads_carry_their_names_for_top_and_ps(image_server):
+    """`top -H` and bench/serve.py tell a worker's threads apart by their OS names, which
+    Python leaves at the process name."""
+    assert httpx.post(image_server + "/predict", json={"inputs": [_b64(_png(COLORS["red"]))]})
+    names = set()
+    for w in _workers(image_server):
+        for task in Path(f"/proc/{w.pid}/task").iterdir():
+            names.add((task / "comm").read_text().strip())
+    assert {"onnxruntime_0", "decode_0"} <= names, names
+
+
 def test_access_log_and_tracing_follow_the_settings(image_server, text_server):
     """Off by default (they cost about 30% of the request-handling CPU); on when asked for."""
     body = {"inputs": ["win cash now"]}
