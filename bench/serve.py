@@ -8,7 +8,9 @@ In one process tree, on the same model and the same inputs (the checkpoint's hol
   (c) the peer most users would write instead: a FastAPI endpoint running the PyTorch model
       per request (no batching, no ONNX).
 Prints throughput and p50/p99 latency for each, and the ratios (b)/(a) and (b)/(c); (a) is
-measured before and after the load, and (b) is held to the better of the two.
+measured before and after the load, and (b) is held to the better of the two. Where the
+time goes: (a)'s CPU per item, and (b)'s worker CPU per request split by thread (inference,
+decoding, the event loop; Linux).
 """
 
 from __future__ import annotations
@@ -88,6 +90,39 @@ def rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a server's worker threads by role, read from /proc (Linux; {}
+    elsewhere): each worker's main thread runs the event loop; the service names the others
+    (service/threads.py)."""
+    import psutil
+
+    roles = {"onnxruntime": "inference", "decode": "decode"}
+    spent: dict[str, float] = {}
+    for worker in psutil.Process(pid).children(recursive=True):
+        try:
+            tasks = list(Path(f"/proc/{worker.pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                comm = (task / "comm").read_text().strip()
+                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            role = "event loop" if task.name == str(worker.pid) else "other"
+            role = next((r for prefix, r in roles.items() if comm.startswith(prefix)), role)
+            ticks = int(stat[11]) + int(stat[12])  # utime + stime, proc(5) fields 14 and 15
+            spent[role] = spent.get(role, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return spent
+
+
+def cpu_per_request(before: dict, after: dict, requests: float) -> str:
+    """Milliseconds of worker CPU per request by role, largest first."""
+    ms = {k: 1000 * (after[k] - before.get(k, 0.0)) / max(requests, 1) for k in after}
+    parts = [f"{k} {v:.2f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1]) if v >= 0.01]
+    return ", ".join(parts) + f"; all {sum(ms.values()):.2f}"
+
+
 def artifact_for(run: Path, artifact: str | None, tmp: Path) -> Path:
     """The given artifact folder, or the run exported now (fp32 + int8) into `tmp`."""
     if artifact:
@@ -131,15 +166,16 @@ def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:
     # A holdout smaller than the largest batch (raccoon: 23 images) is repeated, so that every
     # batch size really runs that many items.
     items = (items * -(-64 // len(items)))[: max(64, len(items))]
-    best, per_batch = None, {}
-    for bs in (1, 8, 16, 32, 64):
+    best, per_batch, cpu_ms = None, {}, {}
+    for bs in (1, 2, 4, 8, 16, 32, 64):
         batches = [items[i : i + bs] for i in range(0, len(items) - bs + 1, bs)] or [items[:bs]]
         rt.run(batches[0])
-        n, t0, k = 0, time.perf_counter(), 0
+        n, t0, k, cpu0 = 0, time.perf_counter(), 0, time.process_time()
         while time.perf_counter() - t0 < seconds / 5:
             rt.run(batches[k % len(batches)])
             n, k = n + bs, k + 1
         per_batch[bs] = n / (time.perf_counter() - t0)
+        cpu_ms[bs] = 1000 * (time.process_time() - cpu0) / n
         if best is None or per_batch[bs] > per_batch[best]:
             best = bs
     singles = []
@@ -150,8 +186,8 @@ def raw_onnxruntime(artifact: Path, texts: list[str], seconds: float) -> dict:
     single_ms = 1000 * statistics.median(singles)
     print(
         f"(a) raw ONNX Runtime ({rt.precision}, {rt.provider}): best batch {best}, "
-        f"{per_batch[best]:.1f} items/s; single inference p50 {single_ms:.2f} ms; "
-        + ", ".join(f"b{k} {v:.0f}/s" for k, v in per_batch.items())
+        f"{per_batch[best]:.1f} items/s, CPU {cpu_ms[best]:.2f} ms per item; single inference "
+        f"p50 {single_ms:.2f} ms; " + ", ".join(f"b{k} {v:.0f}/s" for k, v in per_batch.items())
     )
     return {"rps": per_batch[best], "single_ms": single_ms}
 
@@ -248,9 +284,13 @@ def main() -> int:
         print(f"(b) tuneserve: cold start to ready {cold:.1f} s, RSS {rss_mb(svc.pid):.0f} MiB")
         for n in clients:
             load(f"http://127.0.0.1:{port}/predict", bodies, n, 2, tool)  # warm-up
-            results[("b", n)] = load(
+            cpu = thread_cpu(svc.pid)
+            results[("b", n)] = r = load(
                 f"http://127.0.0.1:{port}/predict", bodies, n, args.seconds, tool
             )
+            if cpu:
+                split = cpu_per_request(cpu, thread_cpu(svc.pid), r["rps"] * args.seconds)
+                print(f"    {n} clients, worker CPU per request (ms): {split}")
         print(f"    RSS after load {rss_mb(svc.pid):.0f} MiB")
         for (_, n), r in results.items():
             if r["errors"]:
