@@ -317,7 +317,8 @@ def test_a_burst_of_connections_is_shared_by_the_workers(image_server):
 def test_worker_threads_carry_their_names_for_top_and_ps(image_server):
     """`top -H` and bench/serve.py tell a worker's threads apart by their OS names, which
     Python leaves at the process name."""
-    assert httpx.post(image_server + "/predict", json={"inputs": [_b64(_png(COLORS["red"]))]})
+    body = {"inputs": [_b64(_png(COLORS["red"]))]}
+    assert httpx.post(image_server + "/predict", json=body).status_code == 200
     names = set()
     for w in _workers(image_server):
         for task in Path(f"/proc/{w.pid}/task").iterdir():
