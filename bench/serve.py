@@ -92,28 +92,26 @@ def rss_mb(pid: int) -> float:
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds so far of a server's worker threads by role, read from /proc (Linux; {}
-    elsewhere): each worker's main thread runs the event loop; the service names the others
-    (service/threads.py)."""
+    """CPU seconds so far of a server's worker threads by role, their names read from /proc
+    (Linux; {} elsewhere): each worker's main thread runs the event loop; the service names
+    the others (service/threads.py)."""
     import psutil
 
     roles = {"onnxruntime": "inference", "decode": "decode"}
     spent: dict[str, float] = {}
     for worker in psutil.Process(pid).children(recursive=True):
         try:
-            tasks = list(Path(f"/proc/{worker.pid}/task").iterdir())
-        except OSError:
+            threads = worker.threads()
+        except psutil.Error:  # the worker ended
             continue
-        for task in tasks:
+        for thread in threads:
             try:
-                comm = (task / "comm").read_text().strip()
-                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # the thread ended
+                comm = Path(f"/proc/{worker.pid}/task/{thread.id}/comm").read_text().strip()
+            except OSError:  # no /proc here, or the thread ended
                 continue
-            role = "event loop" if task.name == str(worker.pid) else "other"
+            role = "event loop" if thread.id == worker.pid else "other"
             role = next((r for prefix, r in roles.items() if comm.startswith(prefix)), role)
-            ticks = int(stat[11]) + int(stat[12])  # utime + stime, proc(5) fields 14 and 15
-            spent[role] = spent.get(role, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+            spent[role] = spent.get(role, 0.0) + thread.user_time + thread.system_time
     return spent
 
 
