@@ -22,9 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune import backbones, checkpoint  # noqa: E402
+from finetune import checkpoint, models  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
-from finetune.data import IMAGE_TASK, load_dataset  # noqa: E402
+from finetune.data import load_dataset  # noqa: E402
+
+IMAGE_TASK = "image-classification"
 from tasks.metrics import classification_metrics  # noqa: E402
 
 GRID = (0.1, 1.0, 10.0)  # regularisation C tried on validation
@@ -86,7 +88,7 @@ def main() -> int:
         cfg = TrainConfig.from_dict(ckpt.config["training"])
         prep = None
         if ckpt.task == IMAGE_TASK:
-            prep, _, _ = backbones.image_prep(backbones.resolve(cfg.backbone), cfg.image_size)
+            prep, _, _ = models.image_prep(models.resolve(cfg.backbone), cfg.image_size)
         ds = load_dataset(ckpt.config["data"]["path"], cfg, prep)
         name, m, seconds = baseline(ds)
         best, auto = ckpt.metrics["best"], ckpt.metrics.get("auto", {})

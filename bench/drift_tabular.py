@@ -118,7 +118,7 @@ def _shifts(contract, pool: np.ndarray, labels: np.ndarray, rng) -> dict:
 
 def compare(run: Path, artifact: Path, trials: int, step: int, seed: int) -> dict:
     from finetune import checkpoint
-    from finetune.data_tabular import read_table
+    from finetune.data.tabular import read_table
     from service.drift import Monitor
     from service.runtime import Runtime
 

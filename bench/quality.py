@@ -30,7 +30,7 @@ def load_examples(card: dict, data: Path, val_split: bool) -> tuple[list, list]:
 
     from finetune.config import TrainConfig
     from finetune.data import load_dataset
-    from finetune.data_spans import load_sentences
+    from finetune.data.spans import load_sentences
 
     task = card["task"]
     if task == "token-classification":

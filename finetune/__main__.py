@@ -45,8 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-
+    from finetune.progress import quiet_libraries
     from finetune.train import fine_tune
+
+    quiet_libraries()
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})

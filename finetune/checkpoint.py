@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import CheckpointError
-from tasks import DENSE_VISION_TASKS
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -30,7 +29,6 @@ TOKENIZER = "tokenizer"
 RESUME = "resume"
 REQUIRED = (WEIGHTS, CONFIG, HOLDOUT, METRICS)
 TREES = "model.skops"  # tabular runs: the scikit-learn model (skops format, no pickle)
-MLP_FAMILY = "tabular-mlp"  # tabular runs with --backbone mlp (finetune/tabular_mlp.py)
 
 
 @dataclass
@@ -126,50 +124,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def build_model(ckpt: Checkpoint):
-    """Rebuild the Classifier from config.json alone and load model.safetensors (eval mode)."""
-    from finetune.backbones import BackboneSpec, Classifier, build_encoder
-    from finetune.data import ImagePrep
-    from finetune.heads import HEADS
-
-    cfg = ckpt.config
-    b = cfg["backbone"]
-    if is_trees(cfg):
+    """Rebuild the model from config.json alone and load its weights (eval mode); a tabular
+    run's trees are read from their skops file."""
+    if is_trees(ckpt.config):
         return load_trees(ckpt.path)
-    if b["family"] == MLP_FAMILY:
-        from finetune.tabular_mlp import TabularMLP
+    from finetune.models import rebuild
 
-        head = cfg["head"]
-        model = TabularMLP(
-            cfg["preprocessing"]["features"], len(cfg["labels"]), head["hidden"], head["dropout"]
-        )
-        _load_weights(model, ckpt)
-        return model.eval()
-    if cfg["task"] in DENSE_VISION_TASKS:
-        from finetune import vision
-
-        model = vision.build(
-            vision.resolve(b["name"], cfg["task"]),
-            len(cfg["labels"]),
-            int(cfg["preprocessing"]["image_size"]),
-            "random",
-            cfg["postprocessing"],
-        )
-        _load_weights(model, ckpt)
-        return model.eval()
-    spec = BackboneSpec(
-        b["name"], cfg["task"], b["family"], tuple(b.get("groups", ())), b["source"]
-    )
-    pre = cfg["preprocessing"]
-    prep = (
-        ImagePrep(pre["resize"], pre["crop_size"], pre["interpolation"])
-        if "crop_size" in pre
-        else None
-    )
-    encoder, dim = build_encoder(
-        spec, "random", prep, hf_config=b.get("hf_config"), pooling=pre.get("pooling", "mean")
-    )
-    head = HEADS.get(cfg["task"], Classifier)
-    model = head(encoder, dim, cfg["head"]["out_features"], cfg["head"]["dropout"])
+    model = rebuild(ckpt.config)
     _load_weights(model, ckpt)
     return model.eval()
 
@@ -214,7 +175,7 @@ def _load_weights(model, ckpt: Checkpoint) -> None:
 
 
 def load_tokenizer(ckpt: Checkpoint):
-    from finetune.backbones import load_tokenizer as _load
+    from finetune.models import load_tokenizer as _load
 
     folder = ckpt.path / TOKENIZER
     if not folder.is_dir():

@@ -6,15 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 STRATEGIES = ("auto", "feature-extraction", "full", "gradual")
-SCHEDULES = ("linear", "cosine", "constant")  # after warm-up (finetune/optim.py)
-AUTO_BACKBONES = {
-    "tabular-classification": "gradient-boosting",
-    "image-classification": "efficientnet_lite0",
-    "text-classification": "minilm",
-    "object-detection": "fcos_mobilenet_v2",
-    "semantic-segmentation": "lraspp_mobilenet_v2",
-    "audio-classification": "whisper_tiny_en",
-}
+SCHEDULES = ("linear", "cosine", "constant")  # after warm-up (finetune/train/optim.py)
 MONITORS = (
     "auto",
     "val_macro_f1",

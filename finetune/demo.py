@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="redo a finished run")
     args = parser.parse_args(argv)
     from finetune.checkpoint import load_checkpoint
+    from finetune.progress import quiet_libraries
     from finetune.train import fine_tune
+
+    quiet_libraries()
 
     if not DATA.is_dir():
         print(f"writing {write_digits(DATA)} digit images to {DATA}/")

@@ -1,4 +1,5 @@
-"""Training curves and the confusion matrix as PNG files in `runs/<name>/report/`."""
+"""`runs/<name>/report/`: training curves, the confusion matrix and a threshold's PR curve as
+PNG files, and summary.md (the splits, what `auto` chose, the figures)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,87 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_threshold(truth: np.ndarray, p: np.ndarray, positive: str, post: dict, folder: Path):
+    """pr_curve.png (with the chosen threshold) and calibration.png of a two-class model on
+    validation: `truth` whether each row is `positive`, `p` its probability."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import precision_recall_curve
+
+    plt = _plt()
+    precision, recall, thresholds = precision_recall_curve(truth, p)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(recall, precision)
+    if "threshold" in post:
+        i = int(np.searchsorted(thresholds, post["threshold"]))
+        ax.plot(recall[i], precision[i], "o", label=f"threshold {post['threshold']:.3f}")
+        ax.legend()
+    ax.set(title=f"validation: '{positive}' (positive)", xlabel="recall", ylabel="precision")
+    fig.tight_layout()
+    fig.savefig(folder / "pr_curve.png")
+    plt.close(fig)
+    true, pred = calibration_curve(truth, p, n_bins=10, strategy="quantile")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.plot(pred, true, "o-")
+    ax.set(
+        title="calibration (validation)",
+        xlabel="predicted probability",
+        ylabel="observed frequency",
+    )
+    fig.tight_layout()
+    fig.savefig(folder / "calibration.png")
+    plt.close(fig)
+
+
+def write_report(out: Path, history: list[dict], final: dict, ds, recipe, auto: dict) -> None:
+    """curves.png (the validation split, per epoch), for classification the test split's
+    confusion matrix (a split no selection saw), and summary.md: the splits, what `auto`
+    tried and chose, and the figures, each named by its split."""
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    plot_curves(
+        history, report / "curves.png", final["epoch"], *recipe.curve_scores, loss=recipe.loss_name
+    )
+    recipe.draw(report)
+    if "test_confusion_matrix" in final:
+        plot_confusion(
+            final["test_confusion_matrix"],
+            ds.labels,
+            report / "confusion.png",
+            f"test split, best epoch {final['epoch']} (acc {final['test_accuracy']:.3f})",
+        )
+    splits = ds.summary.get("splits", {})
+    lines = [
+        f"# {out.name}: {ds.task}",
+        "",
+        "| split | examples | source | used for |",
+        "|---|---:|---|---|",
+        f"| train | {len(ds.train)} | {splits.get('train', 'given')} | the weights |",
+        f"| validation | {len(ds.val)} | {splits.get('val', '?')} "
+        "| best epoch, early stopping, the `auto` decision |",
+        f"| test | {len(ds.test)} | {splits.get('test', '?')} "
+        "| scored once at the end; export's holdout (gates, parity, drift) |",
+        "",
+    ]
+    if auto:
+        probe, trial = auto.get("probe", {}), auto.get("trial", {})
+        metric = next((k for k in probe if k.startswith("val_")), "")
+        lines += [
+            f"Strategy `auto` chose **{auto.get('chosen')}**: linear probe {metric} "
+            f"{probe.get(metric, float('nan')):.4f} ({probe.get('epochs')} epochs, "
+            f"{probe.get('seconds')} s); full fine-tune after {trial.get('epochs')} trial "
+            f"epoch(s) {trial.get(metric, float('nan')):.4f} ({trial.get('seconds_per_epoch')} s "
+            f"per epoch); gain {auto.get('gain', 0):+.4f} against a noise margin of "
+            f"{auto.get('margin', 0):.4f} on {auto.get('validation_size')} validation examples.",
+            "",
+        ]
+    lines += ["| figure | validation | test |", "|---|---:|---:|"]
+    for key, value in final.items():
+        if key.startswith("val_") and isinstance(value, float):
+            name = key[4:]
+            lines.append(
+                f"| {name} | {value:.4f} | {final.get('test_' + name, float('nan')):.4f} |"
+            )
+    (report / "summary.md").write_text("\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ REGISTRY = {
     "audio-classification": "tasks.audio:AudioClassification",
 }
 DENSE_VISION_TASKS = ("object-detection", "semantic-segmentation")
-TABLE_TASKS = ("tabular-classification",)  # finetune/tabular.py: trees or an MLP, no shared loop
+TABLE_TASKS = ("tabular-classification",)  # finetune/train/tables.py: trees, or an MLP in the loop
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
 AUDIO_TASKS = ("audio-classification",)
 

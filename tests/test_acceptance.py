@@ -87,8 +87,8 @@ def test_fsdd_frozen_whisper_tiny(tmp_path):
     import numpy as np
     import torch
 
-    from finetune.backbones import resolve
-    from finetune.whisper import build_encoder, offline_folder
+    from finetune.models import resolve
+    from finetune.models.whisper import build_encoder, offline_folder
     from tasks.audio import log_mel, read_audio
 
     data = _need(DATA / "fsdd")

@@ -105,8 +105,8 @@ def test_converted_encoder_matches_ctranslate2(tiny_whisper):
     import torch
     from transformers import WhisperModel
 
-    from finetune.backbones import resolve
-    from finetune.whisper import build_encoder, load_state
+    from finetune.models import resolve
+    from finetune.models.whisper import build_encoder, load_state
 
     hf, ct2 = tiny_whisper
     config, state = load_state(ct2)

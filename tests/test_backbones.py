@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import backbones
-from finetune.backbones import build_encoder, image_prep, parameter_groups, resolve
+from finetune import models as backbones
 from finetune.errors import UnsupportedBackbone
+from finetune.models import build_encoder, image_prep, parameter_groups, resolve
 
-IMAGE_NAMES = [n for n, s in backbones.REGISTRY.items() if s.task == "image-classification"]
+IMAGE_NAMES = list(backbones.for_task("image-classification"))
 
 
 @pytest.mark.parametrize("name", IMAGE_NAMES)
@@ -159,7 +159,7 @@ def test_mobilenet_v2_is_torchvisions_imagenet_file_offline():
     exactly torchvision's mobilenet_v2 IMAGENET1K_V1 (mobilenet_v2-b0353104.pth)."""
     import hashlib
 
-    from finetune.vision import mobilenet_v2_file
+    from finetune.models import mobilenet_v2_file
 
     path = mobilenet_v2_file()
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("b0353104")

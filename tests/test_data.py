@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from finetune.config import TrainConfig
-from finetune.data import IMAGE_TASK, TEXT_TASK, ImagePrep, detect_task, load_dataset
+from finetune.data import ImagePrep, detect_task, load_dataset
 from finetune.errors import DataError
 from tests.conftest import make_images, make_texts
+
+IMAGE_TASK, TEXT_TASK = "image-classification", "text-classification"
 
 PREP = ImagePrep(resize=36, crop=32, interpolation="bilinear")
 CFG = TrainConfig(val_fraction=0.25, test_fraction=0.2)

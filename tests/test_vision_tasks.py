@@ -24,7 +24,8 @@ from tests.test_service import _serve, _stop, drift_checks, drift_checks_scored
 
 
 def test_voc_layout_cleaning_and_stem_lists(tmp_path):
-    from finetune.data_vision import load_vision_dataset, vision_task
+    from finetune.data import detect_task as vision_task
+    from finetune.data import load_dataset
 
     root = make_voc(tmp_path / "voc", n=30)
     xml = root / "annotations"
@@ -38,7 +39,7 @@ def test_voc_layout_cleaning_and_stem_lists(tmp_path):
     (root / "train.txt").write_text("\n".join(f"img{i}" for i in range(20)))
     (root / "val.txt").write_text("\n".join(f"img{i}" for i in range(20, 30)))
     assert vision_task(root) == "object-detection"
-    ds = load_vision_dataset(root, "object-detection", TrainConfig(test_fraction=0.2))
+    ds = load_dataset(root, TrainConfig(test_fraction=0.2))
     c = ds.summary["cleaning"]
     assert c["boxes_without_area"] == 1 and c["boxes_clipped"] == 1
     assert c["annotation_size_mismatch"] == 1 and c["undecodable_images"] == 1
@@ -70,7 +71,8 @@ def test_bad_annotations_stop_the_cli_with_one_line(tmp_path):
 
 
 def test_coco_json_layout(tmp_path):
-    from finetune.data_vision import load_vision_dataset, vision_task
+    from finetune.data import detect_task as vision_task
+    from finetune.data import load_dataset
 
     root = make_voc(tmp_path / "voc", n=12)
     images, annotations = [], []
@@ -96,19 +98,20 @@ def test_coco_json_layout(tmp_path):
         json.dumps({"images": images, "annotations": annotations, "categories": cats})
     )
     assert vision_task(coco) == "object-detection"
-    ds = load_vision_dataset(coco, "object-detection", TrainConfig(test_fraction=0.2))
+    ds = load_dataset(coco, TrainConfig(test_fraction=0.2))
     boxes = sum(len(t["boxes"]) for t in ds.train.targets + ds.val.targets + ds.test.targets)
     assert boxes == len(annotations) and ds.labels == sorted(SHAPES)
 
 
 def test_mask_folders_classes_and_void(tmp_path):
-    from finetune.data_vision import load_vision_dataset, vision_task
+    from finetune.data import detect_task as vision_task
+    from finetune.data import load_dataset
     from tasks.segmentation import IGNORE
 
     root = make_masks(tmp_path / "seg", n=20)
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "s0.png")  # wrong size
     assert vision_task(root) == "semantic-segmentation"
-    ds = load_vision_dataset(root, "semantic-segmentation", TrainConfig(ignore_index=3))
+    ds = load_dataset(root, TrainConfig(ignore_index=3))
     assert ds.labels == ["sky", "road", "car"]
     assert ds.summary["cleaning"]["mask_size_mismatch"] == 1
     mask = ds.train.targets[0]["mask"]
@@ -263,11 +266,11 @@ def test_fast_nms_in_the_graph_matches_torchvision_greedy_nms():
     import torch
     from torchvision.ops import batched_nms
 
-    from finetune import vision
+    from finetune import models
 
     torch.manual_seed(0)
-    model = vision.build(
-        vision.REGISTRY["fcos_mobilenet_v2"],
+    model = models.build_dense(
+        models.MODELS["fcos_mobilenet_v2"],
         2,
         96,
         "random",
@@ -297,9 +300,9 @@ def _registry_models(exported: bool):
     """The non-default models (the defaults go through every stage below); `exported`: one
     per graph path (kind and encoder family); the ResNet-50 variants share their graph code
     with an exported sibling and are built and run instead (their export costs a minute)."""
-    from finetune.vision import DEFAULTS, REGISTRY
+    from finetune.models import MODELS
 
-    names = [n for n in REGISTRY if n not in DEFAULTS.values()]
+    names = [n for n, s in MODELS.items() if s.family == "dense" and not s.default]
     return [n for n in names if ("resnet50" in n) != exported]
 
 
@@ -308,11 +311,11 @@ def test_resnet50_models_build_and_give_the_task_outputs(name):
     import torch
 
     import tasks
-    from finetune import vision
+    from finetune import models
 
-    spec = vision.REGISTRY[name]
+    spec = models.MODELS[name]
     contract = tasks.get(spec.task)
-    model = vision.build(spec, 2, 64, "random", contract.default_postprocessing())
+    model = models.build_dense(spec, 2, 64, "random", contract.default_postprocessing())
     with torch.no_grad():
         outs = model.eval().export_outputs(torch.randn(2, 3, 64, 64))
     assert len(outs) == len(contract.onnx_outputs) and all(len(o) == 2 for o in outs)
@@ -334,10 +337,10 @@ def test_every_registered_model_exports_with_parity(name, tmp_path):
 
     import tasks
     from export import convert
-    from finetune import vision
+    from finetune import models
     from tasks.common import Prepared
 
-    spec = vision.REGISTRY[name]
+    spec = models.MODELS[name]
     contract = tasks.create(
         {
             "task": spec.task,
@@ -351,7 +354,7 @@ def test_every_registered_model_exports_with_parity(name, tmp_path):
         }
     )
     torch.manual_seed(0)
-    model = vision.build(spec, 2, 64, "random", contract.post).eval()
+    model = models.build_dense(spec, 2, 64, "random", contract.post).eval()
     if spec.task == "object-detection":
         # Untrained heads score every anchor about 0.01 (and SSDlite's small random init
         # leaves its features near zero): near-ties that rounding reorders. Spread features
@@ -387,20 +390,20 @@ def test_torchvision_weights_load_from_a_local_file(tmp_path):
     import torch
     from torchvision.models import get_model
 
-    from finetune import vision
+    from finetune import models
     from finetune.errors import UnsupportedBackbone
 
     torch.manual_seed(1)
     coco = get_model("retinanet_resnet50_fpn_v2", weights=None, weights_backbone=None)
     torch.save(coco.state_dict(), tmp_path / "coco.pth")
     post = {"max_detections": 10, "iou_threshold": 0.5}
-    spec = vision.REGISTRY["retinanet_resnet50_fpn_v2"]
-    model = vision.build(spec, 3, 64, str(tmp_path / "coco.pth"), post)
+    spec = models.MODELS["retinanet_resnet50_fpn_v2"]
+    model = models.build_dense(spec, 3, 64, str(tmp_path / "coco.pth"), post)
     w = coco.backbone.body.conv1.weight
     assert torch.equal(model.backbone.conv1.weight, w)
     torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(UnsupportedBackbone, match="does not fit"):
-        vision.build(spec, 3, 64, str(tmp_path / "bad.pth"), post)
+        models.build_dense(spec, 3, 64, str(tmp_path / "bad.pth"), post)
 
 
 # --------------------------------------------------------------------------- pipeline

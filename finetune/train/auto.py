@@ -31,7 +31,7 @@ import shutil
 import time
 
 from finetune import checkpoint
-from finetune.loop import Outcome, Phase, Trainer
+from finetune.train.loop import Outcome, Phase, Trainer
 
 PROBE_EPOCHS_CACHED = 100  # the head alone on cached features: ~0.1 s per epoch
 PROBE_EPOCHS_UNCACHED = 2  # a forward pass over the data per epoch (span tasks)
@@ -70,82 +70,101 @@ def choose(
     return verdict, gain, need
 
 
-def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome, str]:
-    """Probe, trial, decision, and the chosen training; returns (outcome, strategy)."""
-    t_start = time.perf_counter()
-    record = trainer.extra.setdefault("auto", {})
-    cached = trainer.recipe.cached("feature-extraction")
-    probe_phase = Phase(
-        "probe",
-        "feature-extraction",
-        PROBE_EPOCHS_CACHED if cached else PROBE_EPOCHS_UNCACHED,
-        max(cfg.patience, 5),
-    )
-    folder = trainer.out / checkpoint.RESUME
-    if state is None or state["phase"] == "probe":
-        t0 = time.perf_counter()
-        probe = trainer.run(probe_phase, state=state)
-        record["probe"] = {
-            "strategy": "feature-extraction",
-            "epochs": probe.epochs_run,
-            "best_epoch": probe.best_epoch,
-            cfg.monitor: probe.best,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        if trainer.dist.main:
-            folder.mkdir(exist_ok=True)
-            shutil.copyfile(trainer.out / checkpoint.WEIGHTS, folder / PROBE)
-        trainer.dist.barrier()
-        state = None
-    else:  # resumed in the fine-tune phase: the probe's per-item answers are gone
-        probe = Outcome(best=record["probe"][cfg.monitor], best_epoch=record["probe"]["best_epoch"])
-    _load(trainer, folder / PROBE)  # the fine-tune starts from the probe's head (LP-FT)
-    budget = cfg.budget_minutes * 60
+class _Decision:
+    """After each trial epoch of the fine-tune: keep going, or stop (auto's verdict, or the
+    budget); what it measured goes into `record`."""
 
-    def decide(epoch: int, trial: Outcome) -> bool:
-        if "chosen" not in record:
-            best_val = trial.best_val
-            disagree = discordant(probe.best_correct, trial.best_correct)
-            verdict, gain, need = choose(
-                probe.best, best_val[cfg.monitor], n_val, cfg.monitor, disagree
+    def __init__(self, trainer: Trainer, cfg, n_val: int, probe: Outcome, record: dict):
+        self.trainer, self.cfg, self.n_val = trainer, cfg, n_val
+        self.probe, self.record = probe, record
+        self.t_start = time.perf_counter()
+        self.budget = cfg.budget_minutes * 60
+
+    def __call__(self, epoch: int, trial: Outcome) -> bool:
+        if "chosen" not in self.record and not self._verdict(epoch, trial):
+            return self.record.get("chosen") is None
+        elapsed = time.perf_counter() - self.t_start
+        if elapsed + self.trainer.history[-1]["seconds"] > self.budget:
+            self.record["stopped_by_budget"] = True
+            self.trainer.log(
+                f"auto: the next epoch would pass the {self.cfg.budget_minutes:g}-minute budget"
             )
-            if verdict != "full" and epoch + 1 < TRIAL_MAX_EPOCHS:
-                verdict = "undecided"  # early epochs run at warm-up rates: not yet a verdict
-            elif verdict == "undecided":
-                verdict = "full" if gain > 0 else "feature-extraction"
-                record["provisional"] = verdict == "full"  # kept only if it ends ahead
-            per_epoch = trainer.history[-1]["seconds"]
-            trainer.log(
-                f"auto: probe {cfg.monitor} {probe.best:.4f}, full after {epoch + 1} epoch(s) "
-                f"{best_val[cfg.monitor]:.4f} (gain {gain:+.4f}, noise margin {need:.4f} on "
-                f"{n_val} validation items; ~{per_epoch:.0f}s per full epoch): {verdict}"
-            )
-            if verdict == "undecided":
-                return True
-            record.update(
-                trial={
-                    "strategy": "full",
-                    "epochs": epoch + 1,
-                    cfg.monitor: best_val[cfg.monitor],
-                    "seconds_per_epoch": round(per_epoch, 1),
-                },
-                gain=gain,
-                margin=need,
-                margin_kind="paired" if disagree is not None else "unpaired",
-                validation_size=n_val,
-                predicted_full_seconds=round(per_epoch * cfg.epochs, 1),
-                budget_seconds=budget,
-                chosen=verdict,
-            )
-            if verdict != "full":
-                return False
-        elapsed = time.perf_counter() - t_start
-        if elapsed + trainer.history[-1]["seconds"] > budget:
-            record["stopped_by_budget"] = True
-            trainer.log(f"auto: the next epoch would pass the {cfg.budget_minutes:g}-minute budget")
             return False
         return True
 
+    def _verdict(self, epoch: int, trial: Outcome) -> bool:
+        """Compare the trial with the probe; False when full fine-tuning is not chosen
+        (still undecided: `chosen` stays unset and training goes on)."""
+        cfg, probe, record = self.cfg, self.probe, self.record
+        best = trial.best_val[cfg.monitor]
+        disagree = discordant(probe.best_correct, trial.best_correct)
+        verdict, gain, need = choose(probe.best, best, self.n_val, cfg.monitor, disagree)
+        if verdict != "full" and epoch + 1 < TRIAL_MAX_EPOCHS:
+            verdict = "undecided"  # early epochs run at warm-up rates: not yet a verdict
+        elif verdict == "undecided":
+            verdict = "full" if gain > 0 else "feature-extraction"
+            record["provisional"] = verdict == "full"  # kept only if it ends ahead
+        per_epoch = self.trainer.history[-1]["seconds"]
+        self.trainer.log(
+            f"auto: probe {cfg.monitor} {probe.best:.4f}, full after {epoch + 1} epoch(s) "
+            f"{best:.4f} (gain {gain:+.4f}, noise margin {need:.4f} on "
+            f"{self.n_val} validation items; ~{per_epoch:.0f}s per full epoch): {verdict}"
+        )
+        if verdict == "undecided":
+            return False
+        record.update(
+            trial={
+                "strategy": "full",
+                "epochs": epoch + 1,
+                cfg.monitor: best,
+                "seconds_per_epoch": round(per_epoch, 1),
+            },
+            gain=gain,
+            margin=need,
+            margin_kind="paired" if disagree is not None else "unpaired",
+            validation_size=self.n_val,
+            predicted_full_seconds=round(per_epoch * cfg.epochs, 1),
+            budget_seconds=self.budget,
+            chosen=verdict,
+        )
+        return verdict == "full"
+
+
+def _probe(trainer: Trainer, cfg, state: dict | None, record: dict) -> Outcome:
+    """The linear probe (or, resumed in the fine-tune phase, its saved figures); its weights
+    are kept in resume/ for the fine-tune to start from."""
+    folder = trainer.out / checkpoint.RESUME
+    if state is not None and state["phase"] != "probe":  # the probe's per-item answers are gone
+        return Outcome(best=record["probe"][cfg.monitor], best_epoch=record["probe"]["best_epoch"])
+    cached = trainer.recipe.cached("feature-extraction")
+    epochs = PROBE_EPOCHS_CACHED if cached else PROBE_EPOCHS_UNCACHED
+    t0 = time.perf_counter()
+    probe = trainer.run(
+        Phase("probe", "feature-extraction", epochs, max(cfg.patience, 5)), state=state
+    )
+    record["probe"] = {
+        "strategy": "feature-extraction",
+        "epochs": probe.epochs_run,
+        "best_epoch": probe.best_epoch,
+        cfg.monitor: probe.best,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if trainer.dist.main:
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(trainer.out / checkpoint.WEIGHTS, folder / PROBE)
+    trainer.dist.barrier()
+    return probe
+
+
+def run(trainer: Trainer, cfg, n_val: int, state: dict | None) -> tuple[Outcome, str]:
+    """Probe, trial, decision, and the chosen training; returns (outcome, strategy)."""
+    record = trainer.extra.setdefault("auto", {})
+    probe = _probe(trainer, cfg, state, record)
+    if state is not None and state["phase"] == "probe":
+        state = None
+    folder = trainer.out / checkpoint.RESUME
+    _load(trainer, folder / PROBE)  # the fine-tune starts from the probe's head (LP-FT)
+    decide = _Decision(trainer, cfg, n_val, probe, record)
     full = trainer.run(Phase("fine-tune", "full", cfg.epochs, cfg.patience), decide, state)
     record.setdefault("chosen", "feature-extraction")  # the phase ended while undecided
     if record.get("provisional") and not trainer.better_value(full.best, probe.best):

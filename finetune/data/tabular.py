@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.data.dataset import Dataset, Split, split_summary
+from finetune.data.splits import ROLES, three_way
 from finetune.errors import DataError
-from finetune.splits import ROLES, three_way
 
 TASK = "tabular-classification"
 MISSING = {"", "na", "nan", "null", "none", "?"}
@@ -163,11 +164,9 @@ def schema(train, columns: list[str], categorical: set[str]) -> list[dict]:
     return features
 
 
-def load_tabular_dataset(path: Path, cfg):
+def load(path: Path, cfg, image_prep=None) -> Dataset:
     """The Dataset of a table: inputs are the raw rows (dicts of strings); the schema and the
-    encoding are made from the training split (finetune/tabular.py)."""
-    from finetune.data import Dataset, Split, split_summary
-
+    encoding are made from the training split (finetune/recipes/tabular.py)."""
     df = read_table(path)
     if df.empty:
         raise DataError(f"'{path}' has no rows")
@@ -222,3 +221,7 @@ def load_tabular_dataset(path: Path, cfg):
     }
     ds.features, ds.categorical = features, categorical
     return ds
+
+
+def detect(path: Path) -> str | None:
+    return TASK if path.exists() and is_tabular(path) else None

@@ -23,12 +23,15 @@ import hashlib
 import json
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from finetune.data.dataset import Dataset, Split, split_summary
+from finetune.data.splits import ROLES, three_way
 from finetune.errors import DataError
-from finetune.splits import ROLES, three_way
 from tasks.segmentation import IGNORE
 
 DETECTION = "object-detection"
@@ -84,7 +87,7 @@ def _voc_xml_dir(root: Path) -> Path | None:
     return None
 
 
-def vision_task(path: Path) -> str | None:
+def detect(path: Path) -> str | None:
     """The dense vision task of a data folder, or None (then another loader applies)."""
     if not path.is_dir():
         return None
@@ -341,20 +344,65 @@ def _digest(px: np.ndarray) -> str:
     return hashlib.sha1(px.tobytes()).hexdigest()
 
 
-def load_vision_dataset(path: Path, task: str, cfg):
-    """The Dataset of a detection or segmentation folder: inputs are the decoded images
-    (uint8 HWC, original size), targets their boxes ({"boxes" [n, 4] x1 y1 x2 y2 in pixels,
-    "labels" [n]}) or masks ({"mask": [H, W] class indices, IGNORE for void})."""
-    from finetune.data import Dataset, Split, split_summary
+def _detection_labels(path: Path, parts: dict, cfg, counts: Counter):
+    """The box classes of training, and each record's target in their indices."""
+    labels = sorted({n for r in parts["train"] for n in r["names"]})
+    if not labels:
+        raise DataError(f"'{path}': no training image has a box")
+    index = {n: i for i, n in enumerate(labels)}
+    for role in ("val", "test"):
+        unknown = sum(n not in index for r in parts[role] for n in r["names"])
+        counts[f"unknown_{role}_labels"] += unknown
 
-    counts: Counter = Counter()
-    bad: list[str] = []
-    if task == DETECTION:
-        parts, sources = _detection_parts(path, counts, bad)
-    else:
-        parts, sources = _segmentation_parts(path, counts, bad)
-    if "train" not in parts or not parts["train"]:
-        raise DataError(f"'{path}' leaves no training images after cleaning")
+    def target(r) -> dict:
+        keep = [n in index for n in r["names"]]
+        return {
+            "boxes": r["boxes"][np.asarray(keep, bool)] if keep else r["boxes"],
+            "labels": np.asarray([index[n] for n in r["names"] if n in index], np.int64),
+        }
+
+    return labels, target, Counter(n for r in parts["train"] for n in r["names"])
+
+
+def _segmentation_labels(path: Path, parts: dict, cfg, counts: Counter):
+    """The classes (a classes file, else class_0..class_K), and each record's mask with void
+    pixels (the ignore index, or out of range) set to IGNORE."""
+    labels = _classes_file(path)
+    top = max(int(r["mask"][r["mask"] != cfg.ignore_index].max(initial=0)) for r in parts["train"])
+    if labels is None:
+        labels = [f"class_{i}" for i in range(top + 1)]
+
+    def target(r) -> dict:
+        m = r["mask"]
+        void = (m == cfg.ignore_index) | (m >= len(labels)) | (m < 0)
+        counts["void_pixels"] += int(void.sum())
+        return {"mask": np.where(void, IGNORE, m).astype(np.uint8)}
+
+    return labels, target, Counter()
+
+
+def _pixel_tally(targets: list[dict], labels: list[str], per_class: Counter) -> None:
+    for t in targets:
+        m = t["mask"]
+        for c, n in zip(*np.unique(m[m != IGNORE], return_counts=True), strict=True):
+            per_class[labels[int(c)]] += int(n)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    parts: Callable  # (path, counts, undecodable) → (records per split, sources)
+    labels: Callable  # (path, parts, cfg, counts) → (labels, record → target, per-class counts)
+    counted: str  # what train_per_class counts
+    tally: Callable | None = None  # (training targets, labels, per-class counts): adds to them
+
+
+KINDS = {
+    DETECTION: _Kind(_detection_parts, _detection_labels, "boxes"),
+    SEGMENTATION: _Kind(_segmentation_parts, _segmentation_labels, "pixels", _pixel_tally),
+}
+
+
+def _dedupe_train(parts: dict, counts: Counter) -> None:
     seen, kept = set(), []
     for r in parts["train"]:
         d = _digest(r["pixels"])
@@ -364,51 +412,27 @@ def load_vision_dataset(path: Path, task: str, cfg):
         seen.add(d)
         kept.append(r)
     parts["train"] = kept
+
+
+def load(path: Path, cfg, image_prep=None) -> Dataset:
+    """The Dataset of a detection or segmentation folder: inputs are the decoded images
+    (uint8 HWC, original size), targets their boxes ({"boxes" [n, 4] x1 y1 x2 y2 in pixels,
+    "labels" [n]}) or masks ({"mask": [H, W] class indices, IGNORE for void})."""
+    task = detect(path)
+    kind = KINDS[task]
+    counts: Counter = Counter()
+    bad: list[str] = []
+    parts, sources = kind.parts(path, counts, bad)
+    if "train" not in parts or not parts["train"]:
+        raise DataError(f"'{path}' leaves no training images after cleaning")
+    _dedupe_train(parts, counts)
     parts = three_way(parts, cfg, str(path), key=lambda r: _digest(r["pixels"]), counts=counts)
-
-    if task == DETECTION:
-        labels = sorted({n for r in parts["train"] for n in r["names"]})
-        if not labels:
-            raise DataError(f"'{path}': no training image has a box")
-        index = {n: i for i, n in enumerate(labels)}
-        for role in ("val", "test"):
-            unknown = sum(n not in index for r in parts[role] for n in r["names"])
-            counts[f"unknown_{role}_labels"] += unknown
-        per_class = Counter(n for r in parts["train"] for n in r["names"])
-
-        def target(r) -> dict:
-            keep = [n in index for n in r["names"]]
-            return {
-                "boxes": r["boxes"][np.asarray(keep, bool)] if keep else r["boxes"],
-                "labels": np.asarray([index[n] for n in r["names"] if n in index], np.int64),
-            }
-
-        counted = "boxes"
-    else:
-        labels = _classes_file(path)
-        top = max(
-            int(r["mask"][r["mask"] != cfg.ignore_index].max(initial=0)) for r in parts["train"]
-        )
-        if labels is None:
-            labels = [f"class_{i}" for i in range(top + 1)]
-        per_class = Counter()
-
-        def target(r) -> dict:
-            m = r["mask"]
-            void = (m == cfg.ignore_index) | (m >= len(labels)) | (m < 0)
-            counts["void_pixels"] += int(void.sum())
-            out = np.where(void, IGNORE, m).astype(np.uint8)
-            return {"mask": out}
-
-        counted = "pixels"
+    labels, target, per_class = kind.labels(path, parts, cfg, counts)
     split = {}
     for role in ROLES:
         targets = [target(r) for r in parts[role]]
-        if task == SEGMENTATION and role == "train":
-            for t in targets:
-                m = t["mask"]
-                for c, n in zip(*np.unique(m[m != IGNORE], return_counts=True), strict=True):
-                    per_class[labels[int(c)]] += int(n)
+        if kind.tally is not None and role == "train":
+            kind.tally(targets, labels, per_class)
         split[role] = Split(
             [r["pixels"] for r in parts[role]], np.zeros(len(parts[role]), np.int64), targets
         )
@@ -421,14 +445,7 @@ def load_vision_dataset(path: Path, task: str, cfg):
         "files": {k: str(v) for k, v in sources.items()},
         **split_summary(sources, ds, None),
         "train_per_class": {k: int(per_class.get(k, 0)) for k in labels},
-        "counted": counted,
+        "counted": kind.counted,
         "cleaning": {**{k: int(v) for k, v in sorted(counts.items())}, "undecodable_files": bad},
     }
     return ds
-
-
-def median_side(ds) -> int:
-    return int(np.median([max(x.shape[:2]) for x in ds.train.inputs]))
-
-
-__all__ = ["DETECTION", "SEGMENTATION", "load_vision_dataset", "vision_task"]

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.data.dataset import Dataset, Split, split_summary
+from finetune.data.splits import ROLES, three_way
 from finetune.errors import DataError
-from finetune.splits import ROLES, three_way
 
 NER_TASK, QA_TASK = "token-classification", "question-answering"
 TAG = re.compile(r"^(O|[BIES]-\S+)$")
@@ -78,23 +79,57 @@ def is_squad(path: Path) -> bool:
 
 def span_task(path: Path) -> tuple[str, dict[str, Path]] | None:
     """(task, {"train": file, "val": file, "test": file}) for span-task data, else None."""
+    found = _span_format(path)
+    return None if found is None else found[:2]
+
+
+def _span_format(path: Path):
+    """(task, files, loader) of span-task data at `path`, else None."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    for task, test in ((QA_TASK, is_squad), (NER_TASK, is_conll), (NER_TASK, is_token_jsonl)):
+    for task, test, loader in SNIFFS:
         hits = [p for p in files if test(p)]
         if not hits:
             continue
         if path.is_file():
-            return task, {"train": path}
+            return task, {"train": path}, loader
         split = {}
         for p in hits:
             kind = SPLIT_STEMS.get(p.stem.lower())
             if kind and kind not in split:
                 split[kind] = p
         if "train" in split:
-            return task, split
+            return task, split, loader
         if len(hits) == 1:
-            return task, {"train": hits[0]}
+            return task, {"train": hits[0]}, loader
     return None
+
+
+def detect(path: Path) -> str | None:
+    found = span_task(path) if path.exists() else None
+    return None if found is None else found[0]
+
+
+def load(path: Path, cfg, image_prep=None) -> Dataset:
+    """The Dataset of a span task (inputs and JSON targets), in the three splits of
+    data/splits.py."""
+    task, files, loader = _span_format(path)
+    counts: Counter = Counter()
+    parts, labels, split, summary = loader(path, files, cfg, counts)
+    for role in ("val", "test"):
+        if not parts[role]:
+            raise DataError(f"'{path}' leaves no {role} examples after cleaning")
+    ds = Dataset(task, labels, *(split(parts[role]) for role in ROLES))
+    ds.summary = {
+        "path": str(path),
+        "layout": summary.pop("layout"),
+        "files": {k: str(v) for k, v in files.items()},
+        **split_summary(files, ds, None),
+        "train_per_class": summary.pop("train_per_class"),
+        "counted": summary.pop("counted"),
+        "cleaning": {**{k: int(v) for k, v in sorted(counts.items())}, "undecodable_files": []},
+        **summary,
+    }
+    return ds
 
 
 # --------------------------------------------------------------------------- tags
@@ -238,90 +273,87 @@ def load_squad(path: Path, counts: Counter) -> list[dict]:
 # --------------------------------------------------------------------------- datasets
 
 
-def load_span_dataset(path: Path, task: str, files: dict[str, Path], cfg):
-    """The Dataset of a span task (finetune.data.Dataset, inputs and JSON targets), in the
-    three splits of finetune/splits.py."""
-    from finetune.data import Dataset, Split, split_summary
+def _entities(path: Path, files: dict[str, Path], cfg, counts: Counter):
+    """Sentences with IOB2 tags: (parts, labels, split, summary)."""
+    parts = {k: load_sentences(p, counts) for k, p in files.items()}
+    seen, kept = set(), []
+    for text, tags in parts["train"]:
+        if text in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(text)
+        kept.append((text, tags))
+    parts["train"] = kept
+    parts = three_way(parts, cfg, str(path), key=lambda row: row[0], counts=counts)
+    train = parts["train"]
+    if len(train) < 2:
+        raise DataError(f"'{path}' has too few sentences ({len(train)} train)")
+    labels = sorted({t for _, tags in train for t in tags}, key=lambda t: (t != "O", t[2:], t))
+    if labels == ["O"]:
+        raise DataError(f"'{path}' has no entity tags (every tag is O)")
+    known = set(labels)
+    for role in ("val", "test"):
+        before = len(parts[role])
+        parts[role] = [(t, g) for t, g in parts[role] if set(g) <= known]
+        counts[f"unknown_{role}_tags"] = before - len(parts[role])
 
-    counts: Counter = Counter()
-    if task == NER_TASK:
-        parts = {k: load_sentences(p, counts) for k, p in files.items()}
-        seen, kept = set(), []
-        for text, tags in parts["train"]:
-            if text in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(text)
-            kept.append((text, tags))
-        parts["train"] = kept
-        parts = three_way(parts, cfg, str(path), key=lambda row: row[0], counts=counts)
-        train = parts["train"]
-        if len(train) < 2:
-            raise DataError(f"'{path}' has too few sentences ({len(train)} train)")
-        labels = sorted({t for _, tags in train for t in tags}, key=lambda t: (t != "O", t[2:], t))
-        if labels == ["O"]:
-            raise DataError(f"'{path}' has no entity tags (every tag is O)")
-        known = set(labels)
-        for role in ("val", "test"):
-            before = len(parts[role])
-            parts[role] = [(t, g) for t, g in parts[role] if set(g) <= known]
-            counts[f"unknown_{role}_tags"] = before - len(parts[role])
-
-        def split(rows) -> Split:
-            return Split(
-                [t for t, _ in rows],
-                np.zeros(len(rows), dtype=np.int64),
-                [{"tags": g} for _, g in rows],
-            )
-
-        entity_counts = Counter(t[2:] for _, g in train for t in g if t.startswith("B-"))
-        per_class = dict(sorted(entity_counts.items()))
-    else:
-        parts = {k: load_squad(p, counts) for k, p in files.items()}
-        if len({r["group"] for r in parts["train"]}) < 2:
-            for r in parts["train"]:
-                r["group"] = r["context"]
-        parts = three_way(
-            parts,
-            cfg,
-            str(path),
-            key=lambda r: r["context"],
-            group=lambda r: r["group"],
-            counts=counts,
+    def split(rows) -> Split:
+        return Split(
+            [t for t, _ in rows], np.zeros(len(rows), dtype=np.int64), [{"tags": g} for _, g in rows]
         )
-        train = parts["train"]
-        labels = ["answer"]
 
-        def split(rows) -> Split:
-            return Split(
-                [json.dumps({"question": r["question"], "context": r["context"]}) for r in rows],
-                np.zeros(len(rows), dtype=np.int64),
-                [
-                    {
-                        "answers": [a["text"] for a in r["answers"]],
-                        "starts": [a["start"] for a in r["answers"]],
-                    }
-                    for r in rows
-                ],
-            )
+    entity_counts = Counter(t[2:] for _, g in train for t in g if t.startswith("B-"))
+    summary = {
+        "layout": "conll",
+        "train_per_class": dict(sorted(entity_counts.items())),
+        "counted": "entity types",
+    }
+    return parts, labels, split, summary
 
-        per_class = {
+
+def _answers(path: Path, files: dict[str, Path], cfg, counts: Counter):
+    """Questions on contexts, split by article: (parts, labels, split, summary)."""
+    parts = {k: load_squad(p, counts) for k, p in files.items()}
+    if len({r["group"] for r in parts["train"]}) < 2:
+        for r in parts["train"]:
+            r["group"] = r["context"]
+    parts = three_way(
+        parts,
+        cfg,
+        str(path),
+        key=lambda r: r["context"],
+        group=lambda r: r["group"],
+        counts=counts,
+    )
+    train = parts["train"]
+
+    def split(rows) -> Split:
+        return Split(
+            [json.dumps({"question": r["question"], "context": r["context"]}) for r in rows],
+            np.zeros(len(rows), dtype=np.int64),
+            [
+                {
+                    "answers": [a["text"] for a in r["answers"]],
+                    "starts": [a["start"] for a in r["answers"]],
+                }
+                for r in rows
+            ],
+        )
+
+    summary = {
+        "layout": "squad",
+        "train_per_class": {
             "answerable": sum(bool(r["answers"]) for r in train),
             "unanswerable": sum(not r["answers"] for r in train),
-        }
-    for role in ("val", "test"):
-        if not parts[role]:
-            raise DataError(f"'{path}' leaves no {role} examples after cleaning")
-    ds = Dataset(task, labels, *(split(parts[role]) for role in ROLES))
-    ds.summary = {
-        "path": str(path),
-        "layout": "conll" if task == NER_TASK else "squad",
-        "files": {k: str(v) for k, v in files.items()},
-        **split_summary(files, ds, None),
-        "train_per_class": per_class,
-        "counted": "entity types" if task == NER_TASK else "kinds of question",
-        "cleaning": {**{k: int(v) for k, v in sorted(counts.items())}, "undecodable_files": []},
+        },
+        "counted": "kinds of question",
+        "groups": {role: len({r["group"] for r in parts[role]}) for role in ROLES},
     }
-    if task == QA_TASK:
-        ds.summary["groups"] = {role: len({r["group"] for r in parts[role]}) for role in ROLES}
-    return ds
+    return parts, ["answer"], split, summary
+
+
+SNIFFS = (  # (task, a test of one file, its loader), tried in this order
+    (QA_TASK, is_squad, _answers),
+    (NER_TASK, is_conll, _entities),
+    (NER_TASK, is_token_jsonl, _entities),
+)

@@ -1,4 +1,5 @@
-"""Model inputs: in-memory data sets and the batch → device step (normalise or tokenize)."""
+"""Model inputs of classification: in-memory data sets and the batch → device step (normalise
+or tokenize)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.data import AUDIO_TASK, IMAGE_TASK
+from finetune.progress import progress
 from tasks.common import encoding_columns, text_tokenizer
 from tasks.text_windows import window_feeds
 
@@ -51,8 +52,6 @@ class AudioSet(torch.utils.data.Dataset):
     """Clips (base64 files) → the task contract's log-mel features, computed once up front."""
 
     def __init__(self, clips: list[str], labels: np.ndarray, contract, chunk: int = 64):
-        from finetune.loop import progress
-
         feeds: dict[str, list] = {}
         starts = range(0, len(clips), chunk)
         for s in progress(starts, f"log-mel features of {len(clips)} clips"):
@@ -85,7 +84,7 @@ class Inputs:
         """`tokenizer`: the Hugging Face tokenizer; texts go through its `tokenizers` core
         configured as export and the service configure it (tasks.common.text_tokenizer)."""
         self.task, self.device, self.max_length = task, device, max_length
-        self.tokenizer = tokenizer
+        self.tokenizer, self.fast = tokenizer, None
         self.contract = None
         if tokenizer is not None:
             pre = {"max_length": max_length, **(pre or {})}
@@ -96,12 +95,12 @@ class Inputs:
 
                 spec = {"task": task, "labels": [], "preprocessing": pre}
                 self.contract = tasks.create(spec, self.fast)
-        if task == IMAGE_TASK:
+        if mean is not None:  # uint8 images: scaled and normalised on the device
             self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
             self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     def collate(self, batch):
-        if self.task in (IMAGE_TASK, AUDIO_TASK):
+        if self.fast is None:  # images and audio features: tensors already
             return torch.utils.data.default_collate(batch)
         texts, labels = zip(*batch, strict=True)
         y = torch.tensor(labels, dtype=torch.long)

