@@ -20,7 +20,7 @@ from export.errors import CardError
 
 SCHEMA_VERSION = 2  # 2: postprocessing, the task's outputs and metrics (DESIGN.md §0)
 READS = (1, 2)  # version 1: image and text classification cards, served as before
-V1_TASKS = ("image-classification", "text-classification")
+FIRST_SCHEMA = {"image-classification": 1, "text-classification": 1}  # other tasks: 2
 CARD = "card.json"
 MODEL = "model.onnx"
 REFERENCE = "reference.json"
@@ -75,7 +75,7 @@ def load_card(folder: str | Path) -> dict:
             f"artifact card '{path}' has schema_version {version!r}; this tuneserve reads "
             f"schema_version {', '.join(map(str, READS))}: re-export the checkpoint"
         )
-    if version == 1 and card.get("task") not in V1_TASKS:
+    if version < FIRST_SCHEMA.get(card.get("task"), 2):
         raise CardError(
             f"artifact card '{path}' has schema_version 1 with task {card.get('task')!r}, "
             f"which needs schema_version 2: re-export the checkpoint with this tuneserve"

@@ -8,6 +8,7 @@ half-written version behind; an existing version is never overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import re
@@ -15,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import tasks
@@ -89,26 +91,35 @@ def _session(path: Path, providers: list[str] | None = None):
     return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
 
 
-def export_checkpoint(
-    run: str | Path,
-    out: str | Path = "artifacts",
-    *,
-    name: str | None = None,
-    version: str | None = None,
-    int8: bool = False,
-    fp16: bool = False,
-    opset: int = convert.DEFAULT_OPSET,
-    tolerance: float = 1e-4,
-    max_accuracy_drop: float = 0.01,
-    register: bool = True,
-    skip_existing: bool = False,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Export the checkpoint at `run` to `out/<name>/<version>/`; returns that folder."""
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `python -m export` asks for; the CLI flags mirror the fields."""
+
+    name: str | None = None  # artifact name; None: the run folder's name
+    version: str | None = None  # None: the next v<N> free in the folder and the model store
+    int8: bool = False  # also an int8 variant for CPUs, written only if it passes the gate
+    fp16: bool = False  # also an fp16 variant for GPUs (needs CUDA)
+    opset: int = convert.DEFAULT_OPSET
+    tolerance: float = 1e-4  # parity: the largest |ONNX - PyTorch| output difference allowed
+    max_accuracy_drop: float = 0.01  # a variant's allowed drop of the task metric (95% bound)
+    register: bool = True  # also register in the BentoML model store as <name>:<version>
+    skip_existing: bool = False  # reuse the latest version when it holds this checkpoint
+
+
+@dataclass
+class _Source:
+    """The checkpoint being exported, loaded once: its model, tokenizer and weights' sha256."""
+
+    ckpt: object
+    model: object
+    tokenizer: object
+    sha256: str
+
+
+def _load_source(run: Path) -> _Source:
     from finetune import checkpoint as ckpt_mod
     from finetune.errors import FinetuneError
 
-    run = Path(run)
     try:
         ckpt = ckpt_mod.load_checkpoint(run)
         model = ckpt_mod.build_model(ckpt)
@@ -120,31 +131,40 @@ def export_checkpoint(
             f"checkpoint '{run}' has not finished training "
             f"(status {ckpt.config.get('status')!r}); resume it first"
         )
-    name = _sanitize(name or run.resolve().name)
-    base = Path(out) / name
-    weights = ckpt_mod.weights_file(ckpt.config)
-    source_sha = card_mod.sha256_file(run / weights)
-    if skip_existing and version is None and base.is_dir():
-        latest = base / f"v{int(next_version(base)[1:]) - 1}"
-        try:
-            same = card_mod.load_card(latest)["training"].get("weights_sha256") == source_sha
-        except ExportError:
-            same = False
-        if same:
-            log(f"'{latest}' was exported from this checkpoint already; nothing to do")
-            if register:  # a fresh BentoML store (another BENTOML_HOME) still gets the model
-                from export.store import register as store_register
-                from export.store import tag_exists
+    sha = card_mod.sha256_file(run / ckpt_mod.weights_file(ckpt.config))
+    return _Source(ckpt, model, tokenizer, sha)
 
-                if not tag_exists(f"{name}:{latest.name}"):
-                    card = card_mod.load_card(latest)
-                    tag = store_register(latest, name, latest.name, card)
-                    log(f"registered in the BentoML model store as {tag}")
-            return latest
+
+def _reuse(base: Path, name: str, source: _Source, opts: ExportOptions, log) -> Path | None:
+    """--skip-existing: the latest version when it was exported from this checkpoint (and
+    registered in a fresh model store), else None."""
+    if not (opts.skip_existing and opts.version is None and base.is_dir()):
+        return None
+    latest = base / f"v{int(next_version(base)[1:]) - 1}"
+    try:
+        same = card_mod.load_card(latest)["training"].get("weights_sha256") == source.sha256
+    except ExportError:
+        same = False
+    if not same:
+        return None
+    log(f"'{latest}' was exported from this checkpoint already; nothing to do")
+    if opts.register:  # a fresh BentoML store (another BENTOML_HOME) still gets the model
+        from export.store import register as store_register
+        from export.store import tag_exists
+
+        if not tag_exists(f"{name}:{latest.name}"):
+            tag = store_register(latest, name, latest.name, card_mod.load_card(latest))
+            log(f"registered in the BentoML model store as {tag}")
+    return latest
+
+
+def _new_version(base: Path, name: str, opts: ExportOptions) -> str:
+    """The version to write: as asked, or the next one; refused when it exists anywhere."""
+    version = opts.version
     if version is None:
         from export.store import stored_versions
 
-        version = next_version(base, stored_versions(name) if register else [])
+        version = next_version(base, stored_versions(name) if opts.register else [])
     if not card_mod.TAG_PART.match(version):
         raise ExportError(
             f"version '{version}' must be lowercase letters, digits, '.', '_' or "
@@ -156,39 +176,46 @@ def export_checkpoint(
             f"artifact '{final}' already exists; versions are never overwritten "
             f"(leave out --version to get the next one)"
         )
-    if register:
+    if opts.register:
         from export.store import tag_exists
 
         if tag_exists(f"{name}:{version}"):
             raise VersionExists(f"model store already holds '{name}:{version}'")
-    if fp16:
-        quantize.require_cuda()
+    return version
 
+
+def export_checkpoint(
+    run: str | Path,
+    out: str | Path = "artifacts",
+    options: ExportOptions | None = None,
+    log: Callable[[str], None] = print,
+    **overrides,
+) -> Path:
+    """Export the checkpoint at `run` to `out/<name>/<version>/`; returns that folder.
+    `options` (or its fields as keywords: `int8=True`) says what to write."""
+    opts = dataclasses.replace(options or ExportOptions(), **overrides)
+    run = Path(run)
+    source = _load_source(run)
+    name = _sanitize(opts.name or run.resolve().name)
+    base = Path(out) / name
+    reused = _reuse(base, name, source, opts, log)
+    if reused is not None:
+        return reused
+    version = _new_version(base, name, opts)
+    final = base / version
+    if opts.fp16:
+        quantize.require_cuda()
     base.mkdir(parents=True, exist_ok=True)
     work = base / f".{version}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        card = _build(
-            ckpt,
-            model,
-            tokenizer,
-            work,
-            name,
-            version,
-            int8,
-            fp16,
-            opset,
-            tolerance,
-            max_accuracy_drop,
-            source_sha,
-            log,
-        )
+        card = _build(source, _Target(work, name, version), opts, log)
         work.rename(final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    if register:
+    if opts.register:
         from export.store import register as store_register
 
         tag = store_register(final, name, version, card)
@@ -196,10 +223,20 @@ def export_checkpoint(
     return final
 
 
-def _torch_graph(model, ckpt, feeder, work: Path, opset: int, tolerance: float, stage, log):
+@dataclass(frozen=True)
+class _Target:
+    """Where an export writes: the work folder, and the name and version it becomes."""
+
+    work: Path
+    name: str
+    version: str
+
+
+def _torch_graph(source: _Source, feeder, work: Path, opts: ExportOptions, stage, log):
     """torch.onnx.export, ONNX Runtime's optimisation, then parity against PyTorch:
     (model file, export details, its session, parity report)."""
-    graph = convert.graph_for(model, ckpt.task)
+    ckpt, opset, tolerance = source.ckpt, opts.opset, opts.tolerance
+    graph = convert.graph_for(source.model, ckpt.task)
     stage()
     raw = work / "raw.onnx"
     t0 = time.perf_counter()
@@ -272,145 +309,70 @@ def _variant(precision: str, base: quantize.Baseline, rejected: list, log) -> di
             prepared.unlink(missing_ok=True)
 
 
-def _build(
-    ckpt,
-    model,
-    tokenizer,
-    work: Path,
-    name: str,
-    version: str,
-    int8: bool,
-    fp16: bool,
-    opset: int,
-    tolerance: float,
-    max_drop: float,
-    source_sha: str,
-    log,
-) -> dict:
-    import numpy as np
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
+def _convert(source: _Source, feeder, work: Path, opts: ExportOptions, stage, log):
+    """The fp32 graph, checked for parity: (path, details, session, parity report)."""
     from finetune import checkpoint as ckpt_mod
 
-    stages = ["build", "export", "optimize", "parity"] + ["int8"] * int8 + ["fp16"] * fp16
-    stage = Steps(stages + ["reference", "card"])
+    if ckpt_mod.is_trees(source.ckpt.config):  # scikit-learn trees: skl2onnx, not torch.onnx
+        from export import tabular
+
+        return tabular.convert_and_check(
+            source.model, feeder, work, opts.opset, opts.tolerance, stage
+        )
+    return _torch_graph(source, feeder, work, opts, stage, log)
+
+
+def _build(source: _Source, target: _Target, opts: ExportOptions, log) -> dict:
+    """Every file of the artifact in `target.work`; returns its card."""
+    from finetune import checkpoint as ckpt_mod
+
+    ckpt, work = source.ckpt, target.work
+    precisions = ("int8",) * opts.int8 + ("fp16",) * opts.fp16
+    stage = Steps(["build", "export", "optimize", "parity", *precisions, "reference", "card"])
     log = stage.around(log)
     # On a terminal the bar is cleared also when a step fails, so the CLI's error line
     # starts a line of its own.
     try:
         stage()
-        feeder = Feeder(ckpt, tokenizer)
-        if ckpt_mod.is_trees(ckpt.config):  # scikit-learn trees: skl2onnx, not torch.onnx
-            from export import tabular
-
-            path, details, fp32, parity = tabular.convert_and_check(
-                model, feeder, work, opset, tolerance, stage
-            )
-        else:
-            path, details, fp32, parity = _torch_graph(
-                model, ckpt, feeder, work, opset, tolerance, stage, log
-            )
+        feeder = Feeder(ckpt, source.tokenizer)
+        path, details, fp32, parity = _convert(source, feeder, work, opts, stage, log)
         log(
-            f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {tolerance:g}), top-1 "
-            f"agreement {parity.top1_agreement:.4f}, {parity.checks} checks"
+            f"parity: max abs diff {parity.max_abs_diff:.2e} (tolerance {opts.tolerance:g}), "
+            f"top-1 agreement {parity.top1_agreement:.4f}, {parity.checks} checks"
         )
         outputs, embeddings, stats = quantize.predict(fp32, feeder)
         metric = feeder.contract.metric  # the task's own metric gates the variants
         fp32_metrics = feeder.contract.score(outputs, feeder.targets)
-        base = quantize.Baseline(path, work, feeder, outputs, fp32_metrics[metric], max_drop)
-
+        base = quantize.Baseline(
+            path, work, feeder, outputs, fp32_metrics[metric], opts.max_accuracy_drop
+        )
         variants, rejected = [], []
-        for precision in ("int8",) * int8 + ("fp16",) * fp16:
+        for precision in precisions:
             stage()
             entry = _variant(precision, base, rejected, log)
             if entry is not None:
                 variants.append(entry)
 
         stage()
-        reference = build_reference(
-            outputs, embeddings, stats, feeder, ckpt.config["data"].get("train_per_class", {})
-        )
+        prior = ckpt.config["data"].get("train_per_class", {})
+        reference = build_reference(outputs, embeddings, stats, feeder, prior)
         ckpt_mod.write_json(work / card_mod.REFERENCE, reference)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(work / card_mod.TOKENIZER)
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(work / card_mod.TOKENIZER)
 
         stage()
-        inputs, output_sig = convert.io_signature(path)
-        weights = convert.weights_sha256(path)
-        convert.set_metadata(
-            path,
-            {
-                "tuneserve.name": name,
-                "tuneserve.version": version,
-                "tuneserve.task": ckpt.task,
-                "tuneserve.labels": ckpt.labels,
-                "tuneserve.weights_sha256": weights,
-                "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
-            },
-        )
-        metrics_best = ckpt.metrics.get("best") or {}
-        card = {
-            "schema_version": card_mod.SCHEMA_VERSION,
-            "name": name,
-            "version": version,
-            "task": ckpt.task,
-            "labels": ckpt.labels,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "inputs": inputs,
-            "input_names": input_names(ckpt.task, ckpt.config["preprocessing"]),
-            "outputs": output_sig,
-            "preprocessing": ckpt.config["preprocessing"],
-            "postprocessing": feeder.contract.post,
-            "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
-            "training": {
-                # `auto` resolves to the strategy it chose (older checkpoints: the one asked for)
-                "strategy": metrics_best.get("strategy", ckpt.config["training"]["strategy"]),
-                "best_epoch": metrics_best.get("epoch"),
-                **{
-                    k: v
-                    for k, v in metrics_best.items()
-                    if k.startswith(("val_", "test_")) and isinstance(v, int | float)
-                },
-                **{
-                    f"{split}_size": ckpt.config["data"][f"{split}_size"]
-                    for split in ("train", "val", "test")
-                    if f"{split}_size" in ckpt.config["data"]
-                },
-                "checkpoint": str(ckpt.path.resolve()),
-                "weights_sha256": source_sha,
-            },
-            "export": {
-                **details,
-                "versions": {
-                    "torch": torch.__version__,
-                    "onnx": onnx.__version__,
-                    "onnxruntime": onnxruntime.__version__,
-                    "transformers": transformers.__version__,
-                    "numpy": np.__version__,
-                    "python": platform.python_version(),
-                },
-            },
+        card = _card(source, target, path, details, feeder)
+        card |= {
             "parity": parity.to_dict(),
             "holdout": {
                 "size": len(feeder),
                 "metric": metric,
                 **{f"fp32_{k}": v for k, v in fp32_metrics.items()},
             },
-            "files": {
-                "model": {
-                    "file": path.name,
-                    "precision": "fp32",
-                    "sha256": card_mod.sha256_file(path),
-                    "weights_sha256": weights,
-                },
-                "support": card_mod.support_files(work),
-            },
+            "files": {**card["files"], "support": card_mod.support_files(work)},
             "variants": variants,
             "rejected_variants": rejected,
-            "max_accuracy_drop": max_drop,
+            "max_accuracy_drop": opts.max_accuracy_drop,
             "reference": card_mod.REFERENCE,
         }
         card_mod.write_card(work, card)
@@ -419,4 +381,88 @@ def _build(
         stage.close()
 
 
-__all__ = ["export_checkpoint", "next_version", "VariantError"]
+def _versions() -> dict:
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _training(source: _Source) -> dict:
+    """The card's training summary: the strategy, the best epoch's figures, split sizes."""
+    ckpt = source.ckpt
+    best = ckpt.metrics.get("best") or {}
+    data = ckpt.config["data"]
+    return {
+        # `auto` resolves to the strategy it chose (older checkpoints: the one asked for)
+        "strategy": best.get("strategy", ckpt.config["training"]["strategy"]),
+        "best_epoch": best.get("epoch"),
+        **{
+            k: v
+            for k, v in best.items()
+            if k.startswith(("val_", "test_")) and isinstance(v, int | float)
+        },
+        **{
+            f"{split}_size": data[f"{split}_size"]
+            for split in ("train", "val", "test")
+            if f"{split}_size" in data
+        },
+        "checkpoint": str(ckpt.path.resolve()),
+        "weights_sha256": source.sha256,
+    }
+
+
+def _card(source: _Source, target: _Target, path: Path, details: dict, feeder) -> dict:
+    """card.json's description of the model (the checks' fields are added by _build); the
+    model file's metadata is set here too."""
+    ckpt = source.ckpt
+    inputs, output_sig = convert.io_signature(path)
+    weights = convert.weights_sha256(path)
+    convert.set_metadata(
+        path,
+        {
+            "tuneserve.name": target.name,
+            "tuneserve.version": target.version,
+            "tuneserve.task": ckpt.task,
+            "tuneserve.labels": ckpt.labels,
+            "tuneserve.weights_sha256": weights,
+            "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
+        },
+    )
+    return {
+        "schema_version": card_mod.SCHEMA_VERSION,
+        "name": target.name,
+        "version": target.version,
+        "task": ckpt.task,
+        "labels": ckpt.labels,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": inputs,
+        "input_names": input_names(ckpt.task, ckpt.config["preprocessing"]),
+        "outputs": output_sig,
+        "preprocessing": ckpt.config["preprocessing"],
+        "postprocessing": feeder.contract.post,
+        "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
+        "training": _training(source),
+        "export": {**details, "versions": _versions()},
+        "files": {
+            "model": {
+                "file": path.name,
+                "precision": "fp32",
+                "sha256": card_mod.sha256_file(path),
+                "weights_sha256": weights,
+            },
+        },
+    }
+
+
+__all__ = ["ExportOptions", "export_checkpoint", "next_version", "VariantError"]
