@@ -13,9 +13,11 @@ normalised; texts go through the artifact's own tokenizer (the `tokenizers` libr
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,47 +77,52 @@ def listed_precisions(card: dict, wanted: str, folder: Path) -> set[str]:
     return listed
 
 
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a Runtime loads its artifact and what requests it takes (service settings)."""
+
+    precision: str = "auto"  # auto (int8 on CPU, fp16 on GPU when written), fp32, int8, fp16
+    providers: str = "auto"  # auto (TensorRT, CUDA, CPU as usable) or a comma-separated list
+    threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
+    max_image_pixels: int = 40_000_000  # larger images are a 413
+    max_text_chars: int = 20_000  # longer texts are a 400
+    max_audio_seconds: float = 60.0  # longer clips are a 400
+    max_batch_size: int = 32  # items per batch (and per ONNX Runtime call until measured)
+    load_model: bool = True  # False: only the card-driven pre-processing (validation tests)
+    verify: bool = True  # False: skip the sha256 check when the caller has just made it
+    warm: bool = True  # False: the caller runs warm_up() (the service, on its inference thread)
+
+
 class Runtime:
-    def __init__(
-        self,
-        folder: str | Path,
-        *,
-        precision: str = "auto",
-        providers: str = "auto",
-        threads: int = 0,
-        max_image_pixels: int = 40_000_000,
-        max_text_chars: int = 20_000,
-        max_audio_seconds: float = 60.0,
-        max_batch_size: int = 32,
-        load_model: bool = True,
-        verify: bool = True,
-        warm: bool = True,
-    ):
-        """`load_model=False` gives only the card-driven pre-processing (validation tests);
-        `verify=False` skips the sha256 check when the caller has just made it; `warm=False`
-        leaves `warm_up()` to the caller (the service runs it on its inference thread)."""
+    def __init__(self, folder: str | Path, options: RuntimeOptions | None = None, **overrides):
+        """`options` (or its fields as keywords): how the model is loaded and what requests
+        it takes; see RuntimeOptions."""
+        opts = dataclasses.replace(options or RuntimeOptions(), **overrides)
+        self.options = opts
         self.folder = Path(folder)
         try:
             self.card = load_card(self.folder)
-            if verify:
+            if opts.verify:
                 verify_files(self.folder, self.card)
         except CardError as e:
             raise ArtifactError(str(e)) from e
         self.task, self.labels = self.card["task"], list(self.card["labels"])
         self.name, self.version = self.card["name"], self.card["version"]
         self.pre = self.card["preprocessing"]
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = opts.max_batch_size
         # Items per ONNX Runtime call (chunks of a larger batch): measured in warm_up for
         # decoded inputs on CPUs, where CNNs run fewer items/s in large batches (EfficientNet-
         # Lite0, one thread: 189/s at 2 to 4 images, 144/s at 32; bench/RESULTS.md).
-        self.chunk = max_batch_size
+        self.chunk = opts.max_batch_size
         self.pad_to_pow2 = False  # set on GPUs for images, see run()
         self.tokenizer = None
         try:
             if tasks.uses_tokenizer(self.task):
                 folder = self.folder / self.pre.get("tokenizer", "tokenizer")
                 self.tokenizer = tasks.load_tokenizer(folder, self.card)
-            limits = tasks.Limits(max_image_pixels, max_text_chars, max_audio_seconds)
+            limits = tasks.Limits(
+                opts.max_image_pixels, opts.max_text_chars, opts.max_audio_seconds
+            )
             self.contract = tasks.create(self.card, self.tokenizer, limits)
         except (FileNotFoundError, UnknownTask) as e:
             raise ArtifactError(str(e)) from e
@@ -123,8 +130,8 @@ class Runtime:
         # event loop. Text preparation is a type check; tokenizing runs with the batch.
         self.heavy_inputs = self.contract.heavy_inputs
         self.session, self.provider, self.precision = None, None, None
-        if load_model:
-            self._load(precision, providers, threads, warm)
+        if opts.load_model:
+            self._load(opts.precision, opts.providers, opts.threads, opts.warm)
 
     def _load(self, precision: str, providers: str, threads: int, warm: bool) -> None:
         import onnxruntime as ort
