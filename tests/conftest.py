@@ -143,6 +143,28 @@ def quiet(*_args) -> None:
     """A `log` for fine_tune that keeps test output short."""
 
 
+def run_main(module: str, *args: str):
+    """`python -m <module> args...` in this process: the module's own `main()` on its parser,
+    stdout and stderr captured (not terminals, as in a pipe), the environment restored. The
+    subprocess costs 3-4 s of imports; tests of the entry point itself use `run_module`."""
+    import contextlib
+    import importlib
+    import io
+    import subprocess
+
+    cli = importlib.import_module(f"{module}.__main__")
+    out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(cli.get_args_parser().parse_args(list(args)))
+        except SystemExit as e:  # argparse refuses its arguments
+            code = e.code if isinstance(e.code, int) else 2
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
 def run_module(module: str, *args: str, timeout: int = 600):
     """`python -m <module> args...` from the project root, as a user runs it."""
     import subprocess
@@ -188,6 +210,40 @@ def text_run(text_csv, tiny_bert, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("runs") / "msgs"
     return out, fine_tune(text_csv, out, cfg, log=quiet)
+
+
+CITIES = ["paris", "rome", "oslo", "lima"]
+
+
+def make_table(path, n: int = 400, seed: int = 0, shift: float = 0.0):
+    """amount (numeric, some missing), city (categorical), age, and a rare positive class
+    driven by amount and city."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    amount = rng.gamma(2.0, 100.0, n) + shift
+    city = rng.choice(CITIES, n)
+    age = rng.integers(18, 80, n)
+    risk = (amount > 350).astype(float) + (city == "lima") * 0.8 + rng.normal(0, 0.3, n)
+    label = np.where(risk > 1.0, "bad", "good")
+    amount = amount.round(2).astype(object)
+    amount[rng.random(n) < 0.05] = ""
+    pd.DataFrame(
+        {"amount": amount, "city": city, "age": age, "country": "x", "default": label}
+    ).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def table_checkpoint(tmp_path_factory):
+    """Gradient-boosted trees on a 400-row loan table: (its folder, the run's result); its
+    export takes half a second, so tests of export's versions and the store use it."""
+    from finetune.train import fine_tune
+
+    tmp = tmp_path_factory.mktemp("tabular")
+    data = make_table(tmp / "loans.csv")
+    result = fine_tune(data, tmp / "run", TrainConfig(test_fraction=0.3), log=quiet)
+    return tmp, result
 
 
 @pytest.fixture(scope="session")

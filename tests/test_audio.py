@@ -265,7 +265,7 @@ def test_drift_fires_on_quieter_audio(audio_run, tmp_path):
 def test_bad_audio_data_stops_the_cli_with_one_line(tmp_path):
     """A class whose every clip is broken leaves one class: a one-line error naming the
     folder; a window over Whisper's 30 s is refused before any work."""
-    from tests.conftest import run_module
+    from tests.conftest import run_main
 
     root = make_clips(tmp_path / "clips", per_class=3)
     for f in (root / "low").iterdir():
@@ -273,9 +273,9 @@ def test_bad_audio_data_stops_the_cli_with_one_line(tmp_path):
     for f in (root / "mid").iterdir():
         f.unlink()
     (root / "mid").rmdir()
-    r = run_module("finetune", str(root), "--out", str(tmp_path / "run"), timeout=120)
+    r = run_main("finetune", str(root), "--out", str(tmp_path / "run"))
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "only one class" in last and str(root) in last, last
-    r = run_module("finetune", str(root), "--clip-seconds", "40", timeout=120)
+    r = run_main("finetune", str(root), "--clip-seconds", "40")
     assert r.returncode != 0 and "clip_seconds" in r.stderr.strip().splitlines()[-1]

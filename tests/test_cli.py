@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import make_images, make_texts, run_module
+from tests.conftest import make_images, make_texts, run_main, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "random", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
@@ -18,7 +18,7 @@ TINY += ["--strategy", "feature-extraction"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return run_module("finetune", *args, timeout=300)
+    return run_main("finetune", *args)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -69,6 +69,13 @@ def test_bad_input_is_one_line_and_exit_2(bad_inputs, tmp_path, case, args, need
     proc = run(*TINY, *args, "--out", str(tmp_path / "out"))  # the case's flags win
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "out").exists()  # nothing is created for a run that cannot start
+
+
+def test_python_m_finetune_exits_2_with_one_line(tmp_path):
+    """The entry point itself, in its own process: exit code and stderr as a shell sees them
+    (the cases above call the same main() in this process)."""
+    proc = run_module("finetune", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "does not exist", "nope")
 
 
 def test_corrupt_image_is_skipped_and_existing_out_refused(tmp_path):

@@ -90,7 +90,9 @@ def _query(prom: str, expr: str, timeout: float = 60) -> list[dict]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=5).json()
+            response = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=5)
+            # 503 "Service Unavailable" (plain text) until Prometheus has started
+            r = response.json() if response.status_code == 200 else {"status": "starting"}
             result = r["data"]["result"] if r["status"] == "success" else []
             if result and all(x["value"][1] not in ("NaN", "+Inf", "-Inf") for x in result):
                 return result

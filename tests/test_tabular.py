@@ -14,39 +14,16 @@ import pytest
 
 from finetune.config import TrainConfig
 from finetune.errors import DataError
-from tests.conftest import quiet
+from tests.conftest import CITIES, make_table, quiet
 from tests.test_service import _serve, _stop
-
-CITIES = ["paris", "rome", "oslo", "lima"]
-
-
-def make_table(path, n: int = 400, seed: int = 0, shift: float = 0.0):
-    """amount (numeric, some missing), city (categorical), age, and a rare positive class
-    driven by amount and city."""
-    import pandas as pd
-
-    rng = np.random.default_rng(seed)
-    amount = rng.gamma(2.0, 100.0, n) + shift
-    city = rng.choice(CITIES, n)
-    age = rng.integers(18, 80, n)
-    risk = (amount > 350).astype(float) + (city == "lima") * 0.8 + rng.normal(0, 0.3, n)
-    label = np.where(risk > 1.0, "bad", "good")
-    amount = amount.round(2).astype(object)
-    amount[rng.random(n) < 0.05] = ""
-    pd.DataFrame(
-        {"amount": amount, "city": city, "age": age, "country": "x", "default": label}
-    ).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")
-def table_run(tmp_path_factory):
+def table_run(table_checkpoint):
+    """(the run's folder, its result, the exported artifact) of the session's table run."""
     from export.pipeline import export_checkpoint
-    from finetune.train import fine_tune
 
-    tmp = tmp_path_factory.mktemp("tabular")
-    data = make_table(tmp / "loans.csv")
-    result = fine_tune(data, tmp / "run", TrainConfig(test_fraction=0.3), log=quiet)
+    tmp, result = table_checkpoint
     art = export_checkpoint(tmp / "run", tmp / "art", name="loans", register=False, log=quiet)
     return tmp, result, art
 

@@ -16,7 +16,7 @@ from finetune import checkpoint
 from finetune.config import TrainConfig
 from finetune.data import load_dataset
 from finetune.train import Hooks, fine_tune, optim
-from tests.conftest import WORDS, make_texts, quiet, run_module, save_tiny_bert
+from tests.conftest import WORDS, make_texts, quiet, run_main, run_module, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,7 @@ def _shape(metrics: dict) -> tuple:
     )
 
 
+@pytest.mark.slow  # three processes importing torch: 22 s of the default suite's 5 minutes
 def test_two_process_gloo_run_writes_the_same_files(text_csv, tiny_bert, tmp_path):
     """`torchrun --nproc-per-node 2 -m finetune` on the CPU (DistributedDataParallel, gloo)."""
     args = [
@@ -185,7 +186,7 @@ def test_two_process_gloo_run_writes_the_same_files(text_csv, tiny_bert, tmp_pat
         "--max-length",
         "16",
     ]
-    single = run_module("finetune", *args, "--out", str(tmp_path / "one"), timeout=300)
+    single = run_main("finetune", *args, "--out", str(tmp_path / "one"))  # in this process
     assert single.returncode == 0, single.stderr[-2000:]
     double = run_module(
         "torch.distributed.run",
