@@ -61,7 +61,8 @@ def _same_shape(got, want, where="response") -> None:
 
 @pytest.fixture(scope="module")
 def doc_server(text_artifact_dir, tmp_path_factory):
-    proc, url = _serve(text_artifact_dir, tmp_path_factory.mktemp("log") / "docs.log")
+    log = tmp_path_factory.mktemp("log") / "docs.log"
+    proc, url = _serve(text_artifact_dir, log, TUNESERVE_WORKERS="1")
     yield url, json.loads((text_artifact_dir / "card.json").read_text())
     _stop(proc)
 
@@ -114,7 +115,8 @@ TASK_SECTIONS = {"ner": (5, "conll", 2), "qa": (6, "xquad", 3)}
 def task_doc_server(request, tmp_path_factory):
     kind = request.param
     _, art, _ = request.getfixturevalue(f"{kind}_artifact")
-    proc, url = _serve(art, tmp_path_factory.mktemp("log") / f"docs-{kind}.log")
+    log = tmp_path_factory.mktemp("log") / f"docs-{kind}.log"
+    proc, url = _serve(art, log, TUNESERVE_WORKERS="1")
     yield kind, url, json.loads((art / "card.json").read_text())
     _stop(proc)
 

