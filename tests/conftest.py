@@ -12,6 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes on two cores: one torch (OpenMP) thread each, or their thread pools
+    # spin against each other (the tiny models here gain nothing from a second thread).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A private BentoML model store for the whole test session, set before bentoml is imported,
 # and removed at exit (the registry exports put a few hundred MB in it).
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="tuneserve-bentoml-")
