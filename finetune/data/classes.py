@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.dataset import MAX_LISTED_FILES, Dataset, ImagePrep, Record, Split
-from finetune.data.dataset import split_summary
+from finetune.data.dataset import MAX_LISTED_FILES, Dataset, ImagePrep, Record, Split, split_summary
 from finetune.data.splits import ROLES, three_way
 from finetune.data.tables import TABLE_EXTS, table_kind, table_records
 from finetune.errors import DataError

@@ -299,7 +299,9 @@ def _entities(path: Path, files: dict[str, Path], cfg, counts: Counter):
 
     def split(rows) -> Split:
         return Split(
-            [t for t, _ in rows], np.zeros(len(rows), dtype=np.int64), [{"tags": g} for _, g in rows]
+            [t for t, _ in rows],
+            np.zeros(len(rows), dtype=np.int64),
+            [{"tags": g} for _, g in rows],
         )
 
     entity_counts = Counter(t[2:] for _, g in train for t in g if t.startswith("B-"))

@@ -24,6 +24,7 @@ TABLE_EXTS = {
 TEXT_NAMES = ("text", "sentence", "content", "message", "sms", "review", "document", "body")
 LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "intent", "y")
 
+
 def table_kind(path: Path, data_format: str) -> str | None:
     if data_format != "auto":
         return data_format

@@ -35,6 +35,7 @@ class ClassifierRecipe(EncoderRecipe):
     """Image, text and audio classification: a linear head on the pooled features."""
 
     head_type = Classifier
+    curve_scores = ()  # report/curves.png: its default, validation accuracy and macro-F1
 
     def __init__(self, run: Setup, device: torch.device, log=print):
         super().__init__(run, device, log)
@@ -52,8 +53,6 @@ class ClassifierRecipe(EncoderRecipe):
                 len(ds.train) / (len(ds.labels) * counts), dtype=torch.float32, device=device
             )
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-    curve_scores = ()  # curves.png: the loss and accuracy, which every history has
 
     def make_inputs(self, run: Setup, device: torch.device) -> Inputs:
         return Inputs(run.ds.task, device)
