@@ -33,7 +33,7 @@ test: $(VENV)/.installed tools
 	$(PY) -m pytest
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow --timeout 3600  # real-data runs take minutes each
 
 bench: $(VENV)/.installed
 	$(PY) bench/finetune.py
