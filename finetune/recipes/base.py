@@ -170,8 +170,6 @@ class Recipe:
     @staticmethod
     def save_holdout(out, ds: Dataset, cfg, config: dict) -> None:
         """Up to `holdout_size` test examples: what export gates, checks and calibrates on."""
-        import tasks
-
         rng = np.random.default_rng(cfg.seed)
         n = min(cfg.holdout_for(tasks.get(ds.task).heavy_inputs), len(ds.test))
         idx = np.sort(rng.choice(len(ds.test), size=n, replace=False))

@@ -150,7 +150,6 @@ def _write_start(run: _Run, kind, setup: Setup) -> None:
     setup.model.to(run.device)
     config = setup.config
     config["backbone"]["num_groups"] = len(setup.groups)
-    config["versions"] = config.get("versions") or recipes.base.versions()
     config["device"] = str(run.device)
     config["processes"] = run.dist.world
     if run.dist.main:
