@@ -70,6 +70,18 @@ def test_bad_annotations_stop_the_cli_with_one_line(tmp_path):
     assert "img2.xml" in r.stderr and "bndbox" in r.stderr
 
 
+def test_a_backbone_of_another_task_stops_the_cli_with_one_line(tmp_path):
+    """Detection data with an image classifier's backbone: the models detection has, named."""
+    from tests.conftest import run_main
+
+    root = make_voc(tmp_path / "voc", n=6)
+    r = run_main("finetune", str(root), "--backbone", "resnet18", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "unknown object-detection model 'resnet18'" in line and "fcos_mobilenet_v2" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_coco_json_layout(tmp_path):
     from finetune.data import detect_task as vision_task
     from finetune.data import load_dataset

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 import tasks
 from finetune import models
 from finetune.data import Dataset, describe, load_dataset
+from finetune.errors import UnsupportedBackbone
 from finetune.progress import progress
 from finetune.recipes.base import EVAL_BATCH, Recipe, Setup, run_config, torch_session
 from tasks.common import Prepared, normalize
@@ -89,7 +90,7 @@ class DenseRecipe(Recipe):
 
         spec = models.resolve(cfg.backbone, task)
         if task not in spec.tasks:
-            raise models.UnsupportedBackbone(
+            raise UnsupportedBackbone(
                 f"unknown {task} model '{spec.name}'. Known: {models.known(task)}"
             )
         size = cfg.image_size or spec.input_size
