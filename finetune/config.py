@@ -152,6 +152,12 @@ class TrainConfig:
             out.append(f"max_windows must be >= 1, got {self.max_windows}")
         if self.max_length < 8:
             out.append(f"max_length must be >= 8 tokens, got {self.max_length}")
+        elif not 0 <= self.stride <= self.max_length // 2:
+            # the tokenizer panics once the overlap reaches a window's room for text
+            out.append(
+                f"stride must be from 0 to max_length / 2 = {self.max_length // 2} tokens "
+                f"(consecutive windows share it), got {self.stride}"
+            )
         if self.data_format not in ("auto", "csv", "tsv", "jsonl", "parquet"):
             out.append(f"data_format {self.data_format!r} must be auto, csv, tsv, jsonl or parquet")
         if self.device not in ("auto", "cpu", "cuda"):

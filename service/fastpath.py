@@ -61,6 +61,8 @@ class FastPredict:
             request = simple_request(json.loads(body))
         except ValueError:  # not JSON (or not UTF-8): the route's own 400
             request = None
+        except RecursionError:  # nested past Python's stack; pydantic's parser stops at 200
+            request = None
         if request is None:
             return await self.app(scope, replay(body, receive), send)
         try:

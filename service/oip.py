@@ -375,7 +375,7 @@ async def infer(name: str, request: Request, version: str | None = None):
         outputs = await svc.outputs(task.oip_items(tensors))
     except InputError as e:
         return error_response(rt, e)
-    responses = svc.postprocess(outputs, params)
+    responses = await svc.postprocessed(outputs, params)
     tensors_out = task.oip_tensors(outputs, responses)
     all_binary = bool((head.get("parameters") or {}).get("binary_data_output"))
     outputs_json, chunks = [], []

@@ -86,7 +86,8 @@ class RuntimeOptions:
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
     max_image_pixels: int = 40_000_000  # larger images are a 413
     max_text_chars: int = 20_000  # longer texts are a 400
-    max_audio_seconds: float = 60.0  # longer clips are a 400
+    max_audio_seconds: float = 60.0  # longer clips are a 413
+    max_output_pixels: int = 4_194_304  # masks and drawings in answers are scaled to fit
     max_batch_size: int = 32  # items per batch (and per ONNX Runtime call until measured)
     load_model: bool = True  # False: only the card-driven pre-processing (validation tests)
     verify: bool = True  # False: skip the sha256 check when the caller has just made it
@@ -121,7 +122,10 @@ class Runtime:
                 folder = self.folder / self.pre.get("tokenizer", "tokenizer")
                 self.tokenizer = tasks.load_tokenizer(folder, self.card)
             limits = tasks.Limits(
-                opts.max_image_pixels, opts.max_text_chars, opts.max_audio_seconds
+                opts.max_image_pixels,
+                opts.max_text_chars,
+                opts.max_audio_seconds,
+                opts.max_output_pixels,
             )
             self.contract = tasks.create(self.card, self.tokenizer, limits)
         except (FileNotFoundError, UnknownTask) as e:
@@ -175,7 +179,8 @@ class Runtime:
         """Calls across the batch range, up to the largest batch of the longest inputs, so the
         first requests are not slow and ONNX Runtime's memory arena is at its peak size from
         the start (it otherwise grew RSS by a fifth in the first minute of load). Returns
-        (batch size, seconds) of the short-input calls, timed after a first untimed one."""
+        (cost, seconds) of each call after a first untimed one (`Prepared.cost`: windowed
+        texts count their tokens, so the long inputs' call prices long requests)."""
         short, long = self.contract.warm_items()
         sizes = [1, 8]
         if self.pad_to_pow2:
@@ -184,11 +189,10 @@ class Runtime:
         if self.heavy_inputs and self.provider == "CPUExecutionProvider":
             self.chunk = self.fastest_chunk(short)
         timings = []
-        for n in sizes:
+        for batch in [[short] * n for n in sizes] + [[long] * self.max_batch_size]:
             t0 = time.perf_counter()
-            self.predict([short] * n)
-            timings.append((n, time.perf_counter() - t0))
-        self.predict([long] * self.max_batch_size)
+            self.predict(batch)
+            timings.append((sum(item.cost for item in batch), time.perf_counter() - t0))
         return timings
 
     def fastest_chunk(

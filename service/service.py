@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.responses import JSONResponse
 
 from service import metrics
@@ -110,6 +110,7 @@ def _runtime() -> Runtime:
             max_image_pixels=settings.max_image_pixels,
             max_text_chars=settings.max_text_chars,
             max_audio_seconds=settings.max_audio_seconds,
+            max_output_pixels=settings.max_output_pixels,
             max_batch_size=settings.max_batch_size,
             verify=False,  # _check_artifact verified the files when this process imported us
             warm=False,  # Batcher warms the session up on the thread that runs every batch
@@ -160,7 +161,8 @@ class Detections(BaseModel):
 
 class Segmentation(BaseModel):
     model_config = ConfigDict(extra="allow")  # "image": the colour overlay (render)
-    mask: str  # base64 PNG, one class index per pixel, at the image's size
+    mask: str  # base64 PNG, one class index per pixel, at the image's size (or fit to the cap)
+    mask_size: list[int]  # its width and height: the image's, or scaled to fit
     class_shares: dict[str, float]
 
 
@@ -204,7 +206,11 @@ class Tuneserve:
             settings.request_timeout_s,
             self.monitor,
             settings.max_queue_items,
+            settings.max_queue_mb << 20,
         )
+        # What one decoded input of this task holds (its long warm-up input), so that a
+        # request's memory is admitted before any of it is decoded; 0: nothing to decode.
+        self.item_bytes = self.rt.contract.warm_items()[1].nbytes if self.rt.heavy_inputs else 0
         # Image decoding and resizing (tens of ms for a large photo) runs here, off the event
         # loop, so that probes and /metrics answer while it works; PIL releases the GIL.
         self.decoders = ThreadPoolExecutor(
@@ -230,8 +236,14 @@ class Tuneserve:
                 f"{len(raw)} inputs; the limit per request is {settings.max_items}",
                 status=413,
             )
+        if self.item_bytes:
+            try:
+                self.batch.admit_bytes(len(raw) * self.item_bytes)
+            except InputError as e:
+                metrics.shed(self.rt, e.shed_reason)
+                raise
         t0 = time.perf_counter()
-        if self.rt.heavy_inputs:
+        if self.rt.contract.decode_in_threads:
             loop = asyncio.get_running_loop()
             jobs = [loop.run_in_executor(self.decoders, self.rt.prepare, v) for v in raw]
             results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -253,7 +265,14 @@ class Tuneserve:
     async def answer(self, raw: list, params: dict) -> list[dict]:
         """The API's answers: request fields checked, inputs run, the task's post-processing."""
         params = self.rt.contract.check_params(params)
-        return self.postprocess(await self.outputs(raw), params)
+        return await self.postprocessed(await self.outputs(raw), params)
+
+    async def postprocessed(self, outputs, params: dict) -> list[dict]:
+        """`postprocess`, on the decode threads where the task draws or resizes images."""
+        if not self.rt.contract.heavy_outputs:
+            return self.postprocess(outputs, params)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decoders, self.postprocess, outputs, params)
 
     def postprocess(self, outputs, params: dict) -> list[dict]:
         """The task's answer for each output, timed and counted (every prediction route)."""
@@ -272,9 +291,11 @@ class Tuneserve:
     async def predict(
         self,
         inputs: list,
-        top_k: int | None = None,
-        min_score: float | None = None,
-        render: bool | None = None,
+        # Strict: JSON's own types only. pydantic's lax mode read "yes" as true and "3" as 3,
+        # where the short path (and OIP) refuse them.
+        top_k: StrictInt | None = None,
+        min_score: StrictFloat | None = None,
+        render: StrictBool | None = None,
         ctx: bentoml.Context = None,
     ) -> PredictResponse:
         """Predict for texts, base64-encoded images or audio, table rows or {"question",

@@ -63,6 +63,9 @@ class Settings:
     # items are 2048 items, about 10 s of MiniLM fp32 work per worker on a 2-core CPU.
     request_timeout_s: int = 30  # the client-facing deadline, seconds (BentoML's is 60)
     max_queue_items: int = 4096  # items admitted and not yet answered, per worker
+    # Memory the queued inputs of a worker hold once decoded (image crops, audio at 16 kHz,
+    # tokenized windows), MiB: a request that would pass it is a 503, one larger alone a 413.
+    max_queue_mb: int = 1024
     # Worker processes, each with its own model session and batch queue. 0 = auto: one per CPU
     # core on CPUs (one intra-op thread each keeps every core busy while others parse HTTP:
     # 2 x 1 gave 1.55x the req/s of 1 x 2 on 2 cores); 4 sharing a GPU (up to the cores), as
@@ -86,6 +89,10 @@ class Settings:
     max_image_pixels: int = 40_000_000  # width x height from the header (decompression bombs)
     max_text_chars: int = 20_000  # characters per text (413 above)
     max_audio_seconds: int = 60  # duration per audio clip, read from its header (413 above)
+    # Pixels of a mask or a drawn image in an answer (segmentation, `render`): one at the
+    # image's size up to this, scaled down to fit it beyond (a 40-MP mask and overlay were
+    # built on the request path before: seconds of CPU and hundreds of MB per image).
+    max_output_pixels: int = 4_194_304
     # BentoML's per-request access log line and OpenTelemetry span cost about 30% of a worker's
     # request-handling CPU (bench/RESULTS.md); the Prometheus metrics count every request
     # anyway. On: one log line per request; spans for BentoML's `tracing` exporter.
@@ -119,6 +126,7 @@ class Settings:
             max_batch_size=_int("TUNESERVE_MAX_BATCH_SIZE", cls.max_batch_size, 1, 4096),
             request_timeout_s=_int("TUNESERVE_REQUEST_TIMEOUT_S", cls.request_timeout_s, 1, 3600),
             max_queue_items=_int("TUNESERVE_MAX_QUEUE_ITEMS", cls.max_queue_items, 1, 1_000_000),
+            max_queue_mb=_int("TUNESERVE_MAX_QUEUE_MB", cls.max_queue_mb, 1, 1 << 20),
             workers=_int("TUNESERVE_WORKERS", cls.workers, 0, 256),
             threads=_int("TUNESERVE_THREADS", cls.threads, 0, 256),
             decode_threads=_int("TUNESERVE_DECODE_THREADS", cls.decode_threads, 0, 256),
@@ -131,6 +139,9 @@ class Settings:
             max_text_chars=_int("TUNESERVE_MAX_TEXT_CHARS", cls.max_text_chars, 1, big),
             max_audio_seconds=_int(
                 "TUNESERVE_MAX_AUDIO_SECONDS", cls.max_audio_seconds, 1, 24 * 3600
+            ),
+            max_output_pixels=_int(
+                "TUNESERVE_MAX_OUTPUT_PIXELS", cls.max_output_pixels, 4096, 400_000_000
             ),
             access_log=_bool("TUNESERVE_ACCESS_LOG", cls.access_log),
             tracing=_bool("TUNESERVE_TRACING", cls.tracing),

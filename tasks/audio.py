@@ -37,6 +37,7 @@ MASK = "attention_mask"
 LOUDNESS = "loudness"
 SILENCE_DB = -100.0  # dBFS of an all-zero clip
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
+MAX_RATE_X_CHANNELS = 96_000  # decoded samples per second of the duration limit: 48 kHz stereo
 
 
 def read_audio(data: bytes, max_seconds: float) -> np.ndarray:
@@ -56,6 +57,15 @@ def read_audio(data: bytes, max_seconds: float) -> np.ndarray:
                 raise InputError(
                     "audio_too_long",
                     f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s",
+                    status=413,
+                )
+            samples, limit = frames * f.channels, max_seconds * MAX_RATE_X_CHANNELS
+            if samples > limit:  # what it decodes to, not its bytes: FLAC packs silence 1000x
+                raise InputError(
+                    "audio_too_large",
+                    f"audio decodes to {samples} samples ({rate} Hz x {f.channels} channels x "
+                    f"{seconds:.1f} s); the limit is {limit:.0f} ({max_seconds:g} s at 48 kHz "
+                    "stereo): resample or mix it down",
                     status=413,
                 )
             wave = f.read(dtype="float32", always_2d=True)
@@ -156,7 +166,7 @@ def wav_bytes(wave: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
 
 class AudioClassification(Classification):
     name = "audio-classification"
-    heavy_inputs = True  # decoding and resampling run on the service's decode threads
+    heavy_inputs = decode_in_threads = True  # decoding and resampling: the decode threads
     checks = CHECKS + (FEATURE + LOUDNESS,)
 
     def __init__(self, spec, tokenizer=None, limits=None):

@@ -37,6 +37,7 @@ class Limits:
     max_image_pixels: int = 40_000_000
     max_text_chars: int = 20_000
     max_audio_seconds: float = 60.0
+    max_output_pixels: int = 4_194_304  # masks and drawn images in answers, scaled to fit
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ class Task:
     """Base class: one subclass per task, registered by name in `tasks/__init__.py`."""
 
     name = ""
-    heavy_inputs = False  # preparation is CPU-heavy (decoding): the service runs it on threads
+    heavy_inputs = False  # images or audio: decoded from files (uploads, pixel work)
+    decode_in_threads = False  # decode is CPU-heavy: the service runs it off the event loop
+    heavy_outputs = False  # postprocess draws or resizes images: also off the event loop
     checks: tuple[str, ...] = CHECKS  # drift checks (tasks/drift.py)
     metric = "accuracy"  # the primary metric: early stopping default, variant gates
     onnx_outputs: dict[str, dict[int, str]] = {}  # ONNX output name → dynamic axes

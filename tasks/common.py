@@ -34,6 +34,21 @@ class Prepared:
     value: object
     pixels: int = 0  # images: width x height as sent, for the input-size statistics
     size: tuple[int, int] | None = None  # detection, segmentation: (width, height) as sent
+    windows: list | None = None  # windowed texts: the tokenizer's windows, made at decode
+    cost: int = 1  # the model's work in the batcher's unit: 1 per item, windowed texts' tokens
+
+    @property
+    def nbytes(self) -> int:
+        """About the memory this input holds while it waits for its batch (admission)."""
+        value = self.value
+        if isinstance(value, np.ndarray):
+            held = value.nbytes
+        elif isinstance(value, tuple | list):
+            held = sum(4 * len(v) if isinstance(v, str) else 64 for v in value)
+        else:
+            held = 4 * len(value) if isinstance(value, str) else 64
+        # a `tokenizers` encoding keeps ids, type ids, masks, offsets and the token strings
+        return held + (100 * self.cost if self.windows is not None else 0)
 
 
 def encoded_bytes(value, what: str) -> bytes:
@@ -222,4 +237,12 @@ def check_text(value, max_chars: int, what: str = "text") -> str:
             f"{what} has {len(value)} characters; the limit is {max_chars}",
             status=413,
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800": valid JSON, not text any tokenizer reads
+        raise InputError(
+            "bad_text",
+            f"{what} holds a lone surrogate {value[e.start]!r} at character {e.start}: "
+            "not Unicode text (pair it or drop it)",
+        ) from None
     return value

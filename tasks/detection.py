@@ -93,6 +93,7 @@ class ObjectDetection(DenseVision):
         im = self.original(output["size"], output["crop"])
         draw = ImageDraw.Draw(im)
         width = max(2, round(max(im.size) / 200))
+        boxes = boxes * (im.size[0] / output["size"][0])  # the drawing fits max_output_pixels
         for b, s, c in zip(boxes, scores, labels, strict=True):
             colour = tuple(int(v) for v in PALETTE[int(c) % len(PALETTE)])
             draw.rectangle([float(v) for v in b], outline=colour, width=width)

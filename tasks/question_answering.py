@@ -98,7 +98,35 @@ class QuestionAnswering(WindowedTask):
             raise InputError("bad_request", f"unknown field(s) {', '.join(extra)}")
         q = check_text(value["question"], self.limits.max_text_chars, "question")
         c = check_text(value["context"], self.limits.max_text_chars, "context")
-        return Prepared((q, c))
+        self.check_question(q)
+        return self.windowed(Prepared((q, c)))
+
+    def max_question_tokens(self) -> int:
+        """Every window holds the whole question, its special tokens and `stride` tokens of
+        context overlap, with room for at least one new context token."""
+        specials = self.tokenizer.post_processor.num_special_tokens_to_add(True)
+        return int(self.pre["max_length"]) - specials - int(self.pre.get("stride", 0)) - 1
+
+    def check_question(self, question: str) -> None:
+        """A question too long for the windows is this input's 413 (the tokenizer would
+        panic inside the batch)."""
+        if self.tokenizer is None or self.tokenizer.post_processor is None:
+            return
+        length = int(self.pre["max_length"])
+        try:
+            n = len(self.tokenizer.encode(question, add_special_tokens=False).ids)
+        except Exception:  # past max_length, pair truncation asks for the context: too long
+            n = length + 1
+        limit = self.max_question_tokens()
+        if n > limit:
+            shown = f"more than {length}" if n > length else str(n)
+            raise InputError(
+                "question_too_long",
+                f"question has {shown} tokens; this model reads at most {limit} (max_length "
+                f"{self.pre['max_length']} minus special tokens and the stride of "
+                f"{self.pre.get('stride', 0)})",
+                status=413,
+            )
 
     def from_holdout(self, value) -> Prepared:
         return self.decode(json.loads(str(value)))
@@ -210,8 +238,8 @@ class QuestionAnswering(WindowedTask):
         return [None] + sorted({min(16, max_len), max_len})
 
     def warm_items(self):
-        short = Prepared(("what?", "warm up"))
-        return short, Prepared(("what is warm?", " ".join(["warm up"] * 512)))
+        short = self.windowed(Prepared(("what?", "warm up")))
+        return short, self.windowed(Prepared(("what is warm?", " ".join(["warm up"] * 512))))
 
     def oip_outputs(self) -> list[Output]:
         return [

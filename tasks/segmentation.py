@@ -3,9 +3,11 @@
 ONNX outputs: `mask` [batch, size, size] (uint8 class index at the letterboxed input's size),
 `logits` [batch, classes, h, w] (the head's own resolution), `confidence` [batch] (mean top
 probability over the pixels) and `pooled_embedding` [batch, dim]. The API answers
-{"mask": base64 PNG of class indices at the original image's size, "class_shares": {label:
-share}} (request field `render`: a colour overlay PNG too); OIP outputs `mask` (UINT8, the
-model's resolution), `content_size` (the image's width and height inside it) and `logits`.
+{"mask": base64 PNG of class indices at the original image's size (scaled down to fit
+TUNESERVE_MAX_OUTPUT_PIXELS beyond it), "mask_size": [width, height], "class_shares": {label:
+share}} (request field `render`: a colour overlay PNG too, at the mask's size); OIP outputs
+`mask` (UINT8, the model's resolution), `content_size` (the image's width and height inside
+it) and `logits`.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ class SemanticSegmentation(DenseVision):
         return outputs, embedding
 
     def in_original(self, output: dict) -> np.ndarray:
-        """The mask cut to the image's content and resized (nearest) to its original size."""
+        """The mask cut to the image's content and resized (nearest) to the image's size, or
+        to that scaled down to fit `max_output_pixels` (`output_size`)."""
         from PIL import Image
 
-        w, h = output["size"]
-        s = self.scale_of(output["size"])
-        content = output["mask"][: max(1, round(h * s)), : max(1, round(w * s))]
+        w, h = self.output_size(output["size"])
+        content = self.content(output["size"], output["mask"])
         if content.shape == (h, w):
             return content
         return np.asarray(Image.fromarray(content).resize((w, h), Image.Resampling.NEAREST))
@@ -60,6 +62,7 @@ class SemanticSegmentation(DenseVision):
         shares = counts / max(1, mask.size)
         answer = {
             "mask": png_base64(mask),
+            "mask_size": [mask.shape[1], mask.shape[0]],
             "class_shares": {
                 self.labels[c]: round(float(shares[c]), 6) for c in np.flatnonzero(counts)
             },
@@ -69,10 +72,13 @@ class SemanticSegmentation(DenseVision):
         return answer
 
     def render(self, output: dict, mask: np.ndarray) -> str:
-        """The image with each class's colour laid over it at 50%, as a base64 PNG."""
-        im = np.asarray(self.original(output["size"], output["crop"]), dtype=np.float32)
-        colours = PALETTE[mask % len(PALETTE)].astype(np.float32)
-        return png_base64((0.5 * im + 0.5 * colours).astype(np.uint8))
+        """The image with each class's colour laid over it at 50%, as a base64 PNG (uint8
+        throughout: a float overlay of a large image took gigabytes)."""
+        from PIL import Image
+
+        im = self.original(output["size"], output["crop"])
+        colours = Image.fromarray(PALETTE[mask % len(PALETTE)])
+        return png_base64(np.asarray(Image.blend(im, colours, 0.5)))
 
     def example_answer(self) -> dict:
         return {

@@ -73,17 +73,21 @@ class TabularClassification(Task):
             if isinstance(value, float) and value.is_integer():
                 key = str(int(value))
             return float(self.index[name].get(key, len(feature["categories"])))
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            if isinstance(value, str):
-                try:
-                    return float(value) if value.strip() else math.nan
-                except ValueError:
-                    pass
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise InputError("wrong_type", f"{where}column '{name}' is numeric: got {value!r}")
+        if isinstance(value, str) and not value.strip():
+            return math.nan
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):  # OverflowError: an integer of 309+ digits
+            number = None
+        if number is None or math.isinf(number):  # JSON's 1e400 and Infinity read as inf
+            text = str(value)
+            shown = repr(value) if len(text) <= 40 else f"a number of {len(text)} digits"
             raise InputError(
-                "wrong_type",
-                f"{where}column '{name}' is numeric: got {value!r}",
+                "wrong_type", f"{where}column '{name}' is numeric: {shown} is not a finite number"
             )
-        return float(value)
+        return number
 
     def decode(self, value) -> Prepared:
         if isinstance(value, Prepared):  # an OIP FP32 row, checked by encoded_rows

@@ -93,7 +93,7 @@ class TokenClassification(WindowedTask):
     # ------------------------------------------------------------------ inputs
 
     def decode(self, value) -> Prepared:
-        return Prepared(check_text(value, self.limits.max_text_chars))
+        return self.windowed(Prepared(check_text(value, self.limits.max_text_chars)))
 
     def from_holdout(self, value) -> Prepared:
         return Prepared(str(value))
@@ -265,7 +265,8 @@ class TokenClassification(WindowedTask):
         return [None] + sorted({min(8, max_len), max_len})
 
     def warm_items(self):
-        return Prepared("warm up"), Prepared(" ".join(["warm up"] * 512))
+        long = " ".join(["warm up"] * 512)
+        return self.windowed(Prepared("warm up")), self.windowed(Prepared(long))
 
     def oip_outputs(self) -> list[Output]:
         return [Output("entities", "BYTES")]

@@ -78,7 +78,7 @@ def read_png_base64(text: str) -> np.ndarray:
 class ImageInput:
     """What every image task does with its prepared uint8 HWC inputs (a mixin of Task)."""
 
-    heavy_inputs = True  # decoding runs on the service's threads
+    heavy_inputs = decode_in_threads = True  # decoding: the service's decode threads
 
     @property
     def example_input(self) -> str:
@@ -111,6 +111,7 @@ class DenseVision(ImageInput, Task):
     letterboxed model input, the input statistics, holdout images and drawing."""
 
     params = {"render": bool}
+    heavy_outputs = True  # masks and drawings are resized on the service's threads
 
     @property
     def size(self) -> int:
@@ -150,11 +151,25 @@ class DenseVision(ImageInput, Task):
     def scale_of(self, size: tuple[int, int]) -> float:
         return fit_scale(size[0], size[1], self.size)
 
-    def original(self, item_size: tuple[int, int], crop: np.ndarray):
-        """The letterboxed input's content as a PIL image at the original size (drawing)."""
-        from PIL import Image
+    def output_size(self, item_size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of a mask or drawing in the answer: the image's own, scaled down
+        (aspect kept) to fit `max_output_pixels`."""
+        w, h = item_size
+        cap = self.limits.max_output_pixels
+        if w * h <= cap:
+            return w, h
+        s = (cap / (w * h)) ** 0.5
+        return max(1, int(w * s)), max(1, int(h * s))
 
+    def content(self, item_size: tuple[int, int], plane: np.ndarray) -> np.ndarray:
+        """The image's part of a letterboxed plane (the padding right and bottom cut off)."""
         w, h = item_size
         s = self.scale_of(item_size)
-        content = crop[: max(1, round(h * s)), : max(1, round(w * s))]
-        return Image.fromarray(content).resize((w, h), RESAMPLE["bilinear"])
+        return plane[: max(1, round(h * s)), : max(1, round(w * s))]
+
+    def original(self, item_size: tuple[int, int], crop: np.ndarray):
+        """The letterboxed input's content as a PIL image at the output size (drawing)."""
+        from PIL import Image
+
+        content = Image.fromarray(self.content(item_size, crop))
+        return content.resize(self.output_size(item_size), RESAMPLE["bilinear"])

@@ -15,6 +15,7 @@ import pytest
 
 from finetune.config import TrainConfig
 from tests.conftest import quiet
+from tests.test_hardening import _flac
 from tests.test_service import _serve, _stop, drift_checks, drift_checks_scored
 
 TONES = {"low": 220.0, "mid": 660.0, "high": 1500.0}  # Hz
@@ -211,10 +212,12 @@ def test_live_service_json_upload_oip_and_bad_audio(audio_run, tmp_path):
         res = client.infer("tones", [t])
         assert [x.decode() for x in res.as_numpy("label")] == labels
         long = base64.b64encode(wav_bytes(tone(220.0, 2.0, 8000, rng), 8000)).decode()
+        many_channels = _flac(192_000, 8, 0.9)  # 1.4 M samples; 1 s at 48 kHz stereo: 96 k
         for payload, status, error in (
             ({"inputs": ["not base64!"]}, 400, "invalid_base64"),
             ({"inputs": [base64.b64encode(b"RIFF, no audio").decode()]}, 400, "bad_audio"),
             ({"inputs": [long]}, 413, "audio_too_long"),
+            ({"inputs": [base64.b64encode(many_channels).decode()]}, 413, "audio_too_large"),
             ({"inputs": [12]}, 400, "wrong_type"),
             ({"inputs": [body["inputs"][0]], "min_score": 0.5}, 400, "bad_request"),
             ({"inputs": []}, 400, "no_inputs"),

@@ -471,17 +471,39 @@ def test_text_errors(text_server, payload, status, reason):
     [["win free prize now", "see you at home"], ["  "], ["x" * 201], []],
 )
 def test_short_path_answers_as_the_route_does(text_server, inputs):
-    """JSON /predict is answered by service/fastpath.py; `"top_k": 2.0` (a float the route's
-    pydantic model coerces) sends the same request through BentoML's route instead. Only the
+    """JSON /predict is answered by service/fastpath.py; the same body sent as text/plain
+    (which BentoML's route reads as JSON too) goes through BentoML's route instead. Only the
     route adds BentoML's `server` header: it tells which one answered."""
     auth = {"Authorization": f"Bearer {KEY}"}
-    short = httpx.post(text_server + "/predict", json={"inputs": inputs, "top_k": 2}, headers=auth)
+    body = json.dumps({"inputs": inputs, "top_k": 2})
+    short = httpx.post(
+        text_server + "/predict", content=body, headers={**auth, "content-type": "application/json"}
+    )
     route = httpx.post(
-        text_server + "/predict", json={"inputs": inputs, "top_k": 2.0}, headers=auth
+        text_server + "/predict", content=body, headers={**auth, "content-type": "text/plain"}
     )
     assert "server" not in short.headers and "server" in route.headers
     assert short.status_code == route.status_code
     assert short.content == route.content
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # a RecursionError in json.loads
+        b'{"inputs": ["ok"], "top_k": 2.0}',  # pydantic's lax mode read 2.0 as 2
+        b'{"inputs": ["ok"], "top_k": "2"}',
+        b'{"inputs": ["\\ud800"]}',  # a lone surrogate: valid JSON, no text
+    ],
+)
+def test_bodies_no_route_may_coerce_or_crash_on_are_400(text_server, body):
+    for ctype in ("application/json", "text/plain"):  # the short path, BentoML's route
+        r = httpx.post(
+            text_server + "/predict",
+            content=body,
+            headers={"Authorization": f"Bearer {KEY}", "content-type": ctype},
+        )
+        assert r.status_code == 400 and r.json()["error"], (ctype, r.text[:300])
 
 
 def test_text_model_refuses_file_uploads(text_server):

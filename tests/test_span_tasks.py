@@ -17,6 +17,8 @@ from tests.test_service import _serve, _stop, drift_checks, drift_checks_scored
 
 # --------------------------------------------------------------------------- data and metrics
 
+JSON = {"content-type": "application/json"}
+
 
 def test_conll_formats_and_tag_schemes(tmp_path):
     from collections import Counter
@@ -297,17 +299,23 @@ def test_service_json_oip_bad_inputs_and_drift(span_server):
             {"inputs": [""]},
             {"inputs": [{"question": "q", "context": "c"}]},
             {"inputs": ["x"], "top_k": 2},
+            {"inputs": ["alice \ud800 met bob"]},  # a lone surrogate: 500 from the tokenizer
         ],
         "qa": [
             {"inputs": [{"context": "alice lives in rome ."}]},
             {"inputs": ["alice met bob"]},
             {"inputs": [{"question": "", "context": "c"}]},
             {"inputs": [{"question": "q", "context": "c", "extra": 1}]},
+            {"inputs": [{"question": "\udfff?", "context": "c"}]},
         ],
     }[kind]
-    for body in bad:
-        r = httpx.post(url + "/predict", json=body, timeout=30)
+    for body in bad:  # json.dumps: httpx's json= cannot send a lone surrogate (\ud800)
+        r = httpx.post(url + "/predict", content=json.dumps(body), timeout=30, headers=JSON)
         assert r.status_code == 400 and r.json()["error"], (body, r.text)
+    if kind == "qa":  # longer than a window can hold beside the stride: the tokenizer panicked
+        long_question = {"question": " ".join(["who"] * 60), "context": "alice met bob ."}
+        r = httpx.post(url + "/predict", json={"inputs": [long_question]}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"] == "question_too_long", r.text
 
     # A full drift window (200) of the holdout's kind of input: every check of the task scored.
     assert drift_checks_scored(url, art, inputs[0]) == drift_checks(art)

@@ -28,6 +28,9 @@ def table_run(table_checkpoint):
     return tmp, result, art
 
 
+JSON = {"content-type": "application/json"}
+
+
 def test_table_is_detected_cleaned_and_split(tmp_path):
     import pandas as pd
 
@@ -172,9 +175,17 @@ def test_live_service_json_oip_and_bad_rows(table_run, tmp_path):
             {"inputs": [{"amount": 1, "city": "rome"}]},
             {"inputs": ["a text"]},
             {"inputs": [{"amount": "lots", "city": "rome", "age": 3}]},
+            '{"inputs": [{"amount": %s, "city": "rome", "age": 3}]}' % ("9" * 400),
+            '{"inputs": [{"amount": 1e400, "city": "rome", "age": 3}]}',
+            '{"inputs": [{"amount": Infinity, "city": "rome", "age": 3}]}',
+            '{"inputs": %s}' % ("[" * 50_000 + "]" * 50_000),
         ):
-            r = httpx.post(url + "/predict", json=body, timeout=30)
-            assert r.status_code == 400 and "inputs[0]" in r.json()["detail"], r.text
+            if isinstance(body, dict):
+                r = httpx.post(url + "/predict", json=body, timeout=30)
+            else:  # what json= cannot send: a 400-digit integer, 1e400, Infinity, nesting
+                r = httpx.post(url + "/predict", content=body, timeout=30, headers=JSON)
+            assert r.status_code == 400, r.text
+            assert "inputs[0]" in r.json()["detail"] or "recursion limit" in r.text, r.text
     finally:
         _stop(proc)
 

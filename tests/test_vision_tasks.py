@@ -563,6 +563,8 @@ def test_service_json_upload_oip_bad_inputs_and_drift(dense):
         {"inputs": ["%%%"]},
         {"inputs": [b64], "top_k": 2},
         {"inputs": [b64], "render": "maybe"},
+        {"inputs": [b64], "render": "yes"},  # pydantic's lax mode read it as true (a 200)
+        {"inputs": [b64], "render": 1},
         {"inputs": []},
     ]
     if kind == "detection":
@@ -572,5 +574,8 @@ def test_service_json_upload_oip_bad_inputs_and_drift(dense):
     for body in bad:
         r = httpx.post(url + "/predict", json=body, timeout=30)
         assert 400 <= r.status_code < 500 and r.json()["error"], (body, r.status_code, r.text)
+    nested = b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    r = httpx.post(url + "/predict", content=nested, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"], r.text
 
     assert drift_checks_scored(url, art, b64) == drift_checks(art)
