@@ -85,7 +85,7 @@ class RuntimeOptions:
     providers: str = "auto"  # auto (TensorRT, CUDA, CPU as usable) or a comma-separated list
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
     max_image_pixels: int = 40_000_000  # larger images are a 413
-    max_text_chars: int = 20_000  # longer texts are a 400
+    max_text_chars: int = 0  # longer texts are a 413; 0: the model's own limit (card)
     max_audio_seconds: float = 60.0  # longer clips are a 413
     max_output_pixels: int = 4_194_304  # masks and drawings in answers are scaled to fit
     max_batch_size: int = 32  # items per batch (and per ONNX Runtime call until measured)

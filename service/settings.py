@@ -87,7 +87,9 @@ class Settings:
     max_items: int = 64  # inputs per request
     max_body_bytes: int = 20 * 1024 * 1024  # request body, bytes, counted as it streams (413)
     max_image_pixels: int = 40_000_000  # width x height from the header (decompression bombs)
-    max_text_chars: int = 20_000  # characters per text (413 above)
+    # characters per text (413 above); 0 = the model's own (its card: the longest text it was
+    # fine-tuned on, at least 20,000), a number caps it
+    max_text_chars: int = 0
     max_audio_seconds: int = 60  # duration per audio clip, read from its header (413 above)
     # Pixels of a mask or a drawn image in an answer (segmentation, `render`): one at the
     # image's size up to this, scaled down to fit it beyond (a 40-MP mask and overlay were
@@ -136,7 +138,7 @@ class Settings:
             max_items=_int("TUNESERVE_MAX_ITEMS", cls.max_items, 1, 100_000),
             max_body_bytes=_int("TUNESERVE_MAX_BODY_BYTES", cls.max_body_bytes, 1024, big),
             max_image_pixels=_int("TUNESERVE_MAX_IMAGE_PIXELS", cls.max_image_pixels, 1, big),
-            max_text_chars=_int("TUNESERVE_MAX_TEXT_CHARS", cls.max_text_chars, 1, big),
+            max_text_chars=_int("TUNESERVE_MAX_TEXT_CHARS", cls.max_text_chars, 0, big),
             max_audio_seconds=_int(
                 "TUNESERVE_MAX_AUDIO_SECONDS", cls.max_audio_seconds, 1, 24 * 3600
             ),

@@ -17,6 +17,7 @@ either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tasks.common import Prepared
 from tasks.drift import CHECKS, Samples
 from tasks.errors import InputError
 
+DEFAULT_TEXT_CHARS = 20_000  # characters per text of a model that records no limit of its own
 SessionRun = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
@@ -35,7 +37,7 @@ class Limits:
     """Request limits a task enforces while it decodes an input (service settings)."""
 
     max_image_pixels: int = 40_000_000
-    max_text_chars: int = 20_000
+    max_text_chars: int = 0  # 0: the model's own (`preprocessing.max_text_chars`); else a cap
     max_audio_seconds: float = 60.0
     max_output_pixels: int = 4_194_304  # masks and drawn images in answers, scaled to fit
 
@@ -68,9 +70,16 @@ class Task:
         self.labels = list(spec["labels"])
         self.pre = spec["preprocessing"]
         self.post = {**self.default_postprocessing(), **(spec.get("postprocessing") or {})}
-        self.limits = limits or Limits()
+        self.limits = self.served_limits(limits or Limits())
         self.tokenizer = tokenizer
         self.input_names = [i["name"] for i in spec["inputs"]] if "inputs" in spec else None
+
+    def served_limits(self, limits: Limits) -> Limits:
+        """`limits` with the text limit resolved: the model's (what it was trained to take,
+        recorded by fine-tuning; cards before it: DEFAULT_TEXT_CHARS), capped by the setting."""
+        own = int(self.pre.get("max_text_chars") or DEFAULT_TEXT_CHARS)
+        cap = limits.max_text_chars
+        return dataclasses.replace(limits, max_text_chars=min(own, cap) if cap else own)
 
     def names(self) -> list[str]:
         """The model's input names: the card's, or the checkpoint's preprocessing."""

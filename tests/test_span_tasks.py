@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import LOC, PER, make_squad
+from tests.conftest import LOC, PER, make_squad, run_main
 from tests.test_service import _serve, _stop, drift_checks, drift_checks_scored
 
 # --------------------------------------------------------------------------- data and metrics
@@ -369,3 +369,51 @@ def test_entity_drift_checks_fire_on_shifted_text_not_on_holdout(ner_artifact):
     plain = " ".join(rng.choice(["the", "today", "and", "works", "in"], 8))
     shifted = scores([plain] * drift["window"])
     assert shifted["entities"] >= 1.0, shifted
+
+
+def _with_article(path, context: str, question: str, answer: str):
+    """The SQuAD file at `path` with one more article (one question) appended."""
+    data = json.loads(path.read_text())
+    qa = {"id": "extra", "question": question}
+    qa["answers"] = [{"text": answer, "answer_start": context.index(answer)}]
+    data["data"].append({"title": "extra", "paragraphs": [{"context": context, "qas": [qa]}]})
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_text_limits_are_the_models_and_unreadable_data_stops_at_load(span_bert, tmp_path):
+    """A context of 25,000 characters (a whole paper): the run trains on it and the model
+    serves such contexts (the service's default used to refuse it at validation, after the
+    first epoch, with a traceback). A limit below the data's, a question longer than the
+    windows hold and a stride past max_length / 2 stop the CLI at load, with one line."""
+    import tasks
+    from finetune.checkpoint import read_json
+
+    paper = " ".join(f"{PER[i % len(PER)]} lives in {LOC[i % len(LOC)]} ." for i in range(1000))
+    paper = paper[:24_990] + " bob works in rome ."
+    data = _with_article(make_squad(tmp_path / "squad.json", articles=12), paper, "where ?", "rome")
+    common = ["--backbone", str(span_bert), "--max-length", "24", "--stride", "4", "--epochs", "1"]
+
+    r = run_main("finetune", str(data), "--out", str(tmp_path / "low"), *common,
+                 "--max-text-chars", "20000")  # fmt: skip
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"longer than --max-text-chars 20000 (the longest has {len(paper)}" in r.stderr
+
+    r = run_main("finetune", str(data), "--out", str(tmp_path / "run"), *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = read_json(tmp_path / "run" / "config.json")
+    assert config["preprocessing"]["max_text_chars"] == len(paper)
+    served = tasks.create(config, limits=tasks.Limits(max_text_chars=0)).limits.max_text_chars
+    assert served == len(paper)
+    assert (
+        tasks.create(config, limits=tasks.Limits(max_text_chars=500)).limits.max_text_chars == 500
+    )
+
+    wordy = _with_article(make_squad(tmp_path / "q.json", articles=12), "bob lives in rome .",
+                          " ".join(["where"] * 40) + " ?", "rome")  # fmt: skip
+    r = run_main("finetune", str(wordy), "--out", str(tmp_path / "q"), *common)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "1 question_too_long" in r.stderr and "at most" in r.stderr
+
+    r = run_main("finetune", str(data), "--out", str(tmp_path / "s"), *common[:4], "--stride", "20")
+    assert r.returncode != 0 and "stride must be from 0 to max_length / 2 = 12" in r.stderr

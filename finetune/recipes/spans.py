@@ -6,15 +6,24 @@ the service reproduce.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections import Counter
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 import tasks
 from finetune.data import Dataset
+from finetune.errors import DataError
 from finetune.models import SpanExtractor, TokenTagger, collate_windows
 from finetune.recipes.base import EVAL_BATCH, EncoderRecipe, Setup, torch_session
+from tasks.base import DEFAULT_TEXT_CHARS
 from tasks.common import INPUT_ORDER, text_tokenizer
+from tasks.errors import InputError
+
+PARTS = ("train", "val", "test")
 
 
 class LengthGroupedBatches:
@@ -47,19 +56,65 @@ class SpanRecipe(EncoderRecipe):
 
     @classmethod
     def windows(cls, cfg) -> dict:
-        """Consecutive windows of a long text share `stride` tokens."""
-        return {"stride": cfg.stride if cfg.stride else cfg.max_length // 4}
+        """Consecutive windows of a long text share `stride` tokens; the model takes texts of
+        up to `max_text_chars` (the service's limit for it)."""
+        stride = cfg.stride if cfg.stride else cfg.max_length // 4
+        return {"stride": stride, "max_text_chars": cfg.max_text_chars}
+
+    @staticmethod
+    def texts(raw: str) -> list[str]:
+        """The texts of one data input (a sentence; a question and a context)."""
+        return [raw]
+
+    @classmethod
+    def loaded(cls, cfg, ds: Dataset, log):
+        """The model's text limit: the data's longest text (at least the default), or the
+        one asked for, which every text of the data must keep."""
+        lengths = [
+            len(t) for part in PARTS for raw in getattr(ds, part).inputs for t in cls.texts(raw)
+        ]
+        longest = max(lengths, default=0)
+        limit = cfg.max_text_chars or max(DEFAULT_TEXT_CHARS, longest)
+        over = sum(n > limit for n in lengths)
+        if over:
+            raise DataError(
+                f"{over} of {len(lengths)} texts of the data are longer than --max-text-chars "
+                f"{limit} (the longest has {longest} characters): raise it, or pass 0 for the "
+                "data's longest"
+            )
+        return dataclasses.replace(cfg, max_text_chars=limit)
 
     def __init__(self, run: Setup, device: torch.device, log=print):
         super().__init__(run, device, log)
         fast = text_tokenizer(run.tokenizer.backend_tokenizer.to_str(), run.config["preprocessing"])
         self.contract = contract = tasks.create(run.config, fast)
+        self.check_inputs()
         self.rows = {"train": self._rows("train")}
         log(
             f"windows: {len(self.rows['train'])} train (max_length "
             f"{contract.pre['max_length']}, stride {contract.pre.get('stride', 0)})"
         )
         self.loader: DataLoader | None = None
+
+    def check_inputs(self) -> None:
+        """Every input of the data as the model will be served it (a question too long for
+        the windows, say), before the first epoch: one line with the counts."""
+        problems: Counter = Counter()
+        example: dict[str, str] = {}
+        for part in PARTS:
+            for raw in getattr(self.ds, part).inputs:
+                try:
+                    self.contract.from_holdout(raw)
+                except InputError as e:
+                    problems[e.reason] += 1
+                    example.setdefault(e.reason, f"{part}: {e.detail}")
+        if problems:
+            total = sum(len(getattr(self.ds, p).inputs) for p in PARTS)
+            raise DataError(
+                f"{sum(problems.values())} of {total} inputs of the data cannot be read by this "
+                "model: "
+                + "; ".join(f"{n} {r} (e.g. {example[r]})" for r, n in problems.most_common())
+            )
 
     def _rows(self, split: str) -> list[tuple[dict, object]]:
         part = getattr(self.ds, split)
@@ -122,6 +177,11 @@ class TokenClassification(SpanRecipe):
 
 class QuestionAnswering(SpanRecipe):
     head_type = SpanExtractor
+
+    @staticmethod
+    def texts(raw: str) -> list[str]:
+        pair = json.loads(raw)
+        return [str(pair.get("question", "")), str(pair.get("context", ""))]
 
     @classmethod
     def postprocessing(cls, cfg, ds: Dataset) -> dict:
