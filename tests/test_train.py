@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -197,7 +198,23 @@ def test_output_folder_rules(image_dir, image_cfg, tmp_path):
     fine_tune(image_dir, tmp_path / "run", cfg, log=quiet)
     with pytest.raises(OutputExists, match="--overwrite"):
         fine_tune(image_dir, tmp_path / "run", cfg, log=quiet)
-    fine_tune(image_dir, tmp_path / "run", cfg, log=quiet, overwrite=True)
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+
+    def interrupted(epoch, record):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the retrain
+
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(image_dir, tmp_path / "run", cfg, log=quiet, overwrite=True,
+                  hooks=Hooks(on_epoch_end=interrupted))  # fmt: skip
+    # the old run is as it was (--overwrite deleted it before training), no staging is left
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["status"] == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    fine_tune(image_dir, tmp_path / "run", dataclasses.replace(cfg, seed=7), log=quiet,
+              overwrite=True)  # fmt: skip
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["training"]["seed"] == 7 and saved["status"] == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")

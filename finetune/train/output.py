@@ -1,5 +1,7 @@
-"""The run folder `--out`: refused before any work when it cannot be used as asked, replaced
-only once the new run is ready to train, never deleted when it is not a tuneserve run."""
+"""The run folder `--out`: refused before any work when it cannot be used as asked, never
+deleted when it is not a tuneserve run. `--overwrite` trains into a folder beside it
+(`staging`) and replaces the old run only once the new one has finished (`replace_out`): a
+failed or interrupted retrain leaves the old run as it was."""
 
 from __future__ import annotations
 
@@ -33,7 +35,26 @@ def check_out(out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def claim_out(out: Path) -> None:
-    """Replace an old run (already allowed by check_out) once the new one is ready to train."""
+    """Make `out` an empty folder for the new run (a leftover of an interrupted one goes)."""
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def staging(out: Path) -> Path:
+    """Where a run that replaces the run in `out` trains (the same name in every process)."""
+    return out.with_name(f".{out.name}.overwrite")
+
+
+def holds_run(out: Path) -> bool:
+    return (out / checkpoint.CONFIG).is_file()
+
+
+def replace_out(new: Path, out: Path) -> None:
+    """The finished run in `new` takes the place of the old run in `out`: renames on one file
+    system, the old run removed last (after a crash in between it is in `.<name>.old`)."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old)

@@ -33,7 +33,7 @@ from finetune.report import write_report
 from finetune.train import auto
 from finetune.train.dist import Dist
 from finetune.train.loop import Phase, Trainer
-from finetune.train.output import check_out, claim_out
+from finetune.train.output import check_out, claim_out, holds_run, replace_out, staging
 
 
 @dataclass
@@ -114,8 +114,27 @@ def fine_tune(
 ) -> dict:
     """Fine-tune `cfg.backbone` on `data` and write the checkpoint to `out`; returns the best
     epoch's validation and test metrics. On resume the configuration saved in `out` is used,
-    not `cfg`."""
+    not `cfg`. With `overwrite`, a run already in `out` is replaced once the new one has
+    finished, and kept when it fails."""
     run, cfg = _start(Path(out), cfg, overwrite, resume, log)
+    target = run.out
+    if overwrite and not resume and holds_run(target):
+        run.out = staging(target)
+    try:
+        result = _train(data, run, cfg, resume, hooks)
+    except BaseException:
+        if run.out != target and run.dist.main:
+            shutil.rmtree(run.out, ignore_errors=True)
+            run.log(f"the run already in '{target}' is kept")
+        raise
+    if run.out != target and run.dist.main:
+        replace_out(run.out, target)
+        run.log(f"replaced the earlier run in '{target}'")
+    return result
+
+
+def _train(data, run: _Run, cfg: TrainConfig, resume: bool, hooks: Hooks | None) -> dict:
+    """fine_tune's work, written to `run.out`."""
     task = detect_task(data)
     kind = recipes.get(task)
     if resume and not kind.resumable:
