@@ -79,10 +79,32 @@ class Steps:
 
 
 def next_version(folder: Path, also_taken: list[str] = ()) -> str:
-    """v<N+1> above every v<N> in `folder` and in `also_taken` (the model store's versions)."""
+    """v<N+1> above every v<N> in `folder` (written, or claimed by an export at work) and in
+    `also_taken` (the model store's versions)."""
     names = [p.name for p in folder.glob("v*")] + list(also_taken)
+    names += [p.name[1 : -len(CLAIM)] for p in folder.glob(f".v*{CLAIM}")]
     taken = [int(m.group(1)) for n in names if (m := re.fullmatch(r"v(\d+)", n))]
     return f"v{max(taken, default=0) + 1}"
+
+
+CLAIM = ".claim"  # .<version>.claim: an export is writing that version
+
+
+def claim_version(base: Path, name: str, opts: ExportOptions) -> tuple[str, Path]:
+    """(version, claim file): the version this export writes, claimed by creating its claim
+    file exclusively, so that exports started together never pick the same one."""
+    base.mkdir(parents=True, exist_ok=True)
+    while True:
+        version = _new_version(base, name, opts)
+        claim = base / f".{version}{CLAIM}"
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return version, claim
+        except FileExistsError:
+            if opts.version is not None:
+                raise VersionExists(
+                    f"another export is writing '{base / version}'; versions are never overwritten"
+                ) from None
 
 
 def _session(path: Path, providers: list[str] | None = None):
@@ -201,11 +223,10 @@ def export_checkpoint(
     reused = _reuse(base, name, source, opts, log)
     if reused is not None:
         return reused
-    version = _new_version(base, name, opts)
-    final = base / version
     if opts.fp16:
         quantize.require_cuda()
-    base.mkdir(parents=True, exist_ok=True)
+    version, claim = claim_version(base, name, opts)
+    final = base / version
     work = base / f".{version}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
@@ -215,6 +236,8 @@ def export_checkpoint(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        claim.unlink(missing_ok=True)
     if opts.register:
         from export.store import register as store_register
 

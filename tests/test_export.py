@@ -280,6 +280,24 @@ def test_versions_are_never_overwritten(table_checkpoint, tmp_path):
     assert elsewhere.name == "v3" and bentoml.models.get("roll:latest").tag.version == "v3"
 
 
+def test_exports_started_together_claim_different_versions(table_checkpoint, tmp_path):
+    """Three exports of one run at once: each picks the next free version when it starts and
+    writes for about 0.5 s; they all chose v1 before, and two failed with a bare OSError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = table_checkpoint[0] / "run"
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [
+            pool.submit(export_checkpoint, run, tmp_path, name="race", register=False, log=quiet)
+            for _ in range(3)
+        ]
+        written = sorted(job.result().name for job in jobs)
+    assert written == ["v1", "v2", "v3"]
+    assert sorted(p.name for p in (tmp_path / "race").iterdir()) == written  # no claims left
+    (tmp_path / "race" / ".v4.claim").touch()  # an export at work on v4
+    assert export_checkpoint(run, tmp_path, name="race", register=False, log=quiet).name == "v5"
+
+
 def test_card_round_trip_and_refusals(image_artifact, tmp_path):
     card = card_mod.load_card(image_artifact)
     card_mod.write_card(tmp_path, card)
