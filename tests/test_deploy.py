@@ -158,6 +158,13 @@ def test_stage_lays_out_one_store_version(image_artifact_dir, tmp_path):
     assert (tmp_path / "models/stagetest/v3/card.json").is_file()
     with pytest.raises(SystemExit, match="not in the BentoML model store"):
         stage("nosuchmodel:v1", tmp_path / "other")
+    assert stage("stagetest:v3", tmp_path / "models") == "stagetest:v3"  # its own: replaced
+    mine = tmp_path / "mine"  # a folder of the user's, given by mistake: it was deleted
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="refusing to empty it"):
+        stage("stagetest:v3", mine)
+    assert (mine / "notes.txt").read_text() == "precious"
 
 
 # ------------------------------------------------------------------ bento
