@@ -144,20 +144,32 @@ def weights_file(config: dict) -> str:
     return TREES if is_trees(config) else WEIGHTS
 
 
+# The one type a tree file of ours holds beyond those skops trusts by default (scikit-learn's
+# estimators, numpy arrays): the trees' predictors. A file naming anything else, even another
+# scikit-learn function, did not come from `python -m finetune`.
+TREE_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
+
+
 def load_trees(run: Path):
-    """The scikit-learn model of a tabular run; only scikit-learn's and numpy's own types
-    are accepted (skops refuses any other type in the file)."""
+    """The scikit-learn model of a tabular run, loaded with the narrowest trust: the types
+    our tree files hold (TREE_TYPES), and it must be a HistGradientBoostingClassifier."""
     import skops.io as sio
+    from sklearn.ensemble import HistGradientBoostingClassifier
 
     path = run / TREES
-    unknown = [
-        t for t in sio.get_untrusted_types(file=path) if not t.startswith(("sklearn.", "numpy."))
-    ]
+    unknown = [t for t in sio.get_untrusted_types(file=path) if t not in TREE_TYPES]
     if unknown:
         raise CheckpointError(
-            f"'{path}' holds types other than scikit-learn's: {unknown}", str(path)
+            f"'{path}' holds types a tuneserve tree file never holds: {unknown}; "
+            "refusing to load it",
+            str(path),
         )
-    return sio.load(path, trusted=sio.get_untrusted_types(file=path))
+    model = sio.load(path, trusted=list(TREE_TYPES))
+    if not isinstance(model, HistGradientBoostingClassifier):
+        raise CheckpointError(
+            f"'{path}' holds a {type(model).__name__}, not gradient-boosted trees", str(path)
+        )
+    return model
 
 
 def _load_weights(model, ckpt: Checkpoint) -> None:

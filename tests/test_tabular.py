@@ -123,6 +123,30 @@ def test_init_from_continues_the_trees_and_checks_the_schema(table_run, tmp_path
         fine_tune(tmp_path / "other.csv", tmp_path / "bad", cfg, log=quiet)
 
 
+def test_tree_files_load_with_the_narrowest_trust(table_run, tmp_path):
+    """A tree file from someone else (`--init-from`) naming a scikit-learn function: the old
+    rule trusted every sklearn.* and numpy.* type the file named, which undid skops'
+    allowlist; only the types our tree files hold may load."""
+    import shutil
+
+    import skops.io as sio
+    from sklearn.utils.validation import check_array
+
+    from finetune.checkpoint import load_trees
+    from finetune.errors import CheckpointError
+
+    tmp, _, _ = table_run
+    assert load_trees(tmp / "run").n_iter_ > 0
+    other = tmp_path / "other"
+    shutil.copytree(tmp / "run", other)
+    sio.dump({"model": load_trees(tmp / "run"), "hook": check_array}, other / "model.skops")
+    with pytest.raises(CheckpointError, match="sklearn.utils.validation.check_array"):
+        load_trees(other)
+    sio.dump([1, 2], other / "model.skops")  # trusted types, but no trees
+    with pytest.raises(CheckpointError, match="not gradient-boosted trees"):
+        load_trees(other)
+
+
 def test_live_service_json_oip_and_bad_rows(table_run, tmp_path):
     import tritonclient.http as triton
 
