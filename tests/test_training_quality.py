@@ -255,3 +255,32 @@ def test_auto_and_resume_on_a_span_task(span_bert, tmp_path):
     assert metrics["auto"]["margin_kind"] == "unpaired"
     assert {"val_entity_f1", "test_entity_f1"} <= set(result)
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, len(metrics["epochs"]) + 1))
+
+
+def _decide_on_rank(rank: int, store: str, answers) -> None:
+    """One rank of a 2-process gloo group: auto's budget decision, rank 1's clock an hour on."""
+    import time
+    from types import SimpleNamespace
+
+    import torch.distributed as td
+
+    from finetune.config import TrainConfig
+    from finetune.train.auto import _Decision
+    from finetune.train.dist import Dist
+
+    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    trainer = SimpleNamespace(history=[{"seconds": 5.0}], log=lambda _m: None, dist=Dist(rank, 2))
+    decide = _Decision(trainer, TrainConfig(budget_minutes=10), 100, None, {"chosen": "full"})
+    decide.t_start = time.perf_counter() - (3600 if rank == 1 else 0)
+    answers[rank] = decide(0, None)
+    td.destroy_process_group()
+
+
+def test_auto_decisions_under_torchrun_are_rank_0s(tmp_path):
+    """Each rank timed auto's budget on its own clock: rank 1, an hour behind, stopped while
+    rank 0 went on, and rank 0 then waited for ever in the next all-reduce."""
+    import torch.multiprocessing as mp
+
+    answers = mp.Manager().dict()
+    mp.spawn(_decide_on_rank, args=(str(tmp_path / "store"), answers), nprocs=2)
+    assert dict(answers) == {0: True, 1: True}

@@ -81,6 +81,14 @@ class _Decision:
         self.budget = cfg.budget_minutes * 60
 
     def __call__(self, epoch: int, trial: Outcome) -> bool:
+        """Rank 0 decides (its clock, its record); under torchrun every rank takes that."""
+        go = self._go(epoch, trial)
+        go, record = self.trainer.dist.agree((go, dict(self.record)))
+        self.record.clear()
+        self.record.update(record)
+        return go
+
+    def _go(self, epoch: int, trial: Outcome) -> bool:
         if "chosen" not in self.record and not self._verdict(epoch, trial):
             return self.record.get("chosen") is None
         elapsed = time.perf_counter() - self.t_start

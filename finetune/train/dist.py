@@ -40,6 +40,17 @@ class Dist:
 
             td.barrier()
 
+    def agree(self, value):
+        """Rank 0's `value` in every process (a decision each rank would otherwise take on
+        its own clock, and could take differently: then the ranks hang in an all-reduce)."""
+        if self.world <= 1:
+            return value
+        import torch.distributed as td
+
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         """Leave the process group (torchrun warns about one left open at exit)."""
         if self.world > 1:
