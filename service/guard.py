@@ -5,7 +5,11 @@
 2. Body size: a Content-Length above the limit is refused at once; a body without one
    (chunked) is counted while it streams and refused as soon as it passes the limit, so no
    route ever holds more than `max_body_bytes` of a request.
-3. Multipart bodies of the prediction routes are parsed once here: malformed ones get a 400
+3. Memory: the bodies this worker holds (read, and not yet answered) stay within
+   `max_inflight_bytes`; a request whose body would pass it is a 503 with Retry-After, before
+   its body is read when it declares its length (4,096 requests x 20 MiB could otherwise be
+   held at once).
+4. Multipart bodies of the prediction routes are parsed once here: malformed ones get a 400
    (BentoML's parser answers them with 500), and /predict_file takes uploaded files only
    (BentoML would treat a text field as a URL to fetch).
 
@@ -47,9 +51,12 @@ class RequestGuard:
         max_body_bytes: int = 20 * 1024 * 1024,
         api_keys: tuple[str, ...] = (),
         on_reject: Callable[[str], None] | None = None,
+        max_inflight_bytes: int = 1 << 30,
     ):
         self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, api_keys
         self.on_reject = on_reject
+        self.max_inflight_bytes = max_inflight_bytes
+        self.inflight = 0  # bytes of the bodies held by requests of this worker
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -61,14 +68,32 @@ class RequestGuard:
             length = self._declared_length(headers)
             if length is None and "transfer-encoding" not in headers:
                 return await self.app(scope, receive, send)  # no body (GET probes, /metrics)
+            self._check_room(length or 0)
             body = await read_body(receive, self.max_body_bytes)
             if body is None:  # the client went away
                 return
+            self._check_room(len(body))
             if scope["method"] == "POST" and scope["path"] in MULTIPART_ROUTES:
                 await self._check_multipart(scope, headers, body)
         except Rejected as e:
             return await self._reject(scope, receive, send, e)
-        return await self.app(scope, replay(body, receive), send)
+        self.inflight += len(body)
+        try:
+            return await self.app(scope, replay(body, receive), send)
+        finally:
+            self.inflight -= len(body)
+
+    def _check_room(self, size: int) -> None:
+        if self.inflight + size > self.max_inflight_bytes:
+            mib = 1 << 20
+            raise Rejected(
+                "overloaded",
+                f"this worker holds {self.inflight / mib:.0f} MiB of request bodies; "
+                f"{size / mib:.1f} MiB more would pass its {self.max_inflight_bytes / mib:.0f} "
+                "MiB (TUNESERVE_MAX_QUEUE_MB): retry later",
+                503,
+                {"Retry-After": "1"},
+            )
 
     def _check_key(self, headers: Headers) -> None:
         auth = headers.get("authorization", "")
@@ -121,7 +146,7 @@ class RequestGuard:
         response = JSONResponse(
             {"error": error, "detail": e.detail}, status_code=e.status, headers=e.headers
         )
-        if e.status == 413:  # the rest of the body is never read: the connection must close
+        if e.status in (413, 503):  # the rest of the body may be unread: close the connection
             response.headers["Connection"] = "close"
         await response(scope, receive, send)
 

@@ -362,6 +362,7 @@ Tuneserve.add_asgi_middleware(
     max_body_bytes=settings.max_body_bytes,
     api_keys=settings.api_keys,
     on_reject=count_rejection,
+    max_inflight_bytes=settings.max_queue_mb << 20,
 )
 if settings.fast_predict:
     Tuneserve.add_asgi_middleware(FastPredict, service=served_service)

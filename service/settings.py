@@ -63,8 +63,9 @@ class Settings:
     # items are 2048 items, about 10 s of MiniLM fp32 work per worker on a 2-core CPU.
     request_timeout_s: int = 30  # the client-facing deadline, seconds (BentoML's is 60)
     max_queue_items: int = 4096  # items admitted and not yet answered, per worker
-    # Memory the queued inputs of a worker hold once decoded (image crops, audio at 16 kHz,
-    # tokenized windows), MiB: a request that would pass it is a 503, one larger alone a 413.
+    # Memory a worker's waiting requests hold, MiB, counted twice: their bodies (service/
+    # guard.py) and their inputs once decoded (image crops, audio at 16 kHz, tokenized
+    # windows; service/batching.py). Past it a request is a 503; one larger alone a 413.
     max_queue_mb: int = 1024
     # Worker processes, each with its own model session and batch queue. 0 = auto: one per CPU
     # core on CPUs (one intra-op thread each keeps every core busy while others parse HTTP:

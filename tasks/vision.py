@@ -46,10 +46,12 @@ def letterbox(im, size: int, fill: Sequence[int], interpolation: str = "bilinear
     `fill`: (uint8 HWC array, scale)."""
     from PIL import Image
 
-    im = im.convert("RGB")
     w, h = im.size
     scale = fit_scale(w, h, size)
     new = (max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale))))
+    if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale when that still covers `new`:
+        im.draft("RGB", new)  # a 24-MP photo for a 512-px input decodes at 3 MP, 8x faster
+    im = im.convert("RGB")
     canvas = Image.new("RGB", (size, size), tuple(int(v) for v in fill))
     canvas.paste(im.resize(new, RESAMPLE[interpolation]), (0, 0))
     return np.asarray(canvas, dtype=np.uint8), scale

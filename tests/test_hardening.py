@@ -244,3 +244,51 @@ def test_masks_and_drawings_of_large_images_are_capped():
     answer = det.postprocess(boxes, {"render": True})
     assert read_png_base64(answer["image"]).shape == (816, 1224, 3)
     assert answer["detections"][0]["box"] == [750.0, 750.0, 3000.0, 2250.0]  # image pixels
+
+
+def test_the_bodies_a_worker_holds_are_bounded():
+    """Admission counted items only: 4,096 requests of 20 MiB could be held at once. Here the
+    guard holds one body of 600 KB while its request works; a second of 600 KB would pass the
+    1-MB bound and is a 503 before its body is read; once the first is answered, it fits."""
+    from service.guard import RequestGuard
+
+    release = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = RequestGuard(app, max_inflight_bytes=1_000_000)
+    body = b"x" * 600_000
+
+    async def request(sent: list):
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/predict",
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+        read = []
+
+        async def receive():
+            read.append(1)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await guard(scope, receive, send)
+        return sent[0]["status"], len(read)
+
+    async def scenario():
+        first = asyncio.create_task(request([]))
+        await asyncio.sleep(0.05)
+        refused = await request([])
+        release.set()
+        return await first, refused, await request([])
+
+    (ok, _), (status, reads), (again, _) = asyncio.run(scenario())
+    assert (ok, status, reads, again) == (200, 503, 0, 200)
+    assert guard.inflight == 0
