@@ -61,9 +61,8 @@ class TrainConfig:
     max_windows: int = 8  # text classification: windows read per text, their logits averaged
     stride: int = 0  # entities, answers: tokens shared by consecutive windows; 0 = max_length/4
     max_answer_length: int = 30  # question answering: the longest answer, in tokens
-    # entities, answers: characters per text (a context, a question) the model takes, served
-    # as its limit (card); 0 = the longest text of the data, at least 20,000
-    max_text_chars: int = 0
+    max_text_chars: int = 0  # entities, answers: characters per text the model takes (its
+    # served limit, in the card); 0 = the longest text of the data, at least 20,000
     augment: bool | None = None  # images: random crop + flip; None: when the backbone trains
     cache_features: bool = True  # feature-extraction without augmentation: run the backbone once
     # export's paired int8 gate needs about 800 items to bound a drop within 1 point with 95%

@@ -281,19 +281,21 @@ def test_versions_are_never_overwritten(table_checkpoint, tmp_path):
 
 
 def test_exports_started_together_claim_different_versions(table_checkpoint, tmp_path):
-    """Three exports of one run at once: each picks the next free version when it starts and
-    writes for about 0.5 s; they all chose v1 before, and two failed with a bare OSError."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Three `python -m export` at once: each picks the next free version when it starts and
+    writes for a while; they all chose v1 before, and two failed with a bare OSError."""
+    import subprocess
+    import sys
 
     run = table_checkpoint[0] / "run"
-    with ThreadPoolExecutor(3) as pool:
-        jobs = [
-            pool.submit(export_checkpoint, run, tmp_path, name="race", register=False, log=quiet)
-            for _ in range(3)
-        ]
-        written = sorted(job.result().name for job in jobs)
-    assert written == ["v1", "v2", "v3"]
-    assert sorted(p.name for p in (tmp_path / "race").iterdir()) == written  # no claims left
+    cmd = [sys.executable, "-m", "export", str(run), "--out", str(tmp_path), "--name", "race"]
+    procs = [
+        subprocess.Popen([*cmd, "--no-register"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    codes = [(p.wait(timeout=300), p.stderr.read().decode()[-500:]) for p in procs]
+    assert [c for c, _ in codes] == [0, 0, 0], codes
+    written = sorted(p.name for p in (tmp_path / "race").iterdir())
+    assert written == ["v1", "v2", "v3"]  # and no claim or partial folder left
     (tmp_path / "race" / ".v4.claim").touch()  # an export at work on v4
     assert export_checkpoint(run, tmp_path, name="race", register=False, log=quiet).name == "v5"
 
