@@ -1,6 +1,13 @@
-"""Hostile clients against a live server, the `--hostile` mode of bench/reliability.py:
+"""Hostile clients against live servers.
 
+    python bench/hostile.py ARTIFACT...   # every task: its probe set (bench/probes.py)
     python bench/reliability.py --hostile --run runs/sms_spam --image-run runs/digits
+
+Per task (`python bench/hostile.py`): every body of the task's probe set must get a 4xx with a
+JSON error; then the heaviest legal request of the task, from 4 clients, while /livez is
+probed; the workers' RSS before and after.
+
+The `--hostile` mode of bench/reliability.py:
 
 Text server (fp32, as users first serve it): closed-loop bursts of 64 clients x 8 and x 32
 texts (every answer checked against the in-process runtime), malformed OIP and JSON on every
@@ -313,3 +320,146 @@ def run(
         print(f"/livez under 64 clients x one 6-MP JPEG: {probes_under_photos(url, 64, seconds)}")
     finally:
         stop(proc)
+
+
+# --------------------------------------------------------------------------- every task
+
+JSON = {"content-type": "application/json"}
+
+
+def worker_rss_mb(pid: int) -> float:
+    """Resident memory of the server's worker processes only, MiB."""
+    import psutil
+
+    workers = [
+        p
+        for p in psutil.Process(pid).children(recursive=True)
+        if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+    ]
+    return sum(p.memory_info().rss for p in workers) / 2**20
+
+
+def probe_set(url: str, model: str, probes: list[tuple[str, bytes]]) -> dict:
+    """Every probe on /predict (and the nested one on OIP too): statuses, and the probes that
+    did not get a 4xx with a JSON error body."""
+    import httpx
+
+    statuses: dict[int, int] = {}
+    wrong = []
+    nested_oip = b'{"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1], "data": '
+    nested_oip += b"[" * 50_000 + b"]" * 50_000 + b"}]}"
+    routes = [("/predict", name, raw) for name, raw in probes]
+    routes.append((f"/v2/models/{model}/infer", "OIP nested 50,000 deep", nested_oip))
+    with httpx.Client(timeout=120) as c:
+        for route, name, raw in routes:
+            r = c.post(url + route, content=raw, headers=JSON)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            try:
+                named = bool(r.json().get("error"))
+            except ValueError:
+                named = False
+            if not (400 <= r.status_code < 500 and named):
+                wrong.append(f"{name}: {r.status_code} {r.text[:120]}")
+    return {"probes": len(routes), "statuses": statuses, "not_4xx": wrong}
+
+
+def livez_under(url: str, raw: bytes, clients: int, seconds: float) -> dict:
+    """/livez every 50 ms while `clients` closed-loop clients send the request `raw`."""
+    import httpx
+
+    probes: list[float] = []
+    statuses: dict = {}
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client() as c:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                c.get(url + "/livez", timeout=60)
+                probes.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as c:
+            while not done.is_set():
+                try:
+                    code = c.post(url + "/predict", content=raw, headers=JSON).status_code
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                statuses[code] = statuses.get(code, 0) + 1
+
+    threads = [threading.Thread(target=probe)] + [
+        threading.Thread(target=client) for _ in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    done.set()
+    for t in threads:
+        t.join()
+    probes.sort()
+    return {
+        "load_statuses": statuses,
+        "livez_n": len(probes),
+        "livez_p50_ms": round(1000 * probes[len(probes) // 2], 1),
+        "livez_p99_ms": round(1000 * probes[max(0, int(len(probes) * 0.99) - 1)], 1),
+        "livez_max_ms": round(1000 * probes[-1], 1),
+    }
+
+
+def run_tasks(artifacts: list[Path], tmp: Path, seconds: float, clients: int = 4) -> list[dict]:
+    """Per artifact: a live server, its task's probe set, then the heaviest legal request
+    from `clients` clients for `seconds` while /livez is probed; the workers' RSS before the
+    probes (after one heaviest request) and after all of it."""
+    import httpx
+    import probes as task_probes
+
+    from export.card import load_card
+
+    rows = []
+    for art in artifacts:
+        card = load_card(art)
+        name = card["task"]
+        proc, url = serve(art, tmp, name)
+        try:
+            what, raw = task_probes.heaviest(card)
+            first = httpx.post(url + "/predict", content=raw, headers=JSON, timeout=300)
+            before = worker_rss_mb(proc.pid)
+            found = probe_set(url, card["name"], task_probes.task_probes(card))
+            load = livez_under(url, raw, clients, seconds)
+            after = worker_rss_mb(proc.pid)
+            row = {
+                "task": name,
+                "heaviest": what,
+                "heaviest_mib": round(len(raw) / 2**20, 1),
+                "first_heaviest_status": first.status_code,
+                **found,
+                **load,
+                "worker_rss_before_mib": round(before),
+                "worker_rss_growth_mib": round(after - before),
+            }
+        finally:
+            stop(proc)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+
+    p = argparse.ArgumentParser(description="every task's probe set against its live server")
+    p.add_argument("artifacts", nargs="+", type=Path, help="artifact folders (one per task)")
+    p.add_argument("--seconds", type=float, default=20, help="heaviest-request load, seconds")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_tasks(args.artifacts, Path(tmp), args.seconds)
+    fivexx = sum(n for r in results for s, n in r["statuses"].items() if s >= 500)
+    print(f"5xx over every probe set: {fivexx}")
+    for r in results:
+        print(
+            f"| {r['task']} | {r['probes']} | {r['statuses']} | {len(r['not_4xx'])} | "
+            f"{r['heaviest']} ({r['heaviest_mib']} MiB): {r['load_statuses']} | "
+            f"{r['livez_p99_ms']} | {r['worker_rss_growth_mib']} |"
+        )
