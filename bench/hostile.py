@@ -407,7 +407,34 @@ def livez_under(url: str, raw: bytes, clients: int, seconds: float) -> dict:
     }
 
 
-def run_tasks(artifacts: list[Path], tmp: Path, seconds: float, clients: int = 4) -> list[dict]:
+def fuzz(url: str, model: str, tmp: Path, examples: int) -> dict:
+    """schemathesis over the server's /docs.json (every route, the OIP ones with the model's
+    name): the cases it ran and the server errors it found (`not_a_server_error`)."""
+    import re
+    import subprocess
+
+    config = tmp / f"schemathesis-{model}.toml"
+    config.write_text(f'[parameters]\n"path.name" = "{model}"\n')
+    st = Path(sys.executable).with_name("schemathesis")
+    proc = subprocess.run(
+        [str(st), "--config-file", str(config), "run", url + "/docs.json",
+         "--checks", "not_a_server_error", "--max-examples", str(examples),
+         "--workers", "2", "--no-color"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    out = proc.stdout
+    cases = re.search(r"(\d[\d,]*) generated", out)
+    return {
+        "fuzz_exit": proc.returncode,
+        "fuzz_cases": int(cases.group(1).replace(",", "")) if cases else None,
+        "fuzz_server_errors": len(re.findall(r"Server error", out)),
+        "fuzz_tail": out.strip().splitlines()[-1][:200] if out.strip() else proc.stderr[-200:],
+    }
+
+
+def run_tasks(
+    artifacts: list[Path], tmp: Path, seconds: float, clients: int = 4, examples: int = 0
+) -> list[dict]:
     """Per artifact: a live server, its task's probe set, then the heaviest legal request
     from `clients` clients for `seconds` while /livez is probed; the workers' RSS before the
     probes (after one heaviest request) and after all of it."""
@@ -428,6 +455,7 @@ def run_tasks(artifacts: list[Path], tmp: Path, seconds: float, clients: int = 4
             found = probe_set(url, card["name"], task_probes.task_probes(card))
             load = livez_under(url, raw, clients, seconds)
             after = worker_rss_mb(proc.pid)
+            fuzzed = fuzz(url, card["name"], tmp, examples) if examples else {}
             row = {
                 "task": name,
                 "heaviest": what,
@@ -437,6 +465,7 @@ def run_tasks(artifacts: list[Path], tmp: Path, seconds: float, clients: int = 4
                 **load,
                 "worker_rss_before_mib": round(before),
                 "worker_rss_growth_mib": round(after - before),
+                **fuzzed,
             }
         finally:
             stop(proc)
@@ -452,9 +481,12 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="every task's probe set against its live server")
     p.add_argument("artifacts", nargs="+", type=Path, help="artifact folders (one per task)")
     p.add_argument("--seconds", type=float, default=20, help="heaviest-request load, seconds")
+    p.add_argument(
+        "--fuzz", type=int, default=0, help="schemathesis examples per route (0: no fuzzing)"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_tasks(args.artifacts, Path(tmp), args.seconds)
+        results = run_tasks(args.artifacts, Path(tmp), args.seconds, examples=args.fuzz)
     fivexx = sum(n for r in results for s, n in r["statuses"].items() if s >= 500)
     print(f"5xx over every probe set: {fivexx}")
     for r in results:
