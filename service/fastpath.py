@@ -25,16 +25,22 @@ JSON_TYPES = (b"application/json",)
 
 def simple_request(payload) -> tuple[list, dict] | None:
     """(inputs, params) of a body the route would read the same way, or None: then the route
-    reads it (and words any error)."""
+    reads it (and words any error). A field no route takes is a 400 here: BentoML's route
+    would ignore it, and a client's misspelt `top-k` would be answered as if unsent."""
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         return None
+    unknown = sorted(set(payload) - {"inputs", *PARAMS})
+    if unknown:
+        raise InputError(
+            "bad_request",
+            f"unknown field(s) {', '.join(map(repr, unknown))}; fields: inputs, "
+            + ", ".join(PARAMS),
+        )
     params = {name: None for name in PARAMS}
     for key, value in payload.items():
         if key == "inputs":
             continue
-        kinds = PARAMS.get(key)
-        if kinds is None:
-            return None
+        kinds = PARAMS[key]
         # bool is an int in Python: the route's pydantic model reads True as top_k=1; leave
         # such values, and any coercion, to it.
         if value is not None and (type(value) not in kinds):
@@ -63,9 +69,13 @@ class FastPredict:
             request = None
         except RecursionError:  # nested past Python's stack; pydantic's parser stops at 200
             request = None
+        except InputError as e:
+            request = e
         if request is None:
             return await self.app(scope, replay(body, receive), send)
         try:
+            if isinstance(request, InputError):
+                raise request
             answer = svc.response(await svc.answer(*request)).model_dump_json().encode()
             status, headers = 200, {}
         except InputError as e:

@@ -189,7 +189,12 @@ class Runtime:
         if self.heavy_inputs and self.provider == "CPUExecutionProvider":
             self.chunk = self.fastest_chunk(short)
         timings = []
-        for batch in [[short] * n for n in sizes] + [[long] * self.max_batch_size]:
+        batches = [[short] * n for n in sizes]
+        if long.cost != short.cost:  # priced apart (windowed texts' tokens): time it too, else
+            batches.append([long] * self.max_batch_size)  # it would price every item as long
+        else:
+            self.predict([long] * self.max_batch_size)
+        for batch in batches:
             t0 = time.perf_counter()
             self.predict(batch)
             timings.append((sum(item.cost for item in batch), time.perf_counter() - t0))

@@ -457,6 +457,7 @@ def test_api_keys_guard_prediction_routes_only(text_server):
         ({"inputs": ["  "]}, 400, "empty_text"),
         ({"inputs": ["x" * 201]}, 413, "text_too_long"),
         ({"inputs": [{"text": "hi"}]}, 400, "wrong_type"),
+        ({"inputs": ["hi"], "top-k": 2}, 400, "bad_request"),  # misspelt: was answered as 200
     ],
 )
 def test_text_errors(text_server, payload, status, reason):
