@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -164,6 +165,27 @@ def wav_bytes(wave: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
 # --------------------------------------------------------------------------- the task
 
 
+@dataclass(frozen=True, slots=True)
+class Clip:
+    """A decoded clip as it waits in the queue: the samples the model reads (its window) and
+    the whole clip's duration and loudness (the drift statistics). A 60-s clip held whole
+    was 3.8 MB per queued input for a model that reads a few seconds of it."""
+
+    wave: np.ndarray  # float32 at SAMPLE_RATE, at most the model's window
+    seconds: float
+    loudness_db: float
+
+    @classmethod
+    def of(cls, wave: np.ndarray, samples: int) -> "Clip":
+        wave = np.asarray(wave, dtype=np.float32)
+        head = wave[:samples].copy() if len(wave) > samples else wave  # copy: frees the rest
+        return cls(head, len(wave) / SAMPLE_RATE, loudness_db(wave))
+
+    @property
+    def nbytes(self) -> int:
+        return self.wave.nbytes
+
+
 class AudioClassification(Classification):
     name = "audio-classification"
     heavy_inputs = decode_in_threads = True  # decoding and resampling: the decode threads
@@ -180,21 +202,22 @@ class AudioClassification(Classification):
         return base64.b64encode(wav_bytes(0.3 * np.sin(2 * np.pi * 440 * t))).decode()
 
     def decode(self, value) -> Prepared:
-        return Prepared(read_audio(encoded_bytes(value, "audio"), self.limits.max_audio_seconds))
+        wave = read_audio(encoded_bytes(value, "audio"), self.limits.max_audio_seconds)
+        return Prepared(Clip.of(wave, self.samples))
 
     def from_holdout(self, value) -> Prepared:
         return self.decode(str(value))  # base64 of the original file: the served path
 
     def feeds(self, items, stats: dict | None = None) -> dict:
-        waves = [np.asarray(i.value, dtype=np.float32) for i in items]
-        x = np.stack([log_mel(w, self.samples, self.n_mels) for w in waves])
-        mask = np.zeros((len(waves), self.frames), dtype=np.int64)
-        for row, w in zip(mask, waves, strict=True):
-            row[: max(1, min(self.frames, -(-len(w) // HOP)))] = 1
+        clips = [i.value for i in items]
+        x = np.stack([log_mel(c.wave, self.samples, self.n_mels) for c in clips])
+        mask = np.zeros((len(clips), self.frames), dtype=np.int64)
+        for row, c in zip(mask, clips, strict=True):
+            row[: max(1, min(self.frames, -(-len(c.wave) // HOP)))] = 1
         if stats is not None:
-            stats["duration"] = [len(w) / SAMPLE_RATE for w in waves]
-            stats[LOUDNESS] = [loudness_db(w) for w in waves]
-            stats["truncated"] = sum(1 for w in waves if len(w) > self.samples)
+            stats["duration"] = [c.seconds for c in clips]
+            stats[LOUDNESS] = [c.loudness_db for c in clips]
+            stats["truncated"] = sum(1 for c in clips if c.seconds * SAMPLE_RATE > self.samples)
         return {FEATURES: x, MASK: mask}
 
     def parity_feeds(self, items, length=None) -> dict:
@@ -213,16 +236,16 @@ class AudioClassification(Classification):
         s.kinds = ("numeric",)
         return s
 
-    def input_summary(self, waves: list) -> dict:
+    def input_summary(self, clips: list[Clip]) -> dict:
         """The card's reference input statistics (export, on the holdout)."""
         from tasks.common import quantile_hist
 
         return {
-            "duration_seconds": quantile_hist([len(w) / SAMPLE_RATE for w in waves]),
-            "loudness_db": quantile_hist([loudness_db(w) for w in waves]),
+            "duration_seconds": quantile_hist([c.seconds for c in clips]),
+            "loudness_db": quantile_hist([c.loudness_db for c in clips]),
         }
 
     def warm_items(self):
         rng = np.random.default_rng(0)
-        short = Prepared(np.zeros(HOP * 10, dtype=np.float32))
-        return short, Prepared((0.1 * rng.standard_normal(self.samples)).astype(np.float32))
+        long = (0.1 * rng.standard_normal(self.samples)).astype(np.float32)
+        return Prepared(Clip.of(np.zeros(HOP * 10), self.samples)), Prepared(Clip.of(long, self.samples))

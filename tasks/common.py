@@ -41,8 +41,8 @@ class Prepared:
     def nbytes(self) -> int:
         """About the memory this input holds while it waits for its batch (admission)."""
         value = self.value
-        if isinstance(value, np.ndarray):
-            held = value.nbytes
+        if isinstance(value, np.ndarray) or hasattr(value, "nbytes"):  # arrays, audio clips
+            held = int(value.nbytes)
         elif isinstance(value, tuple | list):
             held = sum(4 * len(v) if isinstance(v, str) else 64 for v in value)
         else:

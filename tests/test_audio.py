@@ -282,3 +282,28 @@ def test_bad_audio_data_stops_the_cli_with_one_line(tmp_path):
     assert last.startswith("error: ") and "only one class" in last and str(root) in last, last
     r = run_main("finetune", str(root), "--clip-seconds", "40")
     assert r.returncode != 0 and "clip_seconds" in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_long_clip_waits_as_the_model_window_with_its_whole_statistics(audio_run):
+    """A 30-s clip to a model whose window is its training clips' length: the queued input
+    holds the window's samples only, its duration and loudness are the whole clip's, and the
+    model's answer is the one it gives the clip cut to the window by hand."""
+    from service.runtime import Runtime
+    from tasks.audio import SAMPLE_RATE, loudness_db, wav_bytes
+
+    rt = Runtime(audio_run[2])
+    window = rt.contract.samples
+    rng = np.random.default_rng(3)
+    wave = np.concatenate(
+        [0.3 * np.sin(2 * np.pi * 440 * np.arange(window) / SAMPLE_RATE),
+         0.01 * rng.standard_normal(30 * SAMPLE_RATE - window)]
+    ).astype(np.float32)
+    long = rt.prepare(wav_bytes(wave))
+    assert long.nbytes <= 4 * window + 64 < wave.nbytes / 10
+    cut = rt.prepare(wav_bytes(wave[:window]))
+    stats: dict = {}
+    (logits, _), (cut_logits, _) = rt.run([long], stats), rt.run([cut])
+    assert stats["duration"] == [pytest.approx(30.0)] and stats["truncated"] == 1
+    pcm16 = np.round(wave * 32767) / 32767  # what the WAV file holds
+    assert stats["loudness"][0] == pytest.approx(loudness_db(pcm16), abs=0.05)
+    np.testing.assert_allclose(logits, cut_logits, atol=1e-5)
