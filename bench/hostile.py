@@ -327,6 +327,9 @@ def run(
 JSON = {"content-type": "application/json"}
 
 
+SETTLE_S = 2.0  # idle seconds before the RSS after the load is read
+
+
 def worker_rss_mb(pid: int) -> float:
     """Resident memory of the server's worker processes only, MiB."""
     import psutil
@@ -423,8 +426,11 @@ def fuzz(url: str, model: str, tmp: Path, examples: int) -> dict:
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     out = proc.stdout
+    (tmp.parent / f"schemathesis-{model}.log").write_text(out)  # the whole report, kept
     cases = re.search(r"(\d[\d,]*) generated", out)
+    errors = re.findall(r"^(?:[^\n]*Error[^\n]*)$", out, re.M)  # schemathesis' own, not 5xx
     return {
+        "fuzz_errors": errors[:3],
         "fuzz_exit": proc.returncode,
         "fuzz_cases": int(cases.group(1).replace(",", "")) if cases else None,
         "fuzz_server_errors": len(re.findall(r"Server error", out)),
@@ -454,6 +460,7 @@ def run_tasks(
             before = worker_rss_mb(proc.pid)
             found = probe_set(url, card["name"], task_probes.task_probes(card))
             load = livez_under(url, raw, clients, seconds)
+            time.sleep(SETTLE_S)  # the worker's trim after its last heavy request (memory.py)
             after = worker_rss_mb(proc.pid)
             fuzzed = fuzz(url, card["name"], tmp, examples) if examples else {}
             row = {

@@ -30,6 +30,7 @@ from service.drift import Monitor
 from service.errors import ArtifactError, InputError
 from service.fastpath import FastPredict
 from service.guard import RequestGuard
+from service.memory import Trimmer
 from service.oip import oip_app
 from service.runtime import Runtime, listed_precisions, usable_providers
 from service.settings import Settings
@@ -40,7 +41,8 @@ log = logging.getLogger("tuneserve")
 # Imported by BentoML's arbiter before it starts the workers, which inherit it: glibc gives
 # each thread that allocates its own arena, and the decode threads' peaks (a request of 64
 # texts of 20,000 characters tokenized, 24-MP JPEGs) stayed resident per arena: workers grew
-# 110 MB over bench/hostile.py's entity probes with the default, 19 MB with 2.
+# 110 MB over bench/hostile.py's entity probes with the default; fewer arenas hold less, and
+# service/memory.py hands the free pages back after heavy requests.
 os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 try:
     settings = Settings.from_env()
@@ -224,6 +226,7 @@ class Tuneserve:
             thread_name_prefix="decode",
             initializer=name_os_thread,
         )
+        self.trimmer = Trimmer(self.decoders)
         metrics.model_info(self.rt)
         metrics.reference(self.rt, reference.get("class_prior", {}))
         # Everything loaded so far lives as long as the worker: keep it out of the collector's
@@ -234,6 +237,13 @@ class Tuneserve:
     async def outputs(self, raw: list):
         """Validate every input, then one call into the batching path (InputError on misuse);
         the task's per-input outputs."""
+        if not isinstance(raw, list) or not raw:
+            raise InputError("no_inputs", "'inputs' must be a non-empty list")
+        held = sum(len(v) for v in raw if isinstance(v, str | bytes))
+        with self.trimmer.request(held):
+            return await self._outputs(raw)
+
+    async def _outputs(self, raw: list):
         if not isinstance(raw, list) or not raw:
             raise InputError("no_inputs", "'inputs' must be a non-empty list")
         if len(raw) > settings.max_items:

@@ -176,7 +176,7 @@ class Clip:
     loudness_db: float
 
     @classmethod
-    def of(cls, wave: np.ndarray, samples: int) -> "Clip":
+    def of(cls, wave: np.ndarray, samples: int) -> Clip:
         wave = np.asarray(wave, dtype=np.float32)
         head = wave[:samples].copy() if len(wave) > samples else wave  # copy: frees the rest
         return cls(head, len(wave) / SAMPLE_RATE, loudness_db(wave))
@@ -248,4 +248,6 @@ class AudioClassification(Classification):
     def warm_items(self):
         rng = np.random.default_rng(0)
         long = (0.1 * rng.standard_normal(self.samples)).astype(np.float32)
-        return Prepared(Clip.of(np.zeros(HOP * 10), self.samples)), Prepared(Clip.of(long, self.samples))
+        return Prepared(Clip.of(np.zeros(HOP * 10), self.samples)), Prepared(
+            Clip.of(long, self.samples)
+        )

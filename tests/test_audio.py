@@ -295,8 +295,10 @@ def test_a_long_clip_waits_as_the_model_window_with_its_whole_statistics(audio_r
     window = rt.contract.samples
     rng = np.random.default_rng(3)
     wave = np.concatenate(
-        [0.3 * np.sin(2 * np.pi * 440 * np.arange(window) / SAMPLE_RATE),
-         0.01 * rng.standard_normal(30 * SAMPLE_RATE - window)]
+        [
+            0.3 * np.sin(2 * np.pi * 440 * np.arange(window) / SAMPLE_RATE),
+            0.01 * rng.standard_normal(30 * SAMPLE_RATE - window),
+        ]
     ).astype(np.float32)
     long = rt.prepare(wav_bytes(wave))
     assert long.nbytes <= 4 * window + 64 < wave.nbytes / 10

@@ -292,3 +292,29 @@ def test_the_bodies_a_worker_holds_are_bounded():
     (ok, _), (status, reads), (again, _) = asyncio.run(scenario())
     assert (ok, status, reads, again) == (200, 503, 0, 200)
     assert guard.inflight == 0
+
+
+def test_free_memory_goes_back_after_heavy_requests_only_when_idle():
+    """malloc_trim runs after a request that sent 1 MiB or more, once no request is in
+    flight, on the executor; light requests and requests still running trigger nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.memory import Trimmer
+
+    with ThreadPoolExecutor(1) as pool:
+        trim = Trimmer(pool, min_bytes=1 << 20, interval_s=0.05)
+        if trim.trim is None:
+            pytest.skip("no glibc malloc_trim here")
+        with trim.request(100):
+            pass
+        with trim.request(2 << 20):
+            with trim.request(100):
+                pass
+            time.sleep(0.1)
+            assert trim.count == 0  # the heavy one is still in flight
+        time.sleep(0.2)
+        assert trim.count == 1
+        with trim.request(100):
+            pass
+        time.sleep(0.1)
+        assert trim.count == 1  # nothing heavy since
