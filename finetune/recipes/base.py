@@ -9,6 +9,7 @@ export. `recipes.get(task)` finds a task's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import tasks
 from finetune import checkpoint, models
 from finetune.data import Dataset, describe, load_dataset
 from finetune.errors import DataError
+from finetune.models.choose import choose_text_backbone
 from tasks.common import INPUT_ORDER
 
 EVAL_BATCH = 64  # samples per evaluation batch
@@ -228,6 +230,8 @@ class EncoderRecipe(Recipe):
 
     @classmethod
     def setup(cls, task: str, cfg, data, log) -> Setup:
+        """The data, the model and the checkpoint's config.json for `cfg` (`--backbone auto`
+        on text data: chosen once the data is read)."""
         spec = models.resolve(cfg.backbone, task)
         if task not in spec.tasks:
             raise DataError(
@@ -236,6 +240,18 @@ class EncoderRecipe(Recipe):
         cfg, extra = cls.prepare(cfg, spec, data, log)
         ds = load_dataset(data, cfg, extra.get("prep"))
         log(describe(ds.summary))
+        chosen_by = None
+        if cfg.backbone == "auto":  # text tasks: by the data and the budget, measured
+            cuda = cfg.device != "cpu" and torch.cuda.is_available()
+            device = torch.device("cuda" if cuda else "cpu")
+            spec, chosen_by = choose_text_backbone(task, cfg, ds, device)
+            cfg = dataclasses.replace(cfg, backbone=spec.name)
+            log(f"backbone auto: {chosen_by}")
+        if spec.max_tokens is not None and cfg.max_length > spec.max_tokens:
+            raise DataError(
+                f"--max-length {cfg.max_length} is over backbone '{spec.name}''s "
+                f"{spec.max_tokens} tokens"
+            )
         cfg = cls.loaded(cfg, ds, log)
         encoder, dim = models.build_encoder(spec, cfg.weights, extra.get("prep"))
         model = cls.head_type(encoder, dim, len(ds.labels), cfg.dropout)
@@ -253,6 +269,10 @@ class EncoderRecipe(Recipe):
             "weights": cfg.weights,
             "feature_dim": dim,
             "groups": list(spec.groups),
+            **{
+                k: getattr(spec, k) for k in ("cased", "max_tokens") if getattr(spec, k) is not None
+            },
+            **({"chosen_by": chosen_by} if chosen_by else {}),
             **models.saved_architecture(spec, encoder),
         }
         head = {

@@ -10,6 +10,7 @@ mean IoU is what the exported model and the service reproduce.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -82,6 +83,7 @@ class DenseRecipe(Recipe):
     """Detection and segmentation: a dense head on an ImageNet encoder, trained in full."""
 
     images = True
+    dense = True  # epochs sized from the model's optimizer steps once the data is read
 
     @classmethod
     def setup(cls, task: str, cfg, data, log) -> Setup:
@@ -104,6 +106,9 @@ class DenseRecipe(Recipe):
         cfg = dataclasses.replace(cfg, backbone=spec.name, image_size=size, strategy=strategy)
         ds = load_dataset(data, cfg)
         log(describe(ds.summary))
+        cfg, why = cfg.for_steps(spec.train_steps or 0, len(ds.train))
+        if why:
+            log(f"training length: {why}")
         post = tasks.get(task).default_postprocessing()
         model = models.build_dense(spec, len(ds.labels), size, cfg.weights, post)
         groups = models.parameter_groups(spec, model.backbone)
@@ -232,18 +237,48 @@ class DenseRecipe(Recipe):
         return {"loss": total / max(1, len(items)), **metrics}
 
     def draw(self, report) -> None:
-        """report/predictions.png: the first validation images with the truth (left) and the
-        prediction (right)."""
+        """report/predictions.png: the first validation images, the truth (left) beside the
+        prediction (right), under a header naming the columns and each class's colour."""
+        from PIL import ImageDraw
+
         crops, targets = self.split("val")
         if "val" not in self.outputs:
             self.evaluate("val", self.cfg.strategy)
         n, s = min(GRID, len(crops)), self.size
-        sheet = Image.new("RGB", (2 * s, n * s), "white")
+        header = HEADER + LEGEND_ROW * math.ceil(len(self.ds.labels) / LEGEND_PER_ROW)
+        sheet = Image.new("RGB", (2 * s, header + n * s), "white")
+        draw = ImageDraw.Draw(sheet)
+        for col, title in enumerate(("truth", "prediction")):
+            draw.text((col * s + 6, 4), title, fill="black", font=_font(14))
+        for k, name in enumerate(self.ds.labels):
+            x = (k % LEGEND_PER_ROW) * (2 * s // LEGEND_PER_ROW) + 6
+            y = HEADER + (k // LEGEND_PER_ROW) * LEGEND_ROW
+            draw.rectangle([x, y + 2, x + 12, y + 14], fill=_colour(k))
+            draw.text((x + 16, y + 1), name, fill="black", font=_font(12))
         for i in range(n):
             truth, predicted = self.truth_and_prediction(targets[i], self.outputs["val"][i])
             for col, drawn in enumerate((truth, predicted)):
-                sheet.paste(self.painted(Image.fromarray(crops[i]), drawn), (col * s, i * s))
+                im = self.painted(Image.fromarray(crops[i]), drawn, self.ds.labels)
+                sheet.paste(im, (col * s, header + i * s))
         sheet.save(report / "predictions.png")
+
+
+HEADER, LEGEND_ROW, LEGEND_PER_ROW = 22, 18, 4  # predictions.png's header, pixels
+
+
+def _colour(k: int) -> tuple[int, int, int]:
+    from tasks.vision import PALETTE
+
+    return tuple(int(v) for v in PALETTE[int(k) % len(PALETTE)])
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
 
 
 class ObjectDetection(DenseRecipe):
@@ -280,18 +315,24 @@ class ObjectDetection(DenseRecipe):
 
     def truth_and_prediction(self, target: dict, output: dict):
         keep = output["scores"] >= self.contract.post["min_score"]
-        return (target["boxes"], target["labels"]), (output["boxes"][keep], output["labels"][keep])
+        truth = (target["boxes"], target["labels"], [None] * len(target["labels"]))
+        return truth, (output["boxes"][keep], output["labels"][keep], output["scores"][keep])
 
     @staticmethod
-    def painted(im, drawn):
+    def painted(im, drawn, labels):
+        """Each box in its class's colour, its label (and score) on a tab above it."""
         from PIL import ImageDraw
 
-        from tasks.vision import PALETTE
-
-        draw = ImageDraw.Draw(im)
-        for b, c in zip(*drawn, strict=True):
-            colour = tuple(int(v) for v in PALETTE[int(c) % len(PALETTE)])
-            draw.rectangle([float(v) for v in b], outline=colour, width=2)
+        draw, font = ImageDraw.Draw(im), _font(11)
+        for b, c, score in zip(*drawn, strict=True):
+            colour = _colour(c)
+            x0, y0, x1, y1 = (float(v) for v in b)
+            draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
+            text = labels[int(c)] + ("" if score is None else f" {float(score):.2f}")
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+            ty = y0 - (bottom - top) - 4 if y0 >= (bottom - top) + 4 else y0
+            draw.rectangle([x0, ty, x0 + right - left + 4, ty + bottom - top + 4], fill=colour)
+            draw.text((x0 + 2, ty + 2 - top), text, fill="white", font=font)
         return im
 
 
@@ -335,7 +376,7 @@ class SemanticSegmentation(DenseRecipe):
         return target["mask"], output["mask"]
 
     @staticmethod
-    def painted(im, mask):
+    def painted(im, mask, labels=None):
         from tasks.vision import PALETTE
 
         mask = mask.astype(np.int64)

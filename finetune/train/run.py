@@ -69,15 +69,16 @@ def _silent(*_args) -> None:
 
 
 def _task_defaults(cfg: TrainConfig, task: str, kind) -> TrainConfig:
-    """`auto` backbone and monitor resolved for the task, and its family's defaults."""
-    if cfg.backbone == "auto":
+    """`auto` backbone and monitor resolved for the task, and its family's defaults (text
+    tasks choose their encoder once the data is read: recipes/base.py)."""
+    if cfg.backbone == "auto" and not tasks.uses_tokenizer(task):
         cfg = dataclasses.replace(cfg, backbone=models.default_for(task).name)
     if cfg.monitor == "auto":  # the task's own metric (tasks registry)
         metric = tasks.get(task).metric
         cfg = dataclasses.replace(
             cfg, monitor="val_macro_f1" if metric == "accuracy" else f"val_{metric}"
         )
-    return cfg.for_family(images=kind.images)
+    return cfg.for_family(images=kind.images, dense=getattr(kind, "dense", False))
 
 
 def _start(out: Path, cfg: TrainConfig, overwrite: bool, resume: bool, log):
