@@ -145,6 +145,12 @@ class Batcher:
             )
         if nbytes:
             self.admit_bytes(nbytes)
+        self.admit_alone(n, cost)
+
+    def admit_alone(self, n: int, cost: int) -> None:
+        """413 `too_much_work` when `n` items of `cost` in all would pass the timeout even in an
+        empty queue, 503 `deadline` when only behind the queue (also asked before decoding,
+        with a floor of the cost)."""
         alone = self.times.drain_s(n, self.max_batch_size, cost)
         if alone > self.timeout_s:
             e = InputError(

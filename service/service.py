@@ -252,12 +252,15 @@ class Tuneserve:
                 f"{len(raw)} inputs; the limit per request is {settings.max_items}",
                 status=413,
             )
-        if self.item_bytes:
-            try:
+        floor = getattr(self.rt.contract, "cost_floor", None)
+        try:
+            if self.item_bytes:
                 self.batch.admit_bytes(len(raw) * self.item_bytes)
-            except InputError as e:
-                metrics.shed(self.rt, e.shed_reason)
-                raise
+            if floor is not None:  # span tasks: refused before tokenizing when surely too much
+                self.batch.admit_alone(len(raw), sum(floor(v) for v in raw))
+        except InputError as e:
+            metrics.shed(self.rt, e.shed_reason)
+            raise
         t0 = time.perf_counter()
         if self.rt.contract.decode_in_threads:
             loop = asyncio.get_running_loop()

@@ -139,6 +139,18 @@ def test_a_long_text_costs_its_tokens(qa_task):
     assert long.cost > 40 * short.cost and long.nbytes > long.cost * 100
 
 
+def test_the_cost_floor_is_below_the_tokenized_cost(qa_task):
+    """The floor admission asks for before tokenizing (a word is at least one token) never
+    exceeds the cost the windows then have, so it refuses nothing that would have passed."""
+    rng = np.random.default_rng(0)
+    words = ["alice", "met", "bob", "in", "paris", ".", "unknownword", "acme,inc"]
+    for n in (1, 5, 80, 900):
+        value = {"question": "who met bob?", "context": " ".join(rng.choice(words, n))}
+        floor = qa_task.cost_floor(value)
+        assert 0 < floor <= qa_task.decode(value).cost
+    assert qa_task.cost_floor(3) == 0 and qa_task.cost_floor({"context": None}) == 0
+
+
 class Breaks(StandIn):
     """A model that panics on one poisoned input (NaN), as the tokenizer did."""
 

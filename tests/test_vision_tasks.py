@@ -601,6 +601,7 @@ def test_dense_defaults_are_sized_in_optimizer_steps_and_say_so(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_default_segmenter_beats_the_majority_class_on_small_data(tmp_path):
     """20 training images, nothing set but the input size (the offline MobileNetV2 encoder,
     the default LR-ASPP head): the run trains past the majority class's pixel accuracy
