@@ -29,6 +29,8 @@ MPNET_FILES = (  # what the encoder needs from the archive (not its sentence-tra
     "special_tokens_map.json",
     "vocab.txt",
 )
+# What makes an unpacked folder usable (special_tokens_map.json is optional to transformers).
+MPNET_NEEDED = ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt")
 
 
 def cache_dir() -> Path:
@@ -44,7 +46,7 @@ def mpnet_dir() -> Path:
     import importlib.metadata as md
 
     out = cache_dir() / "all-mpnet-base-v2"
-    if all((out / f).is_file() for f in MPNET_FILES):
+    if all((out / f).is_file() for f in MPNET_NEEDED):
         return out
     parts = []
     for name in MPNET_PARTS:
