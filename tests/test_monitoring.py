@@ -59,6 +59,13 @@ def test_every_alert_has_a_summary_and_a_runbook():
 def scraped_service(calibrated, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prom")
     proc, url = _serve(calibrated, tmp / "svc.log", TUNESERVE_DRIFT_INTERVAL_S="1")
+    try:  # a Prometheus that cannot start must not leave the service running
+        yield from _prometheus_scraping(url, tmp)
+    finally:
+        _stop(proc)
+
+
+def _prometheus_scraping(url: str, tmp):
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(PROM / "tuneserve.rules.yml")]
@@ -82,7 +89,6 @@ def scraped_service(calibrated, tmp_path_factory):
     finally:
         prom.terminate()
         prom.wait(timeout=30)
-        _stop(proc)
 
 
 def _query(prom: str, expr: str, timeout: float = 60) -> list[dict]:
