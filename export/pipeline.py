@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tasks
 from export import card as card_mod
-from export import convert, quantize
+from export import convert, cost, quantize
 from export.errors import CheckpointInvalid, ExportError, VariantError, VersionExists
 from export.parity import check_parity
 from export.preprocess import Feeder, input_names
@@ -351,7 +351,9 @@ def _build(source: _Source, target: _Target, opts: ExportOptions, log) -> dict:
 
     ckpt, work = source.ckpt, target.work
     precisions = ("int8",) * opts.int8 + ("fp16",) * opts.fp16
-    stage = Steps(["build", "export", "optimize", "parity", *precisions, "reference", "card"])
+    stage = Steps(
+        ["build", "export", "optimize", "parity", *precisions, "cost", "reference", "card"]
+    )
     log = stage.around(log)
     # On a terminal the bar is cleared also when a step fails, so the CLI's error line
     # starts a line of its own.
@@ -377,6 +379,12 @@ def _build(source: _Source, target: _Target, opts: ExportOptions, log) -> dict:
                 variants.append(entry)
 
         stage()
+        files = {"fp32": path, **{v["precision"]: work / v["file"] for v in variants}}
+        files.pop("fp16", None)  # a GPU variant: its CPU time would say nothing
+        price = cost.measure(files, feeder)
+        log(cost.describe(price))
+
+        stage()
         prior = ckpt.config["data"].get("train_per_class", {})
         reference = build_reference(outputs, embeddings, stats, feeder, prior)
         ckpt_mod.write_json(work / card_mod.REFERENCE, reference)
@@ -396,6 +404,7 @@ def _build(source: _Source, target: _Target, opts: ExportOptions, log) -> dict:
             "variants": variants,
             "rejected_variants": rejected,
             "max_accuracy_drop": opts.max_accuracy_drop,
+            "cost": price,
             "reference": card_mod.REFERENCE,
         }
         card_mod.write_card(work, card)

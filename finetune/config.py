@@ -152,7 +152,7 @@ class TrainConfig:
             out.append(f"class_weighting {self.class_weighting!r} must be 'none' or 'balanced'")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
-            if value is not None and value < 1 and name != "patience":
+            if value is not None and value < 1:
                 out.append(f"{name} must be >= 1, got {value}")
         for name in ("val_fraction", "test_fraction"):
             if not 0.0 < getattr(self, name) < 0.5:

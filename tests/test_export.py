@@ -125,6 +125,13 @@ def test_int8_variants_are_scored(image_artifact, text_artifact):
             "DynamicQuantizeMatMul",
         }, quantized_ops
         assert sess.get_outputs()[0].name == "logits"
+        # what each precision costs per request, timed at export on this machine
+        price = card["cost"]
+        assert price["provider"] == "CPUExecutionProvider" and price["threads"] == 1
+        assert price["device"]
+        assert set(price) - {"device", "provider", "threads"} == {"fp32", "int8"}
+        for p in ("fp32", "int8"):
+            assert price[p]["batch_1_ms"] > 0 and price[p]["batch_32_ms_per_item"] > 0
 
 
 def test_variant_losing_accuracy_is_not_written(image_run, tmp_path):
