@@ -79,7 +79,7 @@ def describe(summary: dict) -> str:
         for role in ("train", "val", "test")
     )
     per_class, counted = summary["train_per_class"], summary.get("counted", "classes")
-    classes = f"{len(per_class)} classes"
+    classes = f"{len(per_class)} class" + ("" if len(per_class) == 1 else "es")
     if counted != "classes":  # detection, segmentation: boxes or pixels per class
         classes += f" ({sum(per_class.values()):,} {counted} in train)"
     lines = [
