@@ -92,17 +92,31 @@ def text_csv(tmp_path_factory) -> Path:
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with hidden size 32 and a word-level vocabulary, saved like a hub model."""
     words = sorted({w for ws in WORDS.values() for w in ws} | {"hello", "world", "the"})
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), words, max_positions=64)
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"), words, max_positions=64)
 
 
-def save_tiny_bert(folder: Path, words: list[str], max_positions: int) -> Path:
-    """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved like a hub model."""
+# Special tokens first, as each family's tokenizer numbers them.
+_TINY_ENCODERS = {
+    "bert": ("Bert", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]),
+    "mpnet": ("MPNet", ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"]),
+}
+
+
+def save_tiny_encoder(
+    folder: Path, words: list[str], max_positions: int, family: str = "bert"
+) -> Path:
+    """A 2-layer encoder (hidden 32) of `family` with a word-level vocabulary, saved like a hub
+    model: its config, weights, tokenizer files and vocab.txt."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    import transformers
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    cfg = BertConfig(
+    prefix, specials = _TINY_ENCODERS[family]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = [*specials, *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = getattr(transformers, f"{prefix}TokenizerFast")
+    tokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    cfg = getattr(transformers, f"{prefix}Config")(
         vocab_size=len(vocab),
         hidden_size=32,
         num_hidden_layers=2,
@@ -111,7 +125,7 @@ def save_tiny_bert(folder: Path, words: list[str], max_positions: int) -> Path:
         max_position_embeddings=max_positions,
     )
     torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(folder)
+    getattr(transformers, f"{prefix}Model")(cfg).save_pretrained(folder)
     return folder
 
 
@@ -322,7 +336,7 @@ FILLER = [
 def span_bert(tmp_path_factory) -> Path:
     """A tiny BERT whose word-level vocabulary holds the tiny span data's words."""
     words = sorted(set(PER + LOC + ORG + FILLER))
-    return save_tiny_bert(tmp_path_factory.mktemp("span-bert"), words, max_positions=128)
+    return save_tiny_encoder(tmp_path_factory.mktemp("span-bert"), words, max_positions=128)
 
 
 def _sentence(rng) -> tuple[list[str], list[str]]:

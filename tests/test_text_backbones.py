@@ -14,39 +14,26 @@ import pandas as pd
 import pytest
 
 from finetune.config import TrainConfig
-from tests.conftest import WORDS, make_conll, make_texts, quiet
-
-
-def save_tiny_mpnet(folder: Path, words: list[str]) -> Path:
-    """A 2-layer MPNet (hidden 32) and its word-piece tokenizer: the files mpnet_dir holds."""
-    import torch
-    from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>", *words]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    MPNetTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    cfg = MPNetConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=130,
-    )
-    torch.manual_seed(0)
-    MPNetModel(cfg).save_pretrained(folder)
-    return folder
+from tests.conftest import (
+    FILLER,
+    LOC,
+    ORG,
+    PER,
+    WORDS,
+    make_conll,
+    make_texts,
+    quiet,
+    save_tiny_encoder,
+)
 
 
 @pytest.fixture(scope="module")
 def mpnet_cache(tmp_path_factory) -> Path:
     """A TUNESERVE_CACHE whose all-mpnet-base-v2 folder holds a tiny random MPNet."""
-    from tests.conftest import FILLER, LOC, ORG, PER
 
     root = tmp_path_factory.mktemp("cache")
     words = sorted({w for ws in WORDS.values() for w in ws} | set(PER + LOC + ORG + FILLER))
-    save_tiny_mpnet(root / "all-mpnet-base-v2", words)
+    save_tiny_encoder(root / "all-mpnet-base-v2", words, max_positions=130, family="mpnet")
     return root
 
 

@@ -16,7 +16,7 @@ from finetune import checkpoint
 from finetune.config import TrainConfig
 from finetune.data import load_dataset
 from finetune.train import Hooks, fine_tune, optim
-from tests.conftest import WORDS, make_texts, quiet, run_main, run_module, save_tiny_bert
+from tests.conftest import WORDS, make_texts, quiet, run_main, run_module, save_tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def blind_bert(tmp_path_factory):
     signal the layers below still compute."""
     from transformers import BertModel
 
-    folder = save_tiny_bert(tmp_path_factory.mktemp("blind"), _words(), max_positions=64)
+    folder = save_tiny_encoder(tmp_path_factory.mktemp("blind"), _words(), max_positions=64)
     model = BertModel.from_pretrained(folder)
     norm = model.encoder.layer[-1].output.LayerNorm
     torch.nn.init.zeros_(norm.weight)
