@@ -13,28 +13,14 @@ from torch import nn
 
 from finetune.data import ImagePrep
 from finetune.errors import UnsupportedBackbone
+from finetune.models import weights as offline
 from finetune.models.registry import ModelSpec
-from finetune.models.weights import (
-    LITE_SIZES,
-    lite_net,
-    load_state,
-    minilm_dir,
-    mobilenet_v2,
-    mpnet_dir,
-    read_state_file,
-    smollm2_file,
-)
+from finetune.models.weights import LITE_SIZES, lite_net, load_state, mobilenet_v2, read_state_file
 
 
 def hf_location(spec: ModelSpec) -> str:
-    """A hub id, a local directory, or a local .gguf file."""
-    if spec.name == "minilm":
-        return str(minilm_dir())
-    if spec.name == "mpnet":
-        return str(mpnet_dir())
-    if spec.name == "smollm2":
-        return str(smollm2_file())
-    return spec.name
+    """A hub id, a local directory, or a local .gguf file (the row's offline weights)."""
+    return str(getattr(offline, spec.local)()) if spec.local else spec.name
 
 
 def _gguf(location: str) -> tuple[str, dict]:

