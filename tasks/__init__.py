@@ -22,11 +22,14 @@ REGISTRY = {
     "semantic-segmentation": "tasks.segmentation:SemanticSegmentation",
     "tabular-classification": "tasks.tabular:TabularClassification",
     "audio-classification": "tasks.audio:AudioClassification",
+    "speech-recognition": "tasks.speech_recognition:SpeechRecognition",
 }
 DENSE_VISION_TASKS = ("object-detection", "semantic-segmentation")
 TABLE_TASKS = ("tabular-classification",)  # finetune/train/tables.py: trees, or an MLP in the loop
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
 AUDIO_TASKS = ("audio-classification",)
+# answered by a decoding loop over an encoder and a decoder graph (tasks/decoding.py)
+GENERATIVE_TASKS = ("speech-recognition",)
 
 
 def get(name: str) -> type[Task]:
@@ -53,6 +56,10 @@ def uses_audio(name: str) -> bool:
     return name in AUDIO_TASKS
 
 
+def generates(name: str) -> bool:
+    return name in GENERATIVE_TASKS
+
+
 def load_tokenizer(folder: str | Path, spec: dict):
     """The `tokenizers` tokenizer in `folder`/tokenizer.json, configured from the card."""
     from tasks.common import text_tokenizer
@@ -73,6 +80,7 @@ __all__ = [
     "Limits",
     "Task",
     "create",
+    "generates",
     "get",
     "load_tokenizer",
     "uses_audio",

@@ -117,6 +117,41 @@ def load_whisper(location: str | Path) -> nn.Module:
     return model.eval()
 
 
+def generation_spec(model: nn.Module, tokenizer_file: Path, suppress=(), suppress_first=()) -> dict:
+    """The card's `preprocessing.generation` of a Whisper model: the decoder graph's shape,
+    the special token ids and the generation limits (tasks/decoding.py reads it)."""
+    import json
+
+    c = model.config
+    vocab = json.loads(Path(tokenizer_file).read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    multilingual = c.vocab_size >= 51865  # Whisper's multilingual vocabulary (HF's rule)
+    languages = {}
+    if multilingual:
+        languages = {
+            t[2:-2]: i
+            for t, i in ids.items()
+            if re.fullmatch(r"<\|[a-z]{2,3}\|>", t) and t[2:-2] not in ("nocaptions",)
+        }
+    return {
+        "layers": c.decoder_layers,
+        "heads": c.decoder_attention_heads,
+        "head_dim": c.d_model // c.decoder_attention_heads,
+        "max_positions": c.max_target_positions,
+        "eos_id": ids["<|endoftext|>"],
+        "start_id": ids["<|startoftranscript|>"],
+        "no_timestamps_id": ids["<|notimestamps|>"],
+        "transcribe_id": ids.get("<|transcribe|>"),
+        "no_speech_id": ids.get("<|nospeech|>", ids.get("<|nocaptions|>")),
+        "languages": languages,
+        "language": "en" if multilingual else None,
+        "max_new_tokens": min(224, c.max_target_positions // 2),  # Whisper: 448 / 2
+        "suppress": [int(i) for i in suppress],
+        "suppress_first": [int(i) for i in suppress_first],
+        "cross": True,
+    }
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, T, D] → [B, heads, T, D / heads]."""
     b, t, d = x.shape
@@ -199,8 +234,8 @@ def torch_steps(model: nn.Module, layout, device: torch.device):
     past, cross = layout.names("past"), layout.names("cross")
 
     @torch.no_grad()
-    def encode(features: np.ndarray) -> dict[str, np.ndarray]:
-        outs = enc(torch.from_numpy(features).to(device))
+    def encode(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = enc(torch.from_numpy(feeds["input_features"]).to(device))
         names = [*cross, "pooled_embedding"]
         return {n: o.float().cpu().numpy() for n, o in zip(names, outs, strict=True)}
 
