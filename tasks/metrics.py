@@ -1,11 +1,12 @@
 """Evaluation metrics of the tasks (fine-tuning and export; the service never imports this
-module, so the serving image needs neither scikit-learn nor seqeval)."""
+module, so the serving image needs neither scikit-learn, seqeval, jiwer nor transformers)."""
 
 from __future__ import annotations
 
 import collections
 import re
 import string
+from functools import lru_cache
 
 import numpy as np
 
@@ -227,3 +228,30 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, target_precision: float | Non
         return float(thresholds[ok[0]]) if ok.size else 0.5
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     return float(thresholds[int(np.argmax(f1))])
+
+
+# ------------------------------------------------------------------ speech recognition
+
+
+@lru_cache(maxsize=1)
+def english_normalizer():
+    """Whisper's English text normaliser (transformers ships it; scoring only, not served)."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})
+
+
+def normalize(text: str) -> str:
+    return english_normalizer()(text)
+
+
+def error_rates(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus WER and CER (jiwer) on normalised text; empty references are skipped."""
+    import jiwer
+
+    pairs = [(normalize(h), normalize(r)) for h, r in zip(hypotheses, references, strict=True)]
+    pairs = [(h, r) for h, r in pairs if r.strip()]
+    if not pairs:
+        return {"wer": float("nan"), "cer": float("nan"), "n": 0}
+    hyp, ref = [h for h, _ in pairs], [r for _, r in pairs]
+    return {"wer": float(jiwer.wer(ref, hyp)), "cer": float(jiwer.cer(ref, hyp)), "n": len(ref)}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -95,30 +94,6 @@ def merge_overlap(left: list[int], right: list[int]) -> tuple[int, int]:
     return cut
 
 
-@lru_cache(maxsize=1)
-def english_normalizer():
-    """Whisper's English text normaliser (transformers ships it; scoring only, not served)."""
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    return EnglishTextNormalizer({})
-
-
-def normalize(text: str) -> str:
-    return english_normalizer()(text)
-
-
-def error_rates(hypotheses: list[str], references: list[str]) -> dict:
-    """Corpus WER and CER (jiwer) on normalised text; empty references are skipped."""
-    import jiwer
-
-    pairs = [(normalize(h), normalize(r)) for h, r in zip(hypotheses, references, strict=True)]
-    pairs = [(h, r) for h, r in pairs if r.strip()]
-    if not pairs:
-        return {"wer": float("nan"), "cer": float("nan"), "n": 0}
-    hyp, ref = [h for h, _ in pairs], [r for _, r in pairs]
-    return {"wer": float(jiwer.wer(ref, hyp)), "cer": float(jiwer.cer(ref, hyp)), "n": len(ref)}
-
-
 @dataclass
 class Transcript:
     """One input's decoding: per window its sequence, merged into the answer."""
@@ -145,6 +120,10 @@ class SpeechRecognition(Task):
     )
     params = {"max_new_tokens": int, "num_beams": int, "language": str}
     oip_input_names = ("AUDIO", "INPUT")
+    # Two graphs (export/seq2seq.py): the encoder's outputs are these and, per decoder layer,
+    # cross_key_{i} / cross_value_{i} [batch, heads, frames_out, d] (Layout.names("cross"));
+    # the decoder's are `logits` [batch, tokens, vocab] and present_key_{i} / present_value_{i}.
+    onnx_outputs = {"pooled_embedding": {0: "batch"}}
 
     def __init__(self, spec, tokenizer=None, limits=None):
         super().__init__(spec, tokenizer, limits)
@@ -295,6 +274,8 @@ class SpeechRecognition(Task):
 
     def score(self, outputs, targets) -> dict:
         hyp = [self.postprocess(o, {})["text"] for o in outputs]
+        from tasks.metrics import error_rates
+
         return error_rates(hyp, list(targets))
 
     def no_speech(self, output: Transcript) -> float:

@@ -68,7 +68,7 @@ def test_tasks_import_without_torch_or_stages():
 
 def test_every_registered_task_has_its_torch_half():
     import tasks
-    from finetune.models import HEADS, Classifier
+    from finetune.models import GENERATORS, HEADS, Classifier
 
     for name in tasks.REGISTRY:
         task = tasks.get(name)
@@ -79,6 +79,9 @@ def test_every_registered_task_has_its_torch_half():
             assert callable(task.embedding)
             continue
         assert "pooled_embedding" in task.onnx_outputs  # every task feeds the drift monitor
+        if tasks.generates(name):  # two graphs: encoder and decoder (export/seq2seq.py)
+            assert callable(getattr(GENERATORS[name], "graphs", None)), name
+            continue
         head = HEADS.get(name, Classifier)
         assert hasattr(head, "export_outputs"), name
 

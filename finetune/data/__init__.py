@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.data import classes, dense, spans, tabular
+from finetune.data import classes, dense, spans, speech, tabular
 from finetune.data.classes import load_image, median_image_side
 from finetune.data.dataset import Dataset, ImagePrep, Split, describe, split_summary
 from finetune.data.splits import ROLES, three_way
@@ -30,6 +30,7 @@ class Format:
 
 
 FORMATS = (  # tried in this order; the last one names what it expected when nothing fits
+    Format("LibriSpeech / audiofolder", speech.detect, speech.load),  # before class folders
     Format("CoNLL / token JSONL / SQuAD", spans.detect, spans.load),
     Format("VOC / COCO / images + masks", dense.detect, dense.load),
     Format("feature table", tabular.detect, tabular.load),

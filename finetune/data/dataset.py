@@ -80,7 +80,12 @@ def describe(summary: dict) -> str:
     )
     per_class, counted = summary["train_per_class"], summary.get("counted", "classes")
     classes = f"{len(per_class)} class" + ("" if len(per_class) == 1 else "es")
-    if counted != "classes":  # detection, segmentation: boxes or pixels per class
+    if "speakers" in summary:  # transcribed speech: speakers per split, by speaker or clip
+        n = summary["speakers"]
+        classes = (
+            f"speakers {n['train']} / {n['val']} / {n['test']}, split by {summary['split_by']}"
+        )
+    elif counted != "classes":  # detection, segmentation: boxes or pixels per class
         classes += f" ({sum(per_class.values()):,} {counted} in train)"
     lines = [
         f"data: {summary['path']} ({summary['layout']}): {sizes}, {classes}",

@@ -21,10 +21,12 @@ from finetune.models.encoders import (
 from finetune.models.heads import HEADS, SpanExtractor, TokenTagger, collate_windows
 from finetune.models.registry import MODELS, ModelSpec, default_for, for_task, known, resolve
 from finetune.models.segmentation import Segmenter
+from finetune.models.seq2seq import GENERATORS, SpeechModel, load_whisper
 from finetune.models.tabular import HIDDEN, MLP_FAMILY, TabularMLP, predict_proba
 from finetune.models.weights import mobilenet_v2, mobilenet_v2_file
 
 __all__ = [
+    "GENERATORS",
     "HEADS",
     "HIDDEN",
     "MLP_FAMILY",
@@ -33,11 +35,13 @@ __all__ = [
     "Detector",
     "ModelSpec",
     "Segmenter",
+    "SpeechModel",
     "SpanExtractor",
     "TabularMLP",
     "TextEncoder",
     "TokenTagger",
     "build_dense",
+    "load_whisper",
     "build_encoder",
     "collate_windows",
     "default_for",

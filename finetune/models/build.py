@@ -14,6 +14,7 @@ from finetune.models.encoders import Classifier, build_encoder
 from finetune.models.heads import HEADS
 from finetune.models.registry import MODELS, ModelSpec
 from finetune.models.segmentation import build_segmenter
+from finetune.models.seq2seq import GENERATORS, whisper_from_config
 from finetune.models.tabular import MLP_FAMILY, TabularMLP
 
 DETECTOR_KINDS = ("fcos", "retinanet", "ssd", "faster_rcnn")
@@ -38,6 +39,11 @@ def rebuild(config: dict) -> nn.Module:
     if b["family"] == MLP_FAMILY:
         pre = config["preprocessing"]
         return TabularMLP(pre["features"], len(config["labels"]), head["hidden"], head["dropout"])
+    if b["family"] == "whisper" and config["task"] in GENERATORS:
+        from transformers import WhisperConfig
+
+        whisper = whisper_from_config(WhisperConfig(**b["hf_config"]))
+        return GENERATORS[config["task"]](whisper)
     if is_dense(b):
         size = int(config["preprocessing"]["image_size"])
         post = config["postprocessing"]

