@@ -112,12 +112,13 @@ def plot_threshold(truth: np.ndarray, p: np.ndarray, positive: str, post: dict, 
     plt.close(fig)
 
 
-def write_report(out: Path, history: list[dict], final: dict, ds, recipe, auto: dict) -> None:
+def write_report(out: Path, history: list[dict], final: dict, ds, recipe, extra: dict) -> None:
     """curves.png (the validation split, per epoch), for classification the test split's
     confusion matrix (a split no selection saw), and summary.md: the splits, what `auto`
     tried and chose, and the figures, each named by its split."""
     report = out / "report"
     report.mkdir(exist_ok=True)
+    auto = extra.get("auto", {})
     plot_curves(
         history, report / "curves.png", final["epoch"], *recipe.curve_scores, loss=recipe.loss_name
     )
@@ -154,6 +155,7 @@ def write_report(out: Path, history: list[dict], final: dict, ds, recipe, auto: 
             f"{auto.get('margin', 0):.4f} on {auto.get('validation_size')} validation examples.",
             "",
         ]
+    lines += recipe.summary_lines(final, extra)
     lines += ["| figure | validation | test |", "|---|---:|---:|"]
     for key, value in final.items():
         if key.startswith("val_") and isinstance(value, float):

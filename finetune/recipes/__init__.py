@@ -17,6 +17,7 @@ from finetune.recipes.classify import (
 )
 from finetune.recipes.dense import DenseRecipe, ObjectDetection, SemanticSegmentation
 from finetune.recipes.spans import QuestionAnswering, SpanRecipe, TokenClassification
+from finetune.recipes.speech import SpeechRecognition
 from finetune.recipes.tabular import MLPRecipe, TabularClassification
 
 RECIPES: dict[str, type] = {
@@ -28,6 +29,7 @@ RECIPES: dict[str, type] = {
     "object-detection": ObjectDetection,
     "semantic-segmentation": SemanticSegmentation,
     "tabular-classification": TabularClassification,
+    "speech-recognition": SpeechRecognition,
 }
 
 

@@ -185,6 +185,15 @@ class Recipe:
     def draw(self, report) -> None:
         """Pictures of its own in report/ (dense tasks: predictions on validation images)."""
 
+    def zero_shot(self) -> dict:
+        """Figures of the pretrained model before training, where the task has them
+        (speech recognition: WER); kept in metrics.json as `zero_shot`."""
+        return {}
+
+    def summary_lines(self, final: dict, extra: dict) -> list[str]:
+        """Lines of its own in report/summary.md (markdown)."""
+        return []
+
 
 class EncoderRecipe(Recipe):
     """A backbone encoder with a new head (classification, entities, answers): the model

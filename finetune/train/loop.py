@@ -27,6 +27,7 @@ from finetune.progress import progress
 from finetune.train import optim
 from finetune.train.dist import Dist
 
+LOWER_IS_BETTER = ("val_loss", "val_wer", "val_cer")  # monitors that improve downwards
 STATE = "state.pt"
 LAST = "last.safetensors"
 # Seconds of training between two resume snapshots (the last epoch's weights and state, and
@@ -87,17 +88,17 @@ class Trainer:
         if outcome.best is None:
             return True
         value, best = record[self.cfg.monitor], outcome.best
-        if self.cfg.monitor == "val_loss":
-            return value < best - self.cfg.min_delta
-        if value == best:
+        if value == best and self.cfg.monitor != "val_loss":
             return record["val_loss"] < outcome.best_val.get("val_loss", float("inf"))
+        if self.cfg.monitor in LOWER_IS_BETTER:
+            return value < best - self.cfg.min_delta
         return value > best + self.cfg.min_delta
 
     def better_value(self, value: float | None, best: float | None) -> bool:
         """Strictly better on the monitored metric."""
         if value is None or best is None:
             return value is not None
-        return value < best if self.cfg.monitor == "val_loss" else value > best
+        return value < best if self.cfg.monitor in LOWER_IS_BETTER else value > best
 
     def _optimizer(self, phase: Phase, steps: int):
         cfg, recipe = self.cfg, self.recipe

@@ -157,6 +157,8 @@ def _train(data, run: _Run, cfg: TrainConfig, resume: bool, hooks: Hooks | None)
     state = trainer.load_resume() if resume else None
     if state is not None:
         run.log(f"resumed after {state['phase']} epoch {state['epoch'] + 1}")
+    elif zero := recipe.zero_shot():
+        trainer.extra["zero_shot"] = zero
     if setup.cfg.strategy == "auto":
         outcome, used = auto.run(trainer, setup.cfg, len(setup.ds.val), state)
     else:
@@ -203,7 +205,7 @@ def _finish(run: _Run, setup: Setup, trainer: Trainer, outcome, used: str) -> di
     if run.dist.main:
         trainer.extra["wall_seconds"] = round(time.perf_counter() - run.t_start, 1)
         trainer.write_metrics(outcome, final)
-        write_report(out, trainer.history, final, setup.ds, recipe, trainer.extra.get("auto", {}))
+        write_report(out, trainer.history, final, setup.ds, recipe, trainer.extra)
         shown = ("epoch", "strategy")
         setup.config.update(
             status="complete",
