@@ -102,7 +102,11 @@ def verify_files(folder: str | Path, card: dict) -> None:
     the card records."""
     folder = Path(folder)
     problems = []
-    for entry in [card["files"]["model"], *card["variants"], *card["files"].get("support", [])]:
+    models = [
+        card["files"]["model"],
+        *([card["files"]["decoder"]] if "decoder" in card["files"] else []),
+    ]
+    for entry in [*models, *card["variants"], *card["files"].get("support", [])]:
         path = folder / entry["file"]
         if not path.is_file():
             problems.append(f"'{path}' is missing")

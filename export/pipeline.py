@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import re
 import shutil
 import sys
@@ -25,6 +24,7 @@ from export import convert, cost, quantize
 from export.errors import CheckpointInvalid, ExportError, VariantError, VersionExists
 from export.parity import check_parity
 from export.preprocess import Feeder, input_names
+from export.provenance import training_summary, versions
 from export.reference import build_reference
 
 
@@ -350,6 +350,10 @@ def _build(source: _Source, target: _Target, opts: ExportOptions, log) -> dict:
     from finetune import checkpoint as ckpt_mod
 
     ckpt, work = source.ckpt, target.work
+    if tasks.generates(ckpt.task):  # two graphs and a decoding loop (export/generate.py)
+        from export import generate
+
+        return generate.build(source, target, opts, Steps(generate.STEPS), log)
     precisions = ("int8",) * opts.int8 + ("fp16",) * opts.fp16
     stage = Steps(
         ["build", "export", "optimize", "parity", *precisions, "cost", "reference", "card"]
@@ -413,47 +417,6 @@ def _build(source: _Source, target: _Target, opts: ExportOptions, log) -> dict:
         stage.close()
 
 
-def _versions() -> dict:
-    import numpy as np
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _training(source: _Source) -> dict:
-    """The card's training summary: the strategy, the best epoch's figures, split sizes."""
-    ckpt = source.ckpt
-    best = ckpt.metrics.get("best") or {}
-    data = ckpt.config["data"]
-    return {
-        # `auto` resolves to the strategy it chose (older checkpoints: the one asked for)
-        "strategy": best.get("strategy", ckpt.config["training"]["strategy"]),
-        "best_epoch": best.get("epoch"),
-        **{
-            k: v
-            for k, v in best.items()
-            if k.startswith(("val_", "test_")) and isinstance(v, int | float)
-        },
-        **{
-            f"{split}_size": data[f"{split}_size"]
-            for split in ("train", "val", "test")
-            if f"{split}_size" in data
-        },
-        "checkpoint": str(ckpt.path.resolve()),
-        "weights_sha256": source.sha256,
-    }
-
-
 def _card(source: _Source, target: _Target, path: Path, details: dict, feeder) -> dict:
     """card.json's description of the model (the checks' fields are added by _build); the
     model file's metadata is set here too."""
@@ -484,8 +447,8 @@ def _card(source: _Source, target: _Target, path: Path, details: dict, feeder) -
         "preprocessing": ckpt.config["preprocessing"],
         "postprocessing": feeder.contract.post,
         "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
-        "training": _training(source),
-        "export": {**details, "versions": _versions()},
+        "training": training_summary(source),
+        "export": {**details, "versions": versions()},
         "files": {
             "model": {
                 "file": path.name,

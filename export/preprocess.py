@@ -21,6 +21,10 @@ def contract_for(ckpt, tokenizer=None) -> tasks.Task:
 
             tokenizer = load_tokenizer(ckpt)
         tok = text_tokenizer(tokenizer.backend_tokenizer.to_str(), ckpt.config["preprocessing"])
+    elif tasks.generates(ckpt.task):  # decodes generated ids: its tokenizer.json as it is
+        from finetune.checkpoint import TOKENIZER
+
+        tok = tasks.load_tokenizer(ckpt.path / TOKENIZER, ckpt.config)
     return tasks.create(ckpt.config, tok)
 
 

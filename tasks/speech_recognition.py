@@ -306,6 +306,15 @@ class SpeechRecognition(Task):
     def drift_categories(self) -> int:
         return 1
 
+    def input_summary(self, clips: list[Speech]) -> dict:
+        """The card's reference input statistics (export, on the holdout)."""
+        from tasks.common import quantile_hist
+
+        return {
+            "duration_seconds": quantile_hist([c.seconds for c in clips]),
+            "loudness_db": quantile_hist([c.loudness_db for c in clips]),
+        }
+
     def warm_items(self):
         rng = np.random.default_rng(0)
         long = (0.1 * rng.standard_normal(self.window)).astype(np.float32)

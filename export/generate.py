@@ -1,0 +1,188 @@
+"""Export of a generative checkpoint (speech recognition): the encoder and decoder graphs
+(export/seq2seq.py), checked by decoding holdout clips of several lengths through both
+PyTorch and ONNX Runtime at batch sizes 1 and 7 (transcripts identical, logits within the
+tolerance), the holdout transcribed by the exported graphs (WER, CER and the real-time
+factor on this CPU), its drift calibration (reference.json) and the card.
+
+The card's `files.model` is the encoder graph and `files.decoder` the decoder graph (DESIGN
+§0); no int8 or fp16 variant is written for these yet (asked for, they are named in
+`rejected_variants` with the reason).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+
+from export import card as card_mod
+from export import convert
+from export.errors import ParityError
+from export.preprocess import Feeder
+from export.provenance import training_summary, versions
+from export.reference import build_reference
+from export.seq2seq import OrtGraphs, parity, write_graphs
+
+STEPS = ["build", "export", "parity", "holdout", "reference", "card"]
+DECODER = "decoder.onnx"
+PARITY_CLIPS = 7  # holdout clips decoded by both, from the shortest to the longest
+HOLDOUT_BATCH = 16  # sequences decoded together on the holdout
+
+
+def _parity_items(feeder: Feeder) -> list:
+    """Up to PARITY_CLIPS holdout clips spread over its lengths (the longest included, so a
+    clip of several windows is checked when the holdout has one)."""
+    order = np.argsort([i.value.seconds for i in feeder.items])
+    picks = np.unique(np.linspace(0, len(order) - 1, min(PARITY_CLIPS, len(order))).round())
+    return [feeder.items[order[int(k)]] for k in picks]
+
+
+def _holdout(graphs, feeder: Feeder) -> tuple[list, np.ndarray, dict, dict]:
+    """(outputs, embeddings, input statistics, speed) of the whole holdout by the graphs."""
+    contract = feeder.contract
+    outputs, embeddings, stats = [], [], {}
+    t0 = time.perf_counter()
+    for s in range(0, len(feeder.items), HOLDOUT_BATCH * 4):
+        part: dict = {}
+        out, emb = contract.run(
+            graphs, feeder.items[s : s + HOLDOUT_BATCH * 4], part, max_batch=HOLDOUT_BATCH
+        )
+        outputs += out
+        embeddings.append(emb)
+        for k, v in part.items():
+            stats.setdefault(k, []).extend(v)
+    wall = time.perf_counter() - t0
+    audio = float(sum(i.value.seconds for i in feeder.items))
+    speed = {
+        "audio_seconds": round(audio, 2),
+        "wall_seconds": round(wall, 2),
+        "real_time_factor": round(wall / max(audio, 1e-9), 4),
+        "batch": HOLDOUT_BATCH,
+        "provider": "CPUExecutionProvider",
+    }
+    return outputs, np.concatenate(embeddings), stats, speed
+
+
+def _file_entry(path, role: str) -> dict:
+    return {
+        "file": path.name,
+        "role": role,
+        "precision": "fp32",
+        "sha256": card_mod.sha256_file(path),
+        "weights_sha256": convert.weights_sha256(path),
+    }
+
+
+def build(source, target, opts, stage, log) -> dict:
+    """Every file of a generative artifact in `target.work`; returns its card."""
+    import torch
+
+    ckpt, work = source.ckpt, target.work
+    log = stage.around(log)
+    try:
+        stage()
+        feeder = Feeder(ckpt)
+        contract, pre = feeder.contract, ckpt.config["preprocessing"]
+        stage()
+        t0 = time.perf_counter()
+        frames = int(round(pre["window_seconds"] * pre["sample_rate"] / pre["hop_length"]))
+        enc, dec = write_graphs(
+            source.model, contract.layout, work, opts.opset, int(pre["n_mels"]), frames
+        )
+        enc = enc.rename(work / card_mod.MODEL)
+        dec = dec.rename(work / DECODER)
+        details = {"exporter": "torchscript", "opset": opts.opset}
+        details["seconds"] = round(time.perf_counter() - t0, 2)
+        stage()
+        graphs = OrtGraphs(enc, dec)
+        reference = source.model.steps(contract.layout, torch.device("cpu"))
+        report = parity(reference, graphs, contract, _parity_items(feeder))
+        failures = []
+        if not report["transcripts_identical"]:
+            failures.append(f"transcripts differ: {report['mismatched']}")
+        if report["max_abs_diff"] > opts.tolerance:
+            failures.append(f"logits differ by {report['max_abs_diff']:.2e} > {opts.tolerance:g}")
+        if failures:
+            raise ParityError(failures, report["max_abs_diff"], 0.0)
+        log(
+            f"parity: max abs logit diff {report['max_abs_diff']:.2e} over {report['steps']} "
+            f"decoder steps, transcripts identical at batch sizes {report['batch_sizes']}"
+        )
+        stage()
+        outputs, embeddings, stats, speed = _holdout(graphs, feeder)
+        scores = contract.score(outputs, feeder.targets)
+        log(
+            f"holdout: WER {scores['wer']:.4f}, CER {scores['cer']:.4f} on {scores['n']} clips; "
+            f"{speed['audio_seconds']} s of audio in {speed['wall_seconds']} s on this CPU"
+        )
+        stage()
+        calibration = build_reference(outputs, embeddings, stats, feeder, {})
+        from finetune import checkpoint as ckpt_mod
+
+        ckpt_mod.write_json(work / card_mod.REFERENCE, calibration)
+        (work / card_mod.TOKENIZER).mkdir()
+        shutil.copyfile(
+            ckpt.path / ckpt_mod.TOKENIZER / "tokenizer.json",
+            work / card_mod.TOKENIZER / "tokenizer.json",
+        )
+        stage()
+        card = _card(source, target, enc, dec, details)
+        asked = ("int8",) * opts.int8 + ("fp16",) * opts.fp16
+        card |= {
+            "parity": report,
+            "holdout": {"size": len(feeder), "metric": contract.metric}
+            | {f"fp32_{k}": v for k, v in scores.items()},
+            "variants": [],
+            "rejected_variants": [
+                {"precision": p, "method": None, "reason": "not offered for generative models yet"}
+                for p in asked
+            ],
+            "max_accuracy_drop": opts.max_accuracy_drop,
+            "cost": {"fp32": speed},
+            "reference": card_mod.REFERENCE,
+        }
+        card["files"]["support"] = card_mod.support_files(work)
+        card_mod.write_card(work, card)
+        return card
+    finally:
+        stage.close()
+
+
+def _card(source, target, enc, dec, details: dict) -> dict:
+    ckpt = source.ckpt
+    inputs, outputs = convert.io_signature(enc)
+    dec_inputs, dec_outputs = convert.io_signature(dec)
+    for path in (enc, dec):
+        convert.set_metadata(
+            path,
+            {
+                "tuneserve.name": target.name,
+                "tuneserve.version": target.version,
+                "tuneserve.task": ckpt.task,
+                "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
+            },
+        )
+    return {
+        "schema_version": card_mod.SCHEMA_VERSION,
+        "name": target.name,
+        "version": target.version,
+        "task": ckpt.task,
+        "labels": ckpt.labels,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": inputs,
+        "input_names": ["input_features"],
+        "outputs": outputs,
+        "decoder": {"inputs": dec_inputs, "outputs": dec_outputs},
+        "preprocessing": ckpt.config["preprocessing"],
+        "postprocessing": {},
+        "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
+        "training": training_summary(source)
+        | {
+            f"zero_shot_{k}": v
+            for k, v in (ckpt.metrics.get("zero_shot") or {}).items()
+            if isinstance(v, float)
+        },
+        "export": {**details, "versions": versions()},
+        "files": {"model": _file_entry(enc, "encoder"), "decoder": _file_entry(dec, "decoder")},
+    }
