@@ -22,7 +22,8 @@ from export.errors import ParityError
 from export.preprocess import Feeder
 from export.provenance import training_summary, versions
 from export.reference import build_reference
-from export.seq2seq import OrtGraphs, parity, write_graphs
+from export.seq2seq import parity, write_graphs
+from tasks.decoding import OrtGraphs
 
 STEPS = ["build", "export", "parity", "holdout", "reference", "card"]
 DECODER = "decoder.onnx"

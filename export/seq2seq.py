@@ -2,7 +2,7 @@
 (speech recognition; DESIGN.md §0).
 
     paths = write_graphs(model, layout, out_dir, opset)    # encoder.onnx, decoder.onnx
-    graphs = OrtGraphs(out_dir / "encoder.onnx", out_dir / "decoder.onnx")
+    graphs = OrtGraphs(out_dir / "encoder.onnx", out_dir / "decoder.onnx")  # tasks/decoding.py
     report = parity(model.steps(layout, cpu), graphs, task, items)
 
 Two graphs, not Optimum's three (`encoder_model`, `decoder_model`, `decoder_with_past_model`)
@@ -78,30 +78,6 @@ def write_graphs(model, layout: Layout, out: Path, opset: int, n_mels: int, fram
             dynamo=False,
         )
     return out / "encoder.onnx", out / "decoder.onnx"
-
-
-class OrtGraphs:
-    """The decoding loop's `encode` and `step` on ONNX Runtime sessions (dict in, dict out)."""
-
-    def __init__(self, encoder: Path, decoder: Path, providers=None, threads: int = 0):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        providers = providers or ["CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(str(encoder), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(decoder), opts, providers=providers)
-        self._enc_out = [o.name for o in self.encoder.get_outputs()]
-        self._dec_out = [o.name for o in self.decoder.get_outputs()]
-        self._dec_in = [i.name for i in self.decoder.get_inputs()]
-
-    def encode(self, feeds: dict) -> dict:
-        return dict(zip(self._enc_out, self.encoder.run(None, feeds), strict=True))
-
-    def step(self, feeds: dict) -> dict:
-        feeds = {n: feeds[n] for n in self._dec_in}
-        return dict(zip(self._dec_out, self.decoder.run(None, feeds), strict=True))
 
 
 class _Recording:

@@ -79,7 +79,36 @@ def bytes_of(items) -> int:
     return sum(getattr(item, "nbytes", 0) for item in items)
 
 
-class Batcher:
+class MemoryAdmission:
+    """The queue's memory cap, shared by the Batcher and the Generator (generation.py):
+    needs `max_queue_bytes`, `queued_bytes` and `drain_s()`."""
+
+    def admit_bytes(self, nbytes: int) -> None:
+        """Raise an InputError when inputs holding `nbytes` do not fit the queue's memory:
+        the service asks before it decodes a request (from the task's size per input), the
+        batcher again with what the inputs hold once decoded."""
+        cap, mib = self.max_queue_bytes, 1 << 20
+        if nbytes > cap:
+            e = InputError(
+                "request_too_large",
+                f"these inputs hold about {nbytes / mib:.0f} MiB once decoded; the queue of a "
+                f"worker holds {cap / mib:.0f} MiB (TUNESERVE_MAX_QUEUE_MB): send fewer inputs "
+                "per request",
+                status=413,
+            )
+            e.shed_reason = "queue_bytes"
+            raise e
+        if self.queued_bytes + nbytes > cap:
+            raise shed(
+                "queue_bytes",
+                f"the model queue holds {self.queued_bytes / mib:.0f} MiB of decoded inputs; "
+                f"these {nbytes / mib:.0f} MiB more would pass its {cap / mib:.0f} MiB "
+                "(TUNESERVE_MAX_QUEUE_MB)",
+                self.drain_s(),
+            )
+
+
+class Batcher(MemoryAdmission):
     """`await batcher(items)` -> logits for those items, computed inside a shared batch."""
 
     def __init__(
@@ -169,30 +198,6 @@ class Batcher:
                 f"the model queue holds {self.queued} items, about {eta:.1f} s of work with "
                 f"these {n}; the timeout is {self.timeout_s:g} s (TUNESERVE_REQUEST_TIMEOUT_S)",
                 eta - self.timeout_s,
-            )
-
-    def admit_bytes(self, nbytes: int) -> None:
-        """Raise an InputError when inputs holding `nbytes` do not fit the queue's memory:
-        the service asks before it decodes a request (from the task's size per input), the
-        batcher again with what the inputs hold once decoded."""
-        cap, mib = self.max_queue_bytes, 1 << 20
-        if nbytes > cap:
-            e = InputError(
-                "request_too_large",
-                f"these inputs hold about {nbytes / mib:.0f} MiB once decoded; the queue of a "
-                f"worker holds {cap / mib:.0f} MiB (TUNESERVE_MAX_QUEUE_MB): send fewer inputs "
-                "per request",
-                status=413,
-            )
-            e.shed_reason = "queue_bytes"
-            raise e
-        if self.queued_bytes + nbytes > cap:
-            raise shed(
-                "queue_bytes",
-                f"the model queue holds {self.queued_bytes / mib:.0f} MiB of decoded inputs; "
-                f"these {nbytes / mib:.0f} MiB more would pass its {cap / mib:.0f} MiB "
-                "(TUNESERVE_MAX_QUEUE_MB)",
-                self.drain_s(),
             )
 
     def drain_s(self) -> float:

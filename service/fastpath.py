@@ -19,7 +19,15 @@ from service import metrics
 from service.errors import InputError
 from service.guard import read_body, replay
 
-PARAMS = {"top_k": (int,), "min_score": (int, float), "render": (bool,)}
+PARAMS = {
+    "top_k": (int,),
+    "min_score": (int, float),
+    "render": (bool,),
+    # generative tasks
+    "max_new_tokens": (int,),
+    "num_beams": (int,),
+    "language": (str,),
+}
 JSON_TYPES = (b"application/json",)
 
 

@@ -142,6 +142,43 @@ _errors = bentoml.metrics.Counter(
     labelnames=LABELS + ["reason"],
 )
 
+# Generative tasks (service/generation.py).
+_transcribed = bentoml.metrics.Counter(
+    name="tuneserve_audio_transcribed_seconds",
+    documentation="Seconds of audio transcribed",
+    labelnames=LABELS,
+)
+_rtf = bentoml.metrics.Histogram(
+    name="tuneserve_real_time_factor",
+    documentation="A request's time in the model (queue, encoder and decoding) per second "
+    "of its audio; below 1 is faster than real time",
+    labelnames=LABELS,
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+_step_sequences = bentoml.metrics.Histogram(
+    name="tuneserve_decode_step_sequences",
+    documentation="Sequences decoded per decoder call (tokens per step: continuous batching)",
+    labelnames=LABELS,
+    buckets=BATCH_BUCKETS,
+)
+_generated = bentoml.metrics.Counter(
+    name="tuneserve_generated_tokens",
+    documentation="Tokens generated",
+    labelnames=LABELS,
+)
+
+
+def decode_step(rt, sequences: int, seconds: float) -> None:
+    _step_sequences.labels(model=rt.name, version=rt.version).observe(sequences)
+    _duration.labels(model=rt.name, version=rt.version, stage="decode_step").observe(seconds)
+
+
+def generated(rt, audio_s: float, model_s: float, tokens: int) -> None:
+    """One request answered: its audio, its time in the model and the tokens it generated."""
+    _transcribed.labels(model=rt.name, version=rt.version).inc(audio_s)
+    _rtf.labels(model=rt.name, version=rt.version).observe(model_s / max(audio_s, 1e-3))
+    _generated.labels(model=rt.name, version=rt.version).inc(tokens)
+
 
 def model_info(rt) -> None:
     _model_info.labels(

@@ -372,7 +372,7 @@ async def infer(name: str, request: Request, version: str | None = None):
                 "unknown_output", f"unknown output(s) {unknown}; outputs are {', '.join(names)}"
             )
         params = task.check_params({})
-        outputs = await svc.outputs(task.oip_items(tensors))
+        outputs = await svc.outputs(task.oip_items(tensors), params)
     except InputError as e:
         return error_response(rt, e)
     responses = await svc.postprocessed(outputs, params)

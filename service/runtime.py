@@ -27,6 +27,7 @@ from export.card import load_card, variant_file, verify_files
 from export.errors import CardError
 from service.errors import ArtifactError
 from tasks.common import Prepared, brightness, length_buckets, softmax  # noqa: F401 (re-exported)
+from tasks.decoding import OrtGraphs
 from tasks.errors import UnknownTask
 
 log = logging.getLogger("tuneserve")
@@ -118,7 +119,7 @@ class Runtime:
         self.pad_to_pow2 = False  # set on GPUs for images, see run()
         self.tokenizer = None
         try:
-            if tasks.uses_tokenizer(self.task):
+            if tasks.uses_tokenizer(self.task) or tasks.generates(self.task):
                 folder = self.folder / self.pre.get("tokenizer", "tokenizer")
                 self.tokenizer = tasks.load_tokenizer(folder, self.card)
             limits = tasks.Limits(
@@ -134,6 +135,7 @@ class Runtime:
         # event loop. Text preparation is a type check; tokenizing runs with the batch.
         self.heavy_inputs = self.contract.heavy_inputs
         self.session, self.provider, self.precision = None, None, None
+        self.graphs = None  # generative tasks: encoder and decoder (tasks/decoding.py)
         if opts.load_model:
             self._load(opts.precision, opts.providers, opts.threads, opts.warm)
 
@@ -147,7 +149,12 @@ class Runtime:
         so.intra_op_num_threads = threads or (os.cpu_count() or 1)
         path = self.folder / variant_file(self.card, self.precision)
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=chain)
+            if self.contract.generative:  # the encoder and decoder graphs (DESIGN §0)
+                decoder = self.folder / self.card["files"]["decoder"]["file"]
+                self.graphs = OrtGraphs(path, decoder, chain, so.intra_op_num_threads)
+                self.session = self.graphs.encoder
+            else:
+                self.session = ort.InferenceSession(str(path), so, providers=chain)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"cannot load '{path}' in onnxruntime: {e}") from e
         self.provider = self.session.get_providers()[0]
@@ -182,6 +189,10 @@ class Runtime:
         (cost, seconds) of each call after a first untimed one (`Prepared.cost`: windowed
         texts count their tokens, so the long inputs' call prices long requests)."""
         short, long = self.contract.warm_items()
+        if self.contract.generative:  # the decoding loop: its own batching (generation.py)
+            t0 = time.perf_counter()
+            self.predict([short, long])
+            return [(short.cost + long.cost, time.perf_counter() - t0)]
         sizes = [1, 8]
         if self.pad_to_pow2:
             sizes = sorted({self.padded(k) for k in range(1, self.max_batch_size + 1)})
@@ -277,6 +288,8 @@ class Runtime:
     def run(self, items: list[Prepared], stats: dict | None = None):
         """The task's per-item outputs (classification: logits [N, classes]) and the pooled
         embeddings [N, dim] of a batch (`stats`: the input statistics)."""
+        if self.contract.generative:
+            return self.contract.run(self.graphs, items, stats, max_batch=self.max_batch_size)
         return self.contract.run(self.session_run, items, stats)
 
     def predict(self, items: list[Prepared], top_k: int | None = None, **params) -> list[dict]:

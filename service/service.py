@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.responses import JSONResponse
 
 from service import metrics
@@ -29,6 +29,7 @@ from service.batching import Batcher
 from service.drift import Monitor
 from service.errors import ArtifactError, InputError
 from service.fastpath import FastPredict
+from service.generation import Generator
 from service.guard import RequestGuard
 from service.memory import Trimmer
 from service.oip import oip_app
@@ -174,6 +175,17 @@ class Segmentation(BaseModel):
     class_shares: dict[str, float]
 
 
+class Chunk(BaseModel):
+    text: str
+    start: float  # seconds of the clip this window's text covers
+    end: float
+
+
+class Transcript(BaseModel):
+    text: str
+    chunks: list[Chunk]
+
+
 class PredictResponse(BaseModel):
     """A typed response: BentoML otherwise derives a JSON schema per response to pick its
     media type (8% of a worker's request-handling CPU under load, bench/RESULTS.md)."""
@@ -181,9 +193,14 @@ class PredictResponse(BaseModel):
     model: str
     version: str
     # One list per task (classification, token classification, question answering,
-    # detection, segmentation).
+    # detection, segmentation, speech recognition).
     predictions: (
-        list[Prediction] | list[Entities] | list[Answer] | list[Detections] | list[Segmentation]
+        list[Prediction]
+        | list[Entities]
+        | list[Answer]
+        | list[Detections]
+        | list[Segmentation]
+        | list[Transcript]
     ) = Field(union_mode="left_to_right")
 
 
@@ -208,7 +225,10 @@ class Tuneserve:
         reference = json.loads(path.read_text()) if path.is_file() else {}
         self.monitor = drift_monitor(self.rt, reference.get("drift", {}), settings)
         # Warms the session up: /readyz answers once __init__ returns.
-        self.batch = Batcher(
+        # Generative tasks decode in one continuous batch (generation.py), the others in
+        # adaptive batches (batching.py).
+        engine = Generator if self.rt.contract.generative else Batcher
+        self.batch = engine(
             self.rt,
             settings.max_batch_size,
             settings.request_timeout_s,
@@ -234,16 +254,17 @@ class Tuneserve:
         # load, 75-100 ms each (the tables service's p99; bench/RESULTS.md).
         gc.freeze()
 
-    async def outputs(self, raw: list):
+    async def outputs(self, raw: list, params: dict | None = None):
         """Validate every input, then one call into the batching path (InputError on misuse);
-        the task's per-input outputs."""
+        the task's per-input outputs. `params`: the checked request fields (generative tasks
+        decode by them)."""
         if not isinstance(raw, list) or not raw:
             raise InputError("no_inputs", "'inputs' must be a non-empty list")
         held = sum(len(v) for v in raw if isinstance(v, str | bytes))
         with self.trimmer.request(held):
-            return await self._outputs(raw)
+            return await self._outputs(raw, params)
 
-    async def _outputs(self, raw: list):
+    async def _outputs(self, raw: list, params: dict | None):
         if not isinstance(raw, list) or not raw:
             raise InputError("no_inputs", "'inputs' must be a non-empty list")
         if len(raw) > settings.max_items:
@@ -279,12 +300,14 @@ class Tuneserve:
             if isinstance(result, BaseException):
                 raise result
         metrics.preprocess(self.rt, time.perf_counter() - t0)
+        if self.rt.contract.generative:
+            return await self.batch(results, params)
         return await self.batch(results)
 
     async def answer(self, raw: list, params: dict) -> list[dict]:
         """The API's answers: request fields checked, inputs run, the task's post-processing."""
         params = self.rt.contract.check_params(params)
-        return await self.postprocessed(await self.outputs(raw), params)
+        return await self.postprocessed(await self.outputs(raw, params), params)
 
     async def postprocessed(self, outputs, params: dict) -> list[dict]:
         """`postprocess`, on the decode threads where the task draws or resizes images."""
@@ -315,14 +338,19 @@ class Tuneserve:
         top_k: StrictInt | None = None,
         min_score: StrictFloat | None = None,
         render: StrictBool | None = None,
+        max_new_tokens: StrictInt | None = None,
+        num_beams: StrictInt | None = None,
+        language: StrictStr | None = None,
         ctx: bentoml.Context = None,
     ) -> PredictResponse:
         """Predict for texts, base64-encoded images or audio, table rows or {"question",
         "context"} objects:
-        {"inputs": [...]}, with "top_k": k for classification, "min_score" for detection and
-        "render": true for an annotated PNG (detection, segmentation)."""
+        {"inputs": [...]}, with "top_k": k for classification, "min_score" for detection,
+        "render": true for an annotated PNG (detection, segmentation), and "max_new_tokens",
+        "num_beams", "language" for speech recognition."""
         try:
             params = {"top_k": top_k, "min_score": min_score, "render": render}
+            params |= _generation(max_new_tokens, num_beams, language)
             return self.response(await self.answer(inputs, params))
         except InputError as e:
             return reject(self.rt, e, ctx)
@@ -334,6 +362,9 @@ class Tuneserve:
         top_k: int | None = None,
         min_score: float | None = None,
         render: bool | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        language: str | None = None,
         ctx: bentoml.Context = None,
     ) -> PredictResponse:
         """Predict for uploaded image or audio files (multipart/form-data, field `files`)."""
@@ -346,9 +377,16 @@ class Tuneserve:
                 )
             raw = [Path(f).read_bytes() for f in files]
             params = {"top_k": top_k, "min_score": min_score, "render": render}
+            params |= _generation(max_new_tokens, num_beams, language)
             return self.response(await self.answer(raw, params))
         except InputError as e:
             return reject(self.rt, e, ctx)
+
+
+def _generation(max_new_tokens, num_beams, language) -> dict:
+    """The generative tasks' request fields that were sent (the others reject them)."""
+    given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "language": language}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def served_service() -> Tuneserve | None:

@@ -56,6 +56,7 @@ class Task:
 
     name = ""
     heavy_inputs = False  # images or audio: decoded from files (uploads, pixel work)
+    generative = False  # answers decoded token by token (tasks/decoding.py, two graphs)
     decode_in_threads = False  # decode is CPU-heavy: the service runs it off the event loop
     heavy_outputs = False  # postprocess draws or resizes images: also off the event loop
     checks: tuple[str, ...] = CHECKS  # drift checks (tasks/drift.py)

@@ -259,3 +259,28 @@ def decode_all(layout: Layout, step: Step, seqs: Seq[Sequence], max_batch: int =
         for _ in range(min(room, len(queue))):
             batch.add(queue.pop(0))
         batch.step()
+
+
+class OrtGraphs:
+    """The decoding loop's `encode` and `step` on ONNX Runtime sessions (dict in, dict out)."""
+
+    def __init__(self, encoder, decoder, providers=None, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(str(encoder), opts, providers=providers)
+        self.decoder = ort.InferenceSession(str(decoder), opts, providers=providers)
+        self.provider = self.encoder.get_providers()[0]
+        self._enc_out = [o.name for o in self.encoder.get_outputs()]
+        self._dec_out = [o.name for o in self.decoder.get_outputs()]
+        self._dec_in = [i.name for i in self.decoder.get_inputs()]
+
+    def encode(self, feeds: dict) -> dict:
+        return dict(zip(self._enc_out, self.encoder.run(None, feeds), strict=True))
+
+    def step(self, feeds: dict) -> dict:
+        feeds = {n: feeds[n] for n in self._dec_in}
+        return dict(zip(self._dec_out, self.decoder.run(None, feeds), strict=True))
