@@ -291,8 +291,18 @@ class SpeechModel(nn.Module):
         layers[-1] += list(e.layer_norm.parameters())
         return [stem, *layers]
 
-    def forward(self, input_features, decoder_input_ids, decoder_attention_mask=None):
-        h = WhisperAudioEncoder(self.backbone).hidden(input_features)
+    def forward(
+        self,
+        input_features,
+        decoder_input_ids,
+        decoder_attention_mask=None,
+        encoder_hidden_states=None,
+    ):
+        """Teacher-forced logits [B, T, vocab]; `encoder_hidden_states`: the encoder's output
+        computed already (a frozen encoder's cache), instead of `input_features`."""
+        h = encoder_hidden_states
+        if h is None:
+            h = WhisperAudioEncoder(self.backbone).hidden(input_features)
         out = self.head(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
