@@ -106,7 +106,12 @@ def verify_files(folder: str | Path, card: dict) -> None:
         card["files"]["model"],
         *([card["files"]["decoder"]] if "decoder" in card["files"] else []),
     ]
-    for entry in [*models, *card["variants"], *card["files"].get("support", [])]:
+    decoders = [  # generative variants: their decoder graph beside the encoder
+        {"file": v["decoder_file"], "sha256": v["decoder_sha256"]}
+        for v in card["variants"]
+        if "decoder_file" in v
+    ]
+    for entry in [*models, *card["variants"], *decoders, *card["files"].get("support", [])]:
         path = folder / entry["file"]
         if not path.is_file():
             problems.append(f"'{path}' is missing")
@@ -121,3 +126,10 @@ def variant_file(card: dict, precision: str) -> str | None:
     if precision == "fp32":
         return card["files"]["model"]["file"]
     return next((v["file"] for v in card["variants"] if v["precision"] == precision), None)
+
+
+def decoder_file(card: dict, precision: str) -> str | None:
+    """A generative artifact's decoder graph for a precision that passed validation."""
+    if precision == "fp32":
+        return card["files"]["decoder"]["file"]
+    return next((v["decoder_file"] for v in card["variants"] if v["precision"] == precision), None)

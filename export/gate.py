@@ -9,8 +9,9 @@ items cannot tell one flipped borderline answer from a real loss (256 items: 0.4
 - accuracy (classification of texts, images, audio): Newcombe's hybrid score interval for the
   difference of two paired proportions (Newcombe 1998, Statistics in Medicine 17, method 10),
   with McNemar's exact p-value reported beside it;
-- any other metric (entity F1, SQuAD F1, mAP, mIoU, ROC-AUC): a paired bootstrap of the task's
-  own metric, the same resampled items for both (`RESAMPLES`).
+- any other metric (entity F1, SQuAD F1, mAP, mIoU, ROC-AUC, WER): a paired bootstrap of the
+  task's own metric, the same resampled items for both (`RESAMPLES`); for a metric where lower
+  is better (WER) the drop is the variant's rise.
 """
 
 from __future__ import annotations
@@ -129,9 +130,11 @@ def judge(
     if metric == "accuracy" and correct is not None:
         return paired_accuracy(correct, contract.item_correct(variant, targets), max_drop)
 
+    sign = -1.0 if getattr(contract, "lower_is_better", False) else 1.0  # WER: a rise drops
+
     def score(outputs, gold) -> float:
         try:
-            return float(contract.score(outputs, gold)[metric])
+            return sign * float(contract.score(outputs, gold)[metric])
         except ValueError:  # a resample the metric is undefined on
             return math.nan
 

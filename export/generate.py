@@ -5,8 +5,10 @@ tolerance), the holdout transcribed by the exported graphs (WER, CER and the rea
 factor on this CPU), its drift calibration (reference.json) and the card.
 
 The card's `files.model` is the encoder graph and `files.decoder` the decoder graph (DESIGN
-§0); no int8 or fp16 variant is written for these yet (asked for, they are named in
-`rejected_variants` with the reason).
+§0). `--int8`: both graphs with int8 MatMul weights (ONNX Runtime's dynamic quantization,
+per channel), written only when the paired bootstrap of the holdout's WER rise stays within
+`--max-accuracy-drop` (export/gate.py); fp16 is not offered for these yet (named in
+`rejected_variants`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from export.reference import build_reference
 from export.seq2seq import parity, write_graphs
 from tasks.decoding import OrtGraphs
 
-STEPS = ["build", "export", "parity", "holdout", "reference", "card"]
+STEPS = ["build", "export", "parity", "holdout", "int8", "reference", "card"]
 DECODER = "decoder.onnx"
+INT8 = ("model.int8.onnx", "decoder.int8.onnx")
+INT8_METHOD = "dynamic-matmul-per-channel"
 PARITY_CLIPS = 7  # holdout clips decoded by both, from the shortest to the longest
 HOLDOUT_BATCH = 16  # sequences decoded together on the holdout
 
@@ -63,6 +67,51 @@ def _holdout(graphs, feeder: Feeder) -> tuple[list, np.ndarray, dict, dict]:
         "provider": "CPUExecutionProvider",
     }
     return outputs, np.concatenate(embeddings), stats, speed
+
+
+def _int8(graphs, outputs, feeder: Feeder, opts, log) -> tuple[dict | None, dict | None]:
+    """(the int8 variant's card entry, None), or (None, why it was not written)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from export.gate import judge
+
+    files = [graphs[0].with_name(name) for name in INT8]
+    for src, out in zip(graphs, files, strict=True):
+        quantize_dynamic(
+            str(src),
+            str(out),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+        )
+    ours, _, _, speed = _holdout(OrtGraphs(*files), feeder)
+    contract = feeder.contract
+    scores = contract.score(ours, feeder.targets)
+    verdict = judge(contract, outputs, ours, feeder.targets, opts.max_accuracy_drop)
+    metric = contract.metric
+    if not verdict.passed:
+        for f in files:
+            f.unlink()
+        reason = verdict.reason(metric)
+        log(f"int8 ({INT8_METHOD}) not written: {reason}")
+        gate = verdict.to_dict()
+        return None, {"precision": "int8", "method": INT8_METHOD, "reason": reason, "gate": gate}
+    log(
+        f"int8 variant ({INT8_METHOD}): holdout WER {scores['wer']:.4f}, 95% upper bound of "
+        f"the rise {verdict.drop_upper_95:.4f}; {speed['wall_seconds']} s for the holdout"
+    )
+    return {
+        "precision": "int8",
+        "file": files[0].name,
+        "decoder_file": files[1].name,
+        "method": INT8_METHOD,
+        "validated_on": "CPUExecutionProvider",
+        **{f"holdout_{k}": v for k, v in scores.items()},
+        "gate": verdict.to_dict(),
+        "sha256": card_mod.sha256_file(files[0]),
+        "decoder_sha256": card_mod.sha256_file(files[1]),
+        "speed": speed,
+    }, None
 
 
 def _file_entry(path, role: str) -> dict:
@@ -118,6 +167,17 @@ def build(source, target, opts, stage, log) -> dict:
             f"{speed['audio_seconds']} s of audio in {speed['wall_seconds']} s on this CPU"
         )
         stage()
+        variants, rejected = [], []
+        if opts.int8:
+            entry, reason = _int8((enc, dec), outputs, feeder, opts, log)
+            if entry is not None:
+                variants.append(entry)
+            else:
+                rejected.append(reason)
+        rejected += [
+            {"precision": "fp16", "method": None, "reason": "not offered for generative models yet"}
+        ] * opts.fp16
+        stage()
         calibration = build_reference(outputs, embeddings, stats, feeder, {})
         from finetune import checkpoint as ckpt_mod
 
@@ -129,18 +189,14 @@ def build(source, target, opts, stage, log) -> dict:
         )
         stage()
         card = _card(source, target, enc, dec, details)
-        asked = ("int8",) * opts.int8 + ("fp16",) * opts.fp16
         card |= {
             "parity": report,
             "holdout": {"size": len(feeder), "metric": contract.metric}
             | {f"fp32_{k}": v for k, v in scores.items()},
-            "variants": [],
-            "rejected_variants": [
-                {"precision": p, "method": None, "reason": "not offered for generative models yet"}
-                for p in asked
-            ],
+            "variants": variants,
+            "rejected_variants": rejected,
             "max_accuracy_drop": opts.max_accuracy_drop,
-            "cost": {"fp32": speed},
+            "cost": {"fp32": speed} | {v["precision"]: v.pop("speed") for v in variants},
             "reference": card_mod.REFERENCE,
         }
         card["files"]["support"] = card_mod.support_files(work)

@@ -25,6 +25,8 @@ MONITORS = (
     "val_pixel_accuracy",
     "val_roc_auc",
     "val_pr_auc",
+    "val_wer",  # speech recognition: lower is better (train/loop.py)
+    "val_cer",
 )
 
 
@@ -33,7 +35,8 @@ class TrainConfig:
     backbone: str = "auto"  # registry name, HF hub id or local HF dir; auto: by the data
     weights: str = "pretrained"  # 'pretrained', 'random' (tests only) or a local file/directory
     strategy: str = "auto"  # auto (probe vs full, measured), feature-extraction, full, gradual
-    epochs: int | None = None  # upper bound of a training phase (early stopping usually ends
+    epochs: int | None = None  # 0: no training (generative tasks: the pretrained model as is);
+    # else the upper bound of a training phase (early stopping usually ends
     # sooner); None: 10, or for detection and segmentation the model's optimizer steps
     batch_size: int | None = None  # samples per forward pass (x grad_accum per optimizer
     # step); None: 32, or 8 for detection and segmentation
@@ -150,10 +153,10 @@ class TrainConfig:
             out.append(f"monitor {self.monitor!r} is unknown; use one of {', '.join(MONITORS)}")
         if self.class_weighting not in ("none", "balanced"):
             out.append(f"class_weighting {self.class_weighting!r} must be 'none' or 'balanced'")
-        for name in ("epochs", "batch_size"):
+        for name, least in (("epochs", 0), ("batch_size", 1)):  # epochs 0: zero-shot (run.py)
             value = getattr(self, name)
-            if value is not None and value < 1:
-                out.append(f"{name} must be >= 1, got {value}")
+            if value is not None and value < least:
+                out.append(f"{name} must be >= {least}, got {value}")
         for name in ("val_fraction", "test_fraction"):
             if not 0.0 < getattr(self, name) < 0.5:
                 out.append(f"{name} must be between 0 and 0.5, got {getattr(self, name)}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import tasks
-from export.card import load_card, variant_file, verify_files
+from export.card import decoder_file, load_card, variant_file, verify_files
 from export.errors import CardError
 from service.errors import ArtifactError
 from tasks.common import Prepared, brightness, length_buckets, softmax  # noqa: F401 (re-exported)
@@ -150,7 +150,7 @@ class Runtime:
         path = self.folder / variant_file(self.card, self.precision)
         try:
             if self.contract.generative:  # the encoder and decoder graphs (DESIGN §0)
-                decoder = self.folder / self.card["files"]["decoder"]["file"]
+                decoder = self.folder / decoder_file(self.card, self.precision)
                 self.graphs = OrtGraphs(path, decoder, chain, so.intra_op_num_threads)
                 self.session = self.graphs.encoder
             else:

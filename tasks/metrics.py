@@ -241,6 +241,7 @@ def english_normalizer():
     return EnglishTextNormalizer({})
 
 
+@lru_cache(maxsize=1 << 16)  # the paired bootstrap scores the same texts 200 times
 def normalize(text: str) -> str:
     return english_normalizer()(text)
 

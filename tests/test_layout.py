@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tasks", "finetune", "export", "service")
 MAX_LINES = 80  # per function, decorators and docstring included
 MAX_PARAMS = 7  # per function, `self` and `cls` not counted
-# (module, function): why it stays longer or wider. Empty: every function fits.
-ALLOWED: dict[tuple[str, str], str] = {}
+# (module, function): why it stays longer or wider.
+ROUTE = "a BentoML route: each request field is a parameter (the route's request schema)"
+ALLOWED: dict[tuple[str, str], str] = {
+    ("service.service", "predict"): ROUTE,
+    ("service.service", "predict_file"): ROUTE,
+}
 
 
 def _modules() -> dict[str, Path]:

@@ -101,7 +101,9 @@ def speech_run(tiny_whisper, tmp_path_factory):
     data = make_tones(tmp / "tones", np.random.default_rng(0))
     cfg = TrainConfig(backbone=str(tiny_whisper), strategy="full", epochs=20, lr=1e-2, batch_size=4)
     result = fine_tune(data, tmp / "run", cfg, log=quiet)
-    art = export_checkpoint(tmp / "run", tmp / "art", name="tones-asr", register=False, log=quiet)
+    art = export_checkpoint(
+        tmp / "run", tmp / "art", name="tones-asr", register=False, int8=True, log=quiet
+    )
     return tmp, result, art
 
 
@@ -167,6 +169,9 @@ def test_export_parity_and_a_perturbed_decoder_fails_it(speech_run, tmp_path):
     assert card["parity"]["batch_sizes"] == [1, 7] and card["parity"]["transcripts_identical"]
     assert card["parity"]["max_abs_diff"] < 1e-4 and card["files"]["decoder"]["file"]
     assert card["holdout"]["fp32_wer"] < 0.5
+    # int8 was tried and gated on the holdout's WER (written or refused with the bound)
+    int8 = [v for v in card["variants"] + card["rejected_variants"] if v["precision"] == "int8"]
+    assert len(int8) == 1 and int8[0]["gate"]["test"].startswith("paired bootstrap"), int8
     ckpt = checkpoint.load_checkpoint(tmp / "run")
     model = checkpoint.build_model(ckpt)
     from export.preprocess import Feeder

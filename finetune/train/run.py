@@ -32,7 +32,7 @@ from finetune.recipes import Setup
 from finetune.report import write_report
 from finetune.train import auto
 from finetune.train.dist import Dist
-from finetune.train.loop import Phase, Trainer
+from finetune.train.loop import Outcome, Phase, Trainer
 from finetune.train.output import check_out, claim_out, holds_run, replace_out, staging
 
 
@@ -157,7 +157,9 @@ def _train(data, run: _Run, cfg: TrainConfig, resume: bool, hooks: Hooks | None)
     state = trainer.load_resume() if resume else None
     if state is not None:
         run.log(f"resumed after {state['phase']} epoch {state['epoch'] + 1}")
-    elif zero := recipe.zero_shot():
+    if setup.cfg.epochs == 0:
+        return _finish(run, setup, trainer, _untrained(run, task, setup), "none")
+    if state is None and (zero := recipe.zero_shot()):
         trainer.extra["zero_shot"] = zero
     if setup.cfg.strategy == "auto":
         outcome, used = auto.run(trainer, setup.cfg, len(setup.ds.val), state)
@@ -165,6 +167,20 @@ def _train(data, run: _Run, cfg: TrainConfig, resume: bool, hooks: Hooks | None)
         phase = Phase("train", setup.cfg.strategy, setup.cfg.epochs, setup.cfg.patience)
         outcome, used = trainer.run(phase, state=state), setup.cfg.strategy
     return _finish(run, setup, trainer, outcome, used)
+
+
+def _untrained(run: _Run, task: str, setup: Setup) -> Outcome:
+    """--epochs 0: the pretrained model as it is, scored like a trained one (a generative
+    model answers without training; a new head would answer at random)."""
+    if not tasks.generates(task):
+        raise FinetuneError(
+            f"--epochs 0 (no training) applies to generative tasks; a {task} model's new "
+            "head must be trained"
+        )
+    run.log("epochs 0: the pretrained model, not trained (scored on validation and test)")
+    if run.dist.main:
+        checkpoint.save_weights(run.out, setup.model)
+    return Outcome()
 
 
 def _write_start(run: _Run, kind, setup: Setup) -> None:
