@@ -27,6 +27,7 @@ PARAMS = {
     "max_new_tokens": (int,),
     "num_beams": (int,),
     "language": (str,),
+    "task": (str,),
 }
 JSON_TYPES = (b"application/json",)
 

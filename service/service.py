@@ -341,16 +341,17 @@ class Tuneserve:
         max_new_tokens: StrictInt | None = None,
         num_beams: StrictInt | None = None,
         language: StrictStr | None = None,
+        task: StrictStr | None = None,
         ctx: bentoml.Context = None,
     ) -> PredictResponse:
         """Predict for texts, base64-encoded images or audio, table rows or {"question",
         "context"} objects:
         {"inputs": [...]}, with "top_k": k for classification, "min_score" for detection,
         "render": true for an annotated PNG (detection, segmentation), and "max_new_tokens",
-        "num_beams", "language" for speech recognition."""
+        "num_beams", "language", "task" (transcribe, translate) for speech recognition."""
         try:
             params = {"top_k": top_k, "min_score": min_score, "render": render}
-            params |= _generation(max_new_tokens, num_beams, language)
+            params |= _generation(max_new_tokens, num_beams, language, task)
             return self.response(await self.answer(inputs, params))
         except InputError as e:
             return reject(self.rt, e, ctx)
@@ -365,6 +366,7 @@ class Tuneserve:
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
         language: str | None = None,
+        task: str | None = None,
         ctx: bentoml.Context = None,
     ) -> PredictResponse:
         """Predict for uploaded image or audio files (multipart/form-data, field `files`)."""
@@ -377,15 +379,16 @@ class Tuneserve:
                 )
             raw = [Path(f).read_bytes() for f in files]
             params = {"top_k": top_k, "min_score": min_score, "render": render}
-            params |= _generation(max_new_tokens, num_beams, language)
+            params |= _generation(max_new_tokens, num_beams, language, task)
             return self.response(await self.answer(raw, params))
         except InputError as e:
             return reject(self.rt, e, ctx)
 
 
-def _generation(max_new_tokens, num_beams, language) -> dict:
+def _generation(max_new_tokens, num_beams, language, task) -> dict:
     """The generative tasks' request fields that were sent (the others reject them)."""
     given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "language": language}
+    given["task"] = task
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -118,7 +118,7 @@ class SpeechRecognition(Task):
         FEATURE + NO_SPEECH,
         FEATURE + LOUDNESS,
     )
-    params = {"max_new_tokens": int, "num_beams": int, "language": str}
+    params = {"max_new_tokens": int, "num_beams": int, "language": str, "task": str}
     oip_input_names = ("AUDIO", "INPUT")
     # Two graphs (export/seq2seq.py): the encoder's outputs are these and, per decoder layer,
     # cross_key_{i} / cross_value_{i} [batch, heads, frames_out, d] (Layout.names("cross"));
@@ -165,13 +165,18 @@ class SpeechRecognition(Task):
             raise InputError(
                 "bad_num_beams", f"num_beams must be an integer in [1, {MAX_BEAMS}], got {beams!r}"
             )
-        out["prompt"] = self.prompt(given.get("language"))
+        out["prompt"] = self.prompt(given.get("language"), given.get("task", "transcribe"))
         return out
 
-    def prompt(self, language: str | None) -> list[int]:
-        """The decoder's start tokens: start of transcript, [language, task,] no timestamps."""
+    def prompt(self, language: str | None, task: str = "transcribe") -> list[int]:
+        """The decoder's start tokens: start of transcript, [language, task,] no timestamps.
+        `task`: transcribe, or translate (into English; multilingual models)."""
         gen = self.gen
         langs = gen.get("languages") or {}
+        if task not in ("transcribe", "translate"):
+            raise InputError("bad_task", f"task must be transcribe or translate, got {task!r}")
+        if task == "translate" and not langs:
+            raise InputError("bad_task", "this model is English-only: it does not translate")
         if language is None:
             lang = gen.get("language")
         elif not langs:
@@ -185,7 +190,7 @@ class SpeechRecognition(Task):
             lang = language
         ids = [int(gen["start_id"])]
         if langs and lang:
-            ids += [int(langs[lang]), int(gen["transcribe_id"])]
+            ids += [int(langs[lang]), int(gen[f"{task}_id"])]
         return ids + [int(gen["no_timestamps_id"])]
 
     # ------------------------------------------------------------------ the model

@@ -268,6 +268,7 @@ def test_live_service_json_upload_oip_bad_inputs_metrics_and_drift(speech_run, t
             ({"inputs": [clips[0]], "num_beams": 4}, 400, "bad_num_beams"),
             ({"inputs": [clips[0]], "max_new_tokens": 0}, 400, "bad_max_new_tokens"),
             ({"inputs": [clips[0]], "language": "fr"}, 400, "bad_language"),
+            ({"inputs": [clips[0]], "task": "translate"}, 400, "bad_task"),
             ({"inputs": []}, 400, "no_inputs"),
         ):
             r = httpx.post(url + "/predict", json=payload, timeout=60)

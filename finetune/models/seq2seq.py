@@ -144,6 +144,7 @@ def generation_spec(model: nn.Module, tokenizer_file: Path, suppress=(), suppres
         "start_id": ids["<|startoftranscript|>"],
         "no_timestamps_id": ids["<|notimestamps|>"],
         "transcribe_id": ids.get("<|transcribe|>"),
+        "translate_id": ids.get("<|translate|>"),
         "no_speech_id": ids.get("<|nospeech|>", ids.get("<|nocaptions|>")),
         "languages": languages,
         "language": "en" if multilingual else None,
