@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures as cf
+import json
 import os
 import subprocess
 import sys
@@ -103,8 +104,13 @@ def faster_whisper_pass(data: list, concurrency: int) -> tuple[float, list[str]]
 
     def one(wave):
         segments, _ = model.transcribe(
-            wave, beam_size=1, language="en", without_timestamps=True, vad_filter=False,
-            condition_on_previous_text=False, temperature=0.0,
+            wave,
+            beam_size=1,
+            language="en",
+            without_timestamps=True,
+            vad_filter=False,
+            condition_on_previous_text=False,
+            temperature=0.0,
         )
         return "".join(s.text for s in segments).strip()
 
@@ -115,11 +121,37 @@ def faster_whisper_pass(data: list, concurrency: int) -> tuple[float, list[str]]
     return time.perf_counter() - t0, texts
 
 
+def served_holdout(url: str, run: Path, art: Path) -> str:
+    """The run's holdout clips through the live server: WER beside the card's (export's)."""
+    import httpx
+
+    from finetune import checkpoint
+    from tasks.metrics import error_rates
+
+    ckpt = checkpoint.load_checkpoint(run)
+    refs = [json.loads(t)["text"] for t in ckpt.holdout_targets]
+    texts = []
+    for clip in ckpt.holdout_inputs:
+        r = httpx.post(url + "/predict", json={"inputs": [str(clip)]}, timeout=600)
+        r.raise_for_status()
+        texts.append(r.json()["predictions"][0]["text"])
+    served = error_rates(texts, refs)["wer"]
+    exported = json.loads((art / "card.json").read_text())["holdout"]["fp32_wer"]
+    n = len(refs)
+    return f"holdout of {run.name} ({n} clips): served WER {served:.4f}, export's {exported:.4f}"
+
+
 def main() -> int:
     from tasks.metrics import error_rates
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", help="an exported tiny.en artifact (default: made here)")
+    ap.add_argument("--run", help="also send this run's holdout: served WER beside export's")
+    ap.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip faster-whisper (fine-tuned artifacts: their weights are not the peer's)",
+    )
     ap.add_argument("--clips", type=int, default=48)
     ap.add_argument("--concurrency", default="1,8")
     args = ap.parse_args()
@@ -127,7 +159,9 @@ def main() -> int:
     audio = sum(c[2] for c in data)
     refs = [c[3] for c in data]
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"{len(data)} LibriSpeech dev-clean clips, {audio:.0f} s of audio; {os.cpu_count()} cores")
+    print(
+        f"{len(data)} LibriSpeech dev-clean clips, {audio:.0f} s of audio; {os.cpu_count()} cores"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         art = Path(args.artifact) if args.artifact else zero_shot_artifact(Path(tmp))
         port = free_port()
@@ -141,15 +175,21 @@ def main() -> int:
         try:
             wait_ready(url + "/readyz", proc, timeout=300)
             tuneserve_pass(url, data[:2], 1)  # warm-up
-            for c in levels:
+            if args.run:
+                print(served_holdout(url, Path(args.run), art))
+            for c in [] if args.no_peer else levels:
                 t_ts, hyp_ts = tuneserve_pass(url, data, c)
                 t_fw, hyp_fw = faster_whisper_pass(data, c)
                 w_ts, w_fw = error_rates(hyp_ts, refs)["wer"], error_rates(hyp_fw, refs)["wer"]
                 rows.append((c, audio / t_ts, audio / t_fw, w_ts, w_fw))
         finally:
             stop(proc)
-    print("| concurrent clips | tuneserve audio s/s | faster-whisper audio s/s | ratio | "
-          "WER tuneserve | WER faster-whisper |")
+    if not rows:
+        return 0
+    print(
+        "| concurrent clips | tuneserve audio s/s | faster-whisper audio s/s | ratio | "
+        "WER tuneserve | WER faster-whisper |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for c, a, b, w1, w2 in rows:
         print(f"| {c} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {100 * w1:.2f}% | {100 * w2:.2f}% |")
