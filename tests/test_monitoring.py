@@ -159,6 +159,8 @@ def test_dashboard_panels_use_the_datasource_variable_and_cover_the_issue():
         "tuneserve_prediction_confidence_bucket",
         "tuneserve_drift_score",
         "tuneserve_model_info",
+        "tuneserve_real_time_factor_bucket",
+        "tuneserve_decode_step_sequences_sum",
     ):
         assert series in exprs, f"no panel shows {series}"
     provider = yaml.safe_load((ROOT / "deploy/grafana/provider.yml").read_text())
