@@ -292,3 +292,17 @@ def test_live_service_json_upload_oip_bad_inputs_metrics_and_drift(speech_run, t
         assert drift_checks_scored(url, art, clips[0]) == drift_checks(art)
     finally:
         _stop(proc)
+
+
+def test_epochs_0_keeps_a_generative_model_and_refuses_a_new_head(
+    tiny_whisper, text_csv, tiny_bert, tmp_path
+):
+    from finetune.errors import FinetuneError
+    from finetune.train import fine_tune
+
+    data = make_tones(tmp_path / "tones", np.random.default_rng(2))
+    cfg = TrainConfig(backbone=str(tiny_whisper), epochs=0)
+    result = fine_tune(data, tmp_path / "asr", cfg, log=quiet)
+    assert result["epoch"] is None and result["test_wer"] >= 0.99  # random weights, as given
+    with pytest.raises(FinetuneError, match="new head must be trained"):
+        fine_tune(text_csv, tmp_path / "text", TrainConfig(backbone=str(tiny_bert), epochs=0))
