@@ -141,13 +141,16 @@ class SpeechRecognition(Task):
 
     # ------------------------------------------------------------------ requests
 
-    def decode(self, value) -> Prepared:
-        wave = read_audio(encoded_bytes(value, "audio"), self.limits.max_audio_seconds)
+    def decode(self, value, max_seconds: float | None = None) -> Prepared:
+        """A request's clip (at most `max_audio_seconds`; a 413 beyond), its windows as cost."""
+        limit = self.limits.max_audio_seconds if max_seconds is None else max_seconds
+        wave = read_audio(encoded_bytes(value, "audio"), limit)
         n = len(windows(len(wave), self.window, self.overlap))
         return Prepared(Speech(wave, loudness_db(wave)), cost=n)
 
     def from_holdout(self, value) -> Prepared:
-        return self.decode(str(value))
+        """A clip of the data (validation, test, holdout): no request limit on its length."""
+        return self.decode(str(value), math.inf)
 
     def check_params(self, params: dict) -> dict:
         given = super().check_params(params)
