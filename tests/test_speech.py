@@ -99,7 +99,10 @@ def speech_run(tiny_whisper, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("speech")
     data = make_tones(tmp / "tones", np.random.default_rng(0))
-    cfg = TrainConfig(backbone=str(tiny_whisper), strategy="full", epochs=20, lr=1e-2, batch_size=4)
+    # patience 20: a random model's empty answers (WER 1) beat its first epochs' babble
+    cfg = TrainConfig(
+        backbone=str(tiny_whisper), strategy="full", epochs=20, patience=20, lr=1e-2, batch_size=4
+    )
     result = fine_tune(data, tmp / "run", cfg, log=quiet)
     art = export_checkpoint(
         tmp / "run", tmp / "art", name="tones-asr", register=False, int8=True, log=quiet
@@ -306,3 +309,15 @@ def test_epochs_0_keeps_a_generative_model_and_refuses_a_new_head(
     assert result["epoch"] is None and result["test_wer"] >= 0.99  # random weights, as given
     with pytest.raises(FinetuneError, match="new head must be trained"):
         fine_tune(text_csv, tmp_path / "text", TrainConfig(backbone=str(tiny_bert), epochs=0))
+
+
+def test_the_pretrained_model_stays_unless_an_epoch_beats_it(tiny_whisper, tmp_path):
+    """Zero-shot is epoch 0: epochs that only tie its validation WER do not replace it."""
+    from finetune.train import fine_tune
+
+    data = make_tones(tmp_path / "tones", np.random.default_rng(3))
+    cfg = TrainConfig(backbone=str(tiny_whisper), epochs=2, lr=1e-12, batch_size=4)
+    result = fine_tune(data, tmp_path / "run", cfg, log=quiet)
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert [e["val_wer"] for e in metrics["epochs"]] == [metrics["zero_shot"]["val_wer"]] * 2
+    assert result["epoch"] == 0 and result["test_wer"] == metrics["zero_shot"]["test_wer"]

@@ -7,7 +7,9 @@ model stays as pre-trained; the decoder learns the data's words and style), `ful
 both, the encoder at `backbone_lr`; `auto` takes the decoder only below AUTO_FULL_CLIPS
 training clips (a few hundred clips over-fit a whole model and its acoustic layers gain
 little), and full fine-tuning above. Before the first epoch the pretrained model is scored
-on validation and test (zero-shot), so the report puts the fine-tuned WER beside it.
+on validation and test (zero-shot): the report puts the fine-tuned WER beside it, and the
+pretrained weights stay the checkpoint's unless an epoch's validation WER is strictly lower
+(train/loop.py: the baseline is epoch 0).
 """
 
 from __future__ import annotations
@@ -299,8 +301,8 @@ class SpeechRecognition(Recipe):
         puts the fine-tuned figures beside these)."""
         out = {}
         for split in ("val", "test"):
-            m = self.transcribe(split)
-            out |= {f"{split}_wer": m["wer"], f"{split}_cer": m["cer"]}
+            m = self.evaluate(split, "none")
+            out |= {f"{split}_{k}": v for k, v in m.items() if isinstance(v, float)}
         self.log(
             f"zero-shot (pretrained, before fine-tuning): val WER {out['val_wer']:.4f}, "
             f"test WER {out['test_wer']:.4f}"

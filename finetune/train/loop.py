@@ -14,6 +14,7 @@ the same early-stopping decision), and only the first process writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,16 @@ class Trainer:
         self._best: dict | None = None  # the best epoch's weights (CPU) not yet on disk
         self._snapshot_at = 0.0
         self.extra: dict = {}  # auto's record, kept in the resume state
+        # Where a phase starts from: nothing, or the pretrained model's validation figures as
+        # epoch 0 (generative tasks score it first: `set_baseline`).
+        self.baseline = Outcome()
+
+    def set_baseline(self, val: dict) -> None:
+        """The pretrained model as epoch 0, its weights in model.safetensors: an epoch must
+        beat it on the monitored metric to replace it."""
+        self.baseline = Outcome(best=val[self.cfg.monitor], best_epoch=0, best_val=val)
+        if self.dist.main:
+            checkpoint.save_weights(self.out, self.recipe.model)
 
     def better(self, record: dict, outcome: Outcome) -> bool:
         """An improvement of the monitored metric; a tie on it (small validation sets
@@ -88,6 +99,8 @@ class Trainer:
         if outcome.best is None:
             return True
         value, best = record[self.cfg.monitor], outcome.best
+        if value == best and outcome.best_epoch == 0:
+            return False  # the pretrained model (epoch 0) gives way to a strictly better one
         if value == best and self.cfg.monitor != "val_loss":
             return record["val_loss"] < outcome.best_val.get("val_loss", float("inf"))
         if self.cfg.monitor in LOWER_IS_BETTER:
@@ -196,7 +209,7 @@ class Trainer:
         trial); `state`: the resume state of this phase."""
         loader = self.recipe.train_loader(phase.strategy, self.dist)
         opt = self._optimization(phase, loader)
-        outcome, bad, start = Outcome(), 0, 0
+        outcome, bad, start = dataclasses.replace(self.baseline), 0, 0
         if state is not None:
             outcome, bad, start = self._restore(opt, state)
         saved = last = None  # the epochs of the last snapshot and the last one trained

@@ -161,6 +161,7 @@ def _train(data, run: _Run, cfg: TrainConfig, resume: bool, hooks: Hooks | None)
         return _finish(run, setup, trainer, _untrained(run, task, setup), "none")
     if state is None and (zero := recipe.zero_shot()):
         trainer.extra["zero_shot"] = zero
+        trainer.set_baseline({k: v for k, v in zero.items() if k.startswith("val_")})
     if setup.cfg.strategy == "auto":
         outcome, used = auto.run(trainer, setup.cfg, len(setup.ds.val), state)
     else:
