@@ -151,8 +151,15 @@ def build(source, target, opts, stage, log) -> dict:
         failures = []
         if not report["transcripts_identical"]:
             failures.append(f"transcripts differ: {report['mismatched']}")
-        if report["max_abs_diff"] > opts.tolerance:
-            failures.append(f"logits differ by {report['max_abs_diff']:.2e} > {opts.tolerance:g}")
+        # Logits of a 50k-token vocabulary after a few hundred steps reach tens: the tolerance
+        # is relative to their scale (float32 keeps about 7 digits of each).
+        allowed = opts.tolerance * max(1.0, report["max_abs_logit"])
+        report["tolerance"] = allowed
+        if report["max_abs_diff"] > allowed:
+            failures.append(
+                f"logits differ by {report['max_abs_diff']:.2e} > {opts.tolerance:g} x the "
+                f"largest logit {report['max_abs_logit']:.1f}"
+            )
         if failures:
             raise ParityError(failures, report["max_abs_diff"], 0.0)
         log(

@@ -99,7 +99,8 @@ def parity(reference, graphs, task, items, batch_sizes=(1, 7)) -> dict:
     """Greedy transcripts of `items` by both (must be identical) and the largest logit
     difference of the exported decoder replayed on the reference's own steps (each step's
     feeds as the reference saw them, so one early difference does not compound)."""
-    report = {"batch_sizes": list(batch_sizes), "max_abs_diff": 0.0, "steps": 0}
+    report = {"batch_sizes": list(batch_sizes), "max_abs_diff": 0.0, "max_abs_logit": 0.0}
+    report["steps"] = 0
     mismatched = []
     for size in batch_sizes:
         part = list(items[:size]) if len(items) >= size else list(items) * (size // len(items) + 1)
@@ -113,6 +114,7 @@ def parity(reference, graphs, task, items, batch_sizes=(1, 7)) -> dict:
         for feeds, logits in rec.calls:
             diff = np.abs(graphs.step(feeds)["logits"] - logits)
             report["max_abs_diff"] = max(report["max_abs_diff"], float(diff.max()))
+            report["max_abs_logit"] = max(report["max_abs_logit"], float(np.abs(logits).max()))
             report["steps"] += 1
     report["transcripts_identical"] = not mismatched
     report["mismatched"] = mismatched[:10]

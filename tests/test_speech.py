@@ -194,7 +194,7 @@ def test_export_parity_and_a_perturbed_decoder_fails_it(speech_run, tmp_path):
         task,
         feeder.items,
     )
-    assert bad["max_abs_diff"] > 1e-2, bad
+    assert bad["max_abs_diff"] > 1e-4 * max(1.0, bad["max_abs_logit"]), bad  # export's gate
 
 
 def test_requests_of_different_lengths_share_steps_and_match_alone(speech_run):
