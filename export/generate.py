@@ -124,10 +124,51 @@ def _file_entry(path, role: str) -> dict:
     }
 
 
-def build(source, target, opts, stage, log) -> dict:
-    """Every file of a generative artifact in `target.work`; returns its card."""
+def _checked_parity(model, graphs, feeder: Feeder, tolerance: float, log) -> dict:
+    """The parity report; ParityError when transcripts differ or logits pass the tolerance."""
     import torch
 
+    contract = feeder.contract
+    reference = model.steps(contract.layout, torch.device("cpu"))
+    report = parity(reference, graphs, contract, _parity_items(feeder))
+    failures = []
+    if not report["transcripts_identical"]:
+        failures.append(f"transcripts differ: {report['mismatched']}")
+    # Logits of a 50k-token vocabulary after a few hundred steps reach tens: the tolerance
+    # is relative to their scale (float32 keeps about 7 digits of each).
+    allowed = tolerance * max(1.0, report["max_abs_logit"])
+    report["tolerance"] = allowed
+    if report["max_abs_diff"] > allowed:
+        failures.append(
+            f"logits differ by {report['max_abs_diff']:.2e} > {tolerance:g} x the "
+            f"largest logit {report['max_abs_logit']:.1f}"
+        )
+    if failures:
+        raise ParityError(failures, report["max_abs_diff"], 0.0)
+    log(
+        f"parity: max abs logit diff {report['max_abs_diff']:.2e} over {report['steps']} "
+        f"decoder steps, transcripts identical at batch sizes {report['batch_sizes']}"
+    )
+    return report
+
+
+def _variants(graphs, outputs, feeder: Feeder, opts, log) -> tuple[list, list]:
+    """(written variants, rejected ones): int8 when asked and it passes; fp16 not offered."""
+    variants, rejected = [], []
+    if opts.int8:
+        entry, reason = _int8(graphs, outputs, feeder, opts, log)
+        if entry is not None:
+            variants.append(entry)
+        else:
+            rejected.append(reason)
+    rejected += [
+        {"precision": "fp16", "method": None, "reason": "not offered for generative models yet"}
+    ] * opts.fp16
+    return variants, rejected
+
+
+def build(source, target, opts, stage, log) -> dict:
+    """Every file of a generative artifact in `target.work`; returns its card."""
     ckpt, work = source.ckpt, target.work
     log = stage.around(log)
     try:
@@ -146,26 +187,7 @@ def build(source, target, opts, stage, log) -> dict:
         details["seconds"] = round(time.perf_counter() - t0, 2)
         stage()
         graphs = OrtGraphs(enc, dec)
-        reference = source.model.steps(contract.layout, torch.device("cpu"))
-        report = parity(reference, graphs, contract, _parity_items(feeder))
-        failures = []
-        if not report["transcripts_identical"]:
-            failures.append(f"transcripts differ: {report['mismatched']}")
-        # Logits of a 50k-token vocabulary after a few hundred steps reach tens: the tolerance
-        # is relative to their scale (float32 keeps about 7 digits of each).
-        allowed = opts.tolerance * max(1.0, report["max_abs_logit"])
-        report["tolerance"] = allowed
-        if report["max_abs_diff"] > allowed:
-            failures.append(
-                f"logits differ by {report['max_abs_diff']:.2e} > {opts.tolerance:g} x the "
-                f"largest logit {report['max_abs_logit']:.1f}"
-            )
-        if failures:
-            raise ParityError(failures, report["max_abs_diff"], 0.0)
-        log(
-            f"parity: max abs logit diff {report['max_abs_diff']:.2e} over {report['steps']} "
-            f"decoder steps, transcripts identical at batch sizes {report['batch_sizes']}"
-        )
+        report = _checked_parity(source.model, graphs, feeder, opts.tolerance, log)
         stage()
         outputs, embeddings, stats, speed = _holdout(graphs, feeder)
         scores = contract.score(outputs, feeder.targets)
@@ -174,16 +196,7 @@ def build(source, target, opts, stage, log) -> dict:
             f"{speed['audio_seconds']} s of audio in {speed['wall_seconds']} s on this CPU"
         )
         stage()
-        variants, rejected = [], []
-        if opts.int8:
-            entry, reason = _int8((enc, dec), outputs, feeder, opts, log)
-            if entry is not None:
-                variants.append(entry)
-            else:
-                rejected.append(reason)
-        rejected += [
-            {"precision": "fp16", "method": None, "reason": "not offered for generative models yet"}
-        ] * opts.fp16
+        variants, rejected = _variants((enc, dec), outputs, feeder, opts, log)
         stage()
         calibration = build_reference(outputs, embeddings, stats, feeder, {})
         from finetune import checkpoint as ckpt_mod
