@@ -199,7 +199,7 @@ class SpeechRecognition(Recipe):
             rows = []
             for i in keep:
                 text, cased = sentence_case(part.targets[i]["text"])
-                self.sentence_cased += cased
+                self.sentence_cased += cased and split == "train"
                 ids = self.tok(" " + text, add_special_tokens=False)["input_ids"]
                 room = self.contract.layout.max_positions - len(self.prompt) - 1
                 rows.append(self.prompt + ids[:room] + [self.contract.layout.eos_id])
