@@ -140,9 +140,17 @@ def served_holdout(url: str, run: Path, art: Path) -> str:
         r.raise_for_status()
         texts.append(r.json()["predictions"][0]["text"])
     served = error_rates(texts, refs)["wer"]
-    exported = json.loads((art / "card.json").read_text())["holdout"]["fp32_wer"]
+    info = next(x for x in httpx.get(url + "/metrics").text.splitlines() if "model_info{" in x)
+    precision = info.split('precision="')[1].split('"')[0]
+    card = json.loads((art / "card.json").read_text())
+    exported = card["holdout"]["fp32_wer"]
+    if precision != "fp32":
+        exported = next(v for v in card["variants"] if v["precision"] == precision)["holdout_wer"]
     n = len(refs)
-    return f"holdout of {run.name} ({n} clips): served WER {served:.4f}, export's {exported:.4f}"
+    return (
+        f"holdout of {run.name} ({n} clips), {precision} served: WER {served:.4f}, "
+        f"export's {exported:.4f}"
+    )
 
 
 def ctranslate2_direct(data: list) -> list[str]:
