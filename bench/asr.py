@@ -190,6 +190,7 @@ def main() -> int:
         action="store_true",
         help="skip faster-whisper (fine-tuned artifacts: their weights are not the peer's)",
     )
+    ap.add_argument("--precision", default="auto", help="TUNESERVE_PRECISION of the server")
     ap.add_argument("--clips", type=int, default=48)
     ap.add_argument("--concurrency", default="1,8")
     args = ap.parse_args()
@@ -206,6 +207,7 @@ def main() -> int:
         port = free_port()
         env = {"TUNESERVE_MODEL": str(art), "PYTHONPATH": python_path(), "TUNESERVE_WORKERS": "1"}
         env |= {"BENTOML_DO_NOT_TRACK": "true", "TUNESERVE_MAX_BATCH_SIZE": "16"}
+        env["TUNESERVE_PRECISION"] = args.precision
         log = Path(tmp) / "serve.log"
         cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
         proc = start(cmd, env, log)
