@@ -48,15 +48,16 @@ def write_split(folder, rows, rng) -> None:
             )
 
 
-def make_tones(root, rng):
-    """train / validation / test folders; test holds one clip of 2.6 s (four windows)."""
+def make_tones(root, rng, test_rows: int = 55):
+    """train / validation / test folders; test holds one clip of 2.6 s (four windows) after
+    `test_rows` short ones (export's drift calibration needs 50)."""
 
     def rows(n, speakers):
         return [(("low", "high")[i % 2], 0.4 + 0.1 * (i % 4), f"s{i % speakers}") for i in range(n)]
 
     write_split(root / "train", rows(24, 4), rng)
     write_split(root / "validation", rows(10, 2), rng)
-    write_split(root / "test", [*rows(55, 2), ("high", 2.6, "s1")], rng)  # drift needs 50
+    write_split(root / "test", [*rows(test_rows, 2), ("high", 2.6, "s1")], rng)
     return root
 
 
@@ -303,7 +304,7 @@ def test_epochs_0_keeps_a_generative_model_and_refuses_a_new_head(
     from finetune.errors import FinetuneError
     from finetune.train import fine_tune
 
-    data = make_tones(tmp_path / "tones", np.random.default_rng(2))
+    data = make_tones(tmp_path / "tones", np.random.default_rng(2), test_rows=6)
     cfg = TrainConfig(backbone=str(tiny_whisper), epochs=0)
     result = fine_tune(data, tmp_path / "asr", cfg, log=quiet)
     assert result["epoch"] is None and result["test_wer"] >= 0.99  # random weights, as given
@@ -315,7 +316,7 @@ def test_the_pretrained_model_stays_unless_an_epoch_beats_it(tiny_whisper, tmp_p
     """Zero-shot is epoch 0: epochs that only tie its validation WER do not replace it."""
     from finetune.train import fine_tune
 
-    data = make_tones(tmp_path / "tones", np.random.default_rng(3))
+    data = make_tones(tmp_path / "tones", np.random.default_rng(3), test_rows=6)
     cfg = TrainConfig(backbone=str(tiny_whisper), epochs=2, lr=1e-12, batch_size=4)
     result = fine_tune(data, tmp_path / "run", cfg, log=quiet)
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
