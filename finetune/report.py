@@ -35,7 +35,8 @@ def plot_curves(
     for key in scores or ("val_accuracy", "val_macro_f1"):
         label = key.replace("_", " ").replace("val ", "val ").replace("macro f1", "macro-F1")
         ax_score.plot(epochs, [h[key] for h in history], "o-", label=label)
-    ax_score.set(title="Validation", xlabel="epoch", ylim=(0, 1.02))
+    top = max([1.0] + [h[k] for h in history for k in scores if np.isfinite(h.get(k, 0.0))])
+    ax_score.set(title="Validation", xlabel="epoch", ylim=(0, top * 1.02))  # WER may pass 1
     starts = [
         h["epoch"] - 0.5
         for prev, h in zip(history, history[1:], strict=False)
@@ -119,8 +120,13 @@ def write_report(out: Path, history: list[dict], final: dict, ds, recipe, extra:
     report = out / "report"
     report.mkdir(exist_ok=True)
     auto = extra.get("auto", {})
+    drawn = history
+    if zero := extra.get("zero_shot"):  # the pretrained model, before training: epoch 0
+        first = {"epoch": 0, "phase": history[0].get("phase") if history else None}
+        vals = {k: v for k, v in zero.items() if k.startswith("val_")}
+        drawn = [{**first, "train_loss": float("nan"), **vals}, *history]
     plot_curves(
-        history, report / "curves.png", final["epoch"], *recipe.curve_scores, loss=recipe.loss_name
+        drawn, report / "curves.png", final["epoch"], *recipe.curve_scores, loss=recipe.loss_name
     )
     recipe.draw(report)
     if "test_confusion_matrix" in final:
