@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test test-slow lint bench bench-serve bench-peers image tools wrk backbones
+.PHONY: demo test test-slow lint bench bench-asr bench-serve bench-peers image tools wrk backbones
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ wrk:
 # ../shared/data (sms_spam, flowers12) and Java for TorchServe.
 bench-peers: $(VENV)/.installed wrk
 	$(PY) bench/peers.py
+
+# Speech recognition against faster-whisper (same tiny.en files; ../shared/data/librispeech_*).
+# --no-deps: faster-whisper asks for the CPU onnxruntime, which would overwrite the files of
+# onnxruntime-gpu in the same venv (tuneserve's graphs run on either; its VAD is not used).
+bench-asr: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps faster-whisper==1.2.1 && $(PY) -m pip install --quiet av
+	$(PY) bench/asr.py
 
 # Needs a text checkpoint in runs/sms_spam (README, "Fine-tune your own data").
 bench-serve: $(VENV)/.installed wrk

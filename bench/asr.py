@@ -2,6 +2,7 @@
 tool users pick for Whisper on CPUs), the same tiny.en weights and the same clips, side by
 side in one run.
 
+    make bench-asr            # installs faster-whisper (--no-deps), then: python bench/asr.py
     python bench/asr.py [--artifact artifacts/whisper-tiny-en/v1] [--clips 48]
 
 tuneserve: the live `bentoml serve` of the tiny.en artifact exported with no training
