@@ -190,16 +190,7 @@ class Generator(MemoryAdmission):
         items = [item for job in jobs for item in job.items]
         params = [job.params for job in jobs for _ in job.items]
         try:
-            feats, spans = self.contract.features(items)
-            encoded: dict[str, list] = {}
-            for s in range(0, len(feats), self.max_batch):
-                for k, v in self.rt.graphs.encode(
-                    {"input_features": feats[s : s + self.max_batch]}
-                ).items():
-                    encoded.setdefault(k, []).append(v)
-            outputs = self.contract.start(
-                items, {k: np.concatenate(v) for k, v in encoded.items()}, spans, params
-            )
+            outputs = self.contract.begin(self.rt.graphs, items, params, self.max_batch)
         except FATAL:
             raise
         except BaseException as e:  # noqa: BLE001

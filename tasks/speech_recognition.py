@@ -226,9 +226,9 @@ class SpeechRecognition(Task):
             out.append(Transcript(item, ws, seqs, emb))
         return out
 
-    def run(self, graphs, items, stats=None, params=None, max_batch: int = 16):
-        """Transcripts of a batch of items: encode every window, decode them together."""
-        params = params or [self.check_params({}) for _ in items]
+    def begin(self, graphs, items, params: list[dict], max_batch: int) -> list[Transcript]:
+        """Every window of `items` encoded (at most `max_batch` per encoder call), as the
+        transcripts whose sequences are still to decode (run, and the service's Generator)."""
         feats, spans = self.features(items)
         encoded = {}
         for i in range(0, len(feats), max_batch):  # the encoder at the decoder's batch size
@@ -236,7 +236,12 @@ class SpeechRecognition(Task):
             for k, v in part.items():
                 encoded.setdefault(k, []).append(v)
         encoded = {k: np.concatenate(v) for k, v in encoded.items()}
-        transcripts = self.start(items, encoded, spans, params)
+        return self.start(items, encoded, spans, params)
+
+    def run(self, graphs, items, stats=None, params=None, max_batch: int = 16):
+        """Transcripts of a batch of items: encode every window, decode them together."""
+        params = params or [self.check_params({}) for _ in items]
+        transcripts = self.begin(graphs, items, params, max_batch)
         decode_all(self.layout, graphs.step, [s for t in transcripts for s in t.seqs], max_batch)
         if stats is not None:
             stats["duration"] = [i.value.seconds for i in items]
