@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -119,14 +120,20 @@ def load_whisper(location: str | Path) -> nn.Module:
     return model.eval()
 
 
+@lru_cache(maxsize=4)
+def special_ids(tokenizer_file: str | Path) -> dict[str, int]:
+    """A tokenizer.json's added tokens (`<|endoftext|>`, `<|notimestamps|>`, ...) by text."""
+    import json
+
+    vocab = json.loads(Path(tokenizer_file).read_text())
+    return {t["content"]: t["id"] for t in vocab["added_tokens"]}
+
+
 def generation_spec(model: nn.Module, tokenizer_file: Path, suppress=(), suppress_first=()) -> dict:
     """The card's `preprocessing.generation` of a Whisper model: the decoder graph's shape,
     the special token ids and the generation limits (tasks/decoding.py reads it)."""
-    import json
-
     c = model.config
-    vocab = json.loads(Path(tokenizer_file).read_text())
-    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    ids = special_ids(tokenizer_file)
     multilingual = c.vocab_size >= 51865  # Whisper's multilingual vocabulary (HF's rule)
     languages = {}
     if multilingual:

@@ -28,7 +28,7 @@ from finetune import checkpoint, models
 from finetune.config import DEFAULT_BATCH
 from finetune.data import Dataset, describe, load_dataset
 from finetune.errors import DataError, UnsupportedBackbone
-from finetune.models.seq2seq import SpeechModel, generation_spec, load_whisper
+from finetune.models.seq2seq import SpeechModel, generation_spec, load_whisper, special_ids
 from finetune.models.whisper import WhisperAudioEncoder, whisper_location
 from finetune.progress import progress
 from finetune.recipes.base import Recipe, Setup, run_config
@@ -60,9 +60,7 @@ def _suppression(location, whisper, tokenizer_file: Path) -> tuple[list[int], li
             if keys[0] in c:
                 suppress, first = list(c[keys[0]] or []), list(c.get(keys[1]) or [])
                 break
-    vocab = json.loads(tokenizer_file.read_text())
-    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
-    no_ts = ids["<|notimestamps|>"]
+    no_ts = special_ids(tokenizer_file)["<|notimestamps|>"]
     timestamps = range(no_ts + 1, whisper.config.vocab_size)
     return sorted({*suppress, *timestamps}), sorted(set(first))
 
@@ -180,17 +178,27 @@ class SpeechRecognition(Recipe):
         self.tok = run.tokenizer
         self.prompt = self.contract.prompt(None)
         self.sets: dict[str, tuple] = {}
+        self.clips: dict[str, list] = {}  # split -> its decoded clips (Prepared)
         self.hidden: dict[str, torch.Tensor] = {}  # split -> frozen encoder states
         self.feed_states = False
         self.sentence_cased = 0
         self.log = log
+
+    def _clips(self, split: str) -> list:
+        """A split's clips decoded once (validation is transcribed every epoch)."""
+        if split not in self.clips:
+            inputs = getattr(self.ds, split).inputs
+            self.clips[split] = [self.contract.from_holdout(c) for c in inputs]
+        return self.clips[split]
 
     def _examples(self, split: str):
         """(log-mel features [N, mels, frames], token rows) of a split's clips within one
         window (every train and val clip; test is decoded whole, not teacher-forced)."""
         if split not in self.sets:
             part = getattr(self.ds, split)
-            items = [self.contract.from_holdout(c) for c in part.inputs]
+            items = self._clips(split)
+            if split == "train":  # never transcribed: its decoded clips need not stay
+                del self.clips[split]
             keep = [i for i, it in enumerate(items) if it.cost == 1]
             feats = []
             for s in progress(range(0, len(keep), 64), f"log-mel features of {split}"):
@@ -286,10 +294,9 @@ class SpeechRecognition(Recipe):
 
         part = getattr(self.ds, split)
         graphs = self.model.steps(self.contract.layout, self.device)
-        hyp = []
-        for s in progress(range(0, len(part.inputs), 64), f"transcribing {split}"):
-            items = [self.contract.from_holdout(c) for c in part.inputs[s : s + 64]]
-            outs, _ = self.contract.run(graphs, items, max_batch=DECODE_BATCH)
+        clips, hyp = self._clips(split), []
+        for s in progress(range(0, len(clips), 64), f"transcribing {split}"):
+            outs, _ = self.contract.run(graphs, clips[s : s + 64], max_batch=DECODE_BATCH)
             hyp += [self.contract.postprocess(o, {})["text"] for o in outs]
         refs = [t["text"] for t in part.targets]
         m = error_rates(hyp, refs)
