@@ -22,7 +22,7 @@ from export import card as card_mod
 from export import convert
 from export.errors import ParityError
 from export.preprocess import Feeder
-from export.provenance import training_summary, versions
+from export.provenance import card_head, stamp
 from export.reference import build_reference
 from export.seq2seq import parity, write_graphs
 from tasks.decoding import OrtGraphs
@@ -114,13 +114,13 @@ def _int8(graphs, outputs, feeder: Feeder, opts, log) -> tuple[dict | None, dict
     }, None
 
 
-def _file_entry(path, role: str) -> dict:
+def _file_entry(path, role: str, weights_sha256: str) -> dict:
     return {
         "file": path.name,
         "role": role,
         "precision": "fp32",
         "sha256": card_mod.sha256_file(path),
-        "weights_sha256": convert.weights_sha256(path),
+        "weights_sha256": weights_sha256,
     }
 
 
@@ -230,36 +230,19 @@ def _card(source, target, enc, dec, details: dict) -> dict:
     ckpt = source.ckpt
     inputs, outputs = convert.io_signature(enc)
     dec_inputs, dec_outputs = convert.io_signature(dec)
-    for path in (enc, dec):
-        convert.set_metadata(
-            path,
-            {
-                "tuneserve.name": target.name,
-                "tuneserve.version": target.version,
-                "tuneserve.task": ckpt.task,
-                "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
-            },
-        )
+    files = {
+        role: _file_entry(path, role, stamp(path, source, target))
+        for role, path in (("encoder", enc), ("decoder", dec))
+    }
+    head = card_head(source, target, details)
+    zero = ckpt.metrics.get("zero_shot") or {}
+    head["training"] |= {f"zero_shot_{k}": v for k, v in zero.items() if isinstance(v, float)}
     return {
-        "schema_version": card_mod.SCHEMA_VERSION,
-        "name": target.name,
-        "version": target.version,
-        "task": ckpt.task,
-        "labels": ckpt.labels,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **head,
         "inputs": inputs,
         "input_names": ["input_features"],
         "outputs": outputs,
         "decoder": {"inputs": dec_inputs, "outputs": dec_outputs},
-        "preprocessing": ckpt.config["preprocessing"],
         "postprocessing": {},
-        "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
-        "training": training_summary(source)
-        | {
-            f"zero_shot_{k}": v
-            for k, v in (ckpt.metrics.get("zero_shot") or {}).items()
-            if isinstance(v, float)
-        },
-        "export": {**details, "versions": versions()},
-        "files": {"model": _file_entry(enc, "encoder"), "decoder": _file_entry(dec, "decoder")},
+        "files": {"model": files["encoder"], "decoder": files["decoder"]},
     }

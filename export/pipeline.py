@@ -24,7 +24,7 @@ from export import convert, cost, quantize
 from export.errors import CheckpointInvalid, ExportError, VariantError, VersionExists
 from export.parity import check_parity
 from export.preprocess import Feeder, input_names
-from export.provenance import training_summary, versions
+from export.provenance import card_head, stamp
 from export.reference import build_reference
 
 
@@ -422,33 +422,13 @@ def _card(source: _Source, target: _Target, path: Path, details: dict, feeder) -
     model file's metadata is set here too."""
     ckpt = source.ckpt
     inputs, output_sig = convert.io_signature(path)
-    weights = convert.weights_sha256(path)
-    convert.set_metadata(
-        path,
-        {
-            "tuneserve.name": target.name,
-            "tuneserve.version": target.version,
-            "tuneserve.task": ckpt.task,
-            "tuneserve.labels": ckpt.labels,
-            "tuneserve.weights_sha256": weights,
-            "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
-        },
-    )
+    weights = stamp(path, source, target)
     return {
-        "schema_version": card_mod.SCHEMA_VERSION,
-        "name": target.name,
-        "version": target.version,
-        "task": ckpt.task,
-        "labels": ckpt.labels,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **card_head(source, target, details),
         "inputs": inputs,
         "input_names": input_names(ckpt.task, ckpt.config["preprocessing"]),
         "outputs": output_sig,
-        "preprocessing": ckpt.config["preprocessing"],
         "postprocessing": feeder.contract.post,
-        "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
-        "training": training_summary(source),
-        "export": {**details, "versions": versions()},
         "files": {
             "model": {
                 "file": path.name,

@@ -1,9 +1,50 @@
-"""Where an artifact came from, for its card: the library versions that exported it and the
-training run's summary (strategy, best epoch's figures, split sizes, checkpoint hash)."""
+"""Where an artifact came from, for its card and its model files: the library versions that
+exported it, the training run's summary (strategy, best epoch's figures, split sizes,
+checkpoint hash), the card fields every artifact has and the files' metadata."""
 
 from __future__ import annotations
 
 import platform
+import time
+
+from export import card as card_mod
+from export import convert
+
+
+def stamp(path, source, target) -> str:
+    """The model file's metadata (name, version, task, labels, its weights' sha256, the card
+    schema), set in place; returns that weights sha256."""
+    ckpt = source.ckpt
+    weights = convert.weights_sha256(path)
+    convert.set_metadata(
+        path,
+        {
+            "tuneserve.name": target.name,
+            "tuneserve.version": target.version,
+            "tuneserve.task": ckpt.task,
+            "tuneserve.labels": ckpt.labels,
+            "tuneserve.weights_sha256": weights,
+            "tuneserve.card_schema_version": str(card_mod.SCHEMA_VERSION),
+        },
+    )
+    return weights
+
+
+def card_head(source, target, details: dict) -> dict:
+    """The card fields every artifact has, whatever its graphs: who it is, where it came from."""
+    ckpt = source.ckpt
+    return {
+        "schema_version": card_mod.SCHEMA_VERSION,
+        "name": target.name,
+        "version": target.version,
+        "task": ckpt.task,
+        "labels": ckpt.labels,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "preprocessing": ckpt.config["preprocessing"],
+        "backbone": {k: ckpt.config["backbone"][k] for k in ("name", "family", "source")},
+        "training": training_summary(source),
+        "export": {**details, "versions": versions()},
+    }
 
 
 def versions() -> dict:
